@@ -1,0 +1,217 @@
+"""`Client` (blocking) and `AsyncClient` (asyncio): talk to a supervisor's frontend over ZeroMQ.
+
+Each client holds one DEALER socket. Calls carry a fresh id; a reply is matched to its call by
+that id, and late replies to calls that already timed out are dropped. `Client` is for one thread
+(as a ZeroMQ socket is); one `AsyncClient` serves any number of concurrent tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from .codec import DEFAULT_LIMITS, PING, PROTOCOL_VERSION, RECYCLE, STATUS, Limits, encode
+from .errors import BadRequest, RequestTimeout, error_from_wire
+from .messages import GenerationParams, build_generate
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+
+
+@dataclass(frozen=True)
+class Result:
+    """An answer: its text, token usage, timings in ms and the worker that produced it."""
+
+    id: Any
+    text: str
+    usage: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    worker: dict = field(default_factory=dict)
+
+
+class _Calls:
+    """What both clients share: ids, request encoding, reply decoding."""
+
+    def __init__(self, endpoint: str, timeout: float, limits: Limits):
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.limits = limits
+        self._ids = (f"{uuid.uuid4().hex[:8]}-{n}" for n in itertools.count())
+
+    def _generate_parts(self, messages: Sequence[dict], timeout: float | None,
+                        params: dict) -> tuple[str, list[bytes]]:
+        try:
+            gen = GenerationParams.parse(params, self.limits)
+        except TypeError as exc:
+            raise BadRequest(str(exc)) from None
+        timeout_ms = None if timeout is None else timeout * 1000.0
+        request = build_generate(next(self._ids), list(messages), gen, timeout_ms)
+        return request.id, encode(request.header(), request.images)
+
+    def _control_parts(self, kind: str, **fields: Any) -> tuple[str, list[bytes]]:
+        rid = next(self._ids)
+        return rid, encode({"v": PROTOCOL_VERSION, "kind": kind, "id": rid, **fields})
+
+    @staticmethod
+    def _reply(parts: Sequence[bytes]) -> dict:
+        return msgpack.unpackb(parts[0], raw=False)
+
+    @staticmethod
+    def _result(reply: dict) -> dict:
+        if not reply.get("ok"):
+            raise error_from_wire(reply.get("error"), reply.get("id"))
+        return reply
+
+    @staticmethod
+    def _as_result(reply: dict) -> Result:
+        return Result(reply["id"], reply.get("text", ""), reply.get("usage", {}),
+                      reply.get("timings", {}), reply.get("worker", {}))
+
+    @staticmethod
+    def _ask_messages(image: Any, question: str) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": question}]}]
+
+    def _socket(self, ctx: zmq.Context) -> zmq.Socket:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        return sock
+
+
+class Client(_Calls):
+    """Blocking client. `timeout` (seconds) bounds each call; a call may pass its own."""
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 120.0,
+                 limits: Limits = DEFAULT_LIMITS):
+        super().__init__(endpoint, timeout, limits)
+        self._ctx = zmq.Context.instance()
+        self._sock = self._socket(self._ctx)
+
+    def generate(self, messages: Sequence[dict], *, timeout: float | None = None,
+                 deadline: float | None = None, **params: Any) -> Result:
+        """Answer chat `messages`. `deadline` (seconds) lets the server drop it if still queued."""
+        rid, parts = self._generate_parts(messages, deadline, params)
+        return self._as_result(self._call(rid, parts, timeout))
+
+    def ask(self, image: Any, question: str, **params: Any) -> Result:
+        """One image, one question."""
+        return self.generate(self._ask_messages(image, question), **params)
+
+    def status(self, timeout: float | None = None) -> dict:
+        return self._call(*self._control_parts(STATUS), timeout)
+
+    def recycle(self, worker: int | None = None, timeout: float | None = None) -> dict:
+        return self._call(*self._control_parts(RECYCLE, worker=worker), timeout)
+
+    def ping(self, timeout: float | None = None) -> float:
+        """Round-trip time to the supervisor in seconds."""
+        t0 = time.perf_counter()
+        self._call(*self._control_parts(PING), timeout)
+        return time.perf_counter() - t0
+
+    def wait_ready(self, timeout: float = 120.0, workers: int = 1) -> dict:
+        """Poll `status` until at least `workers` workers are ready; return that status."""
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise RequestTimeout(f"fewer than {workers} workers ready after {timeout:.0f}s")
+            try:
+                status = self.status(timeout=min(left, 2.0))
+            except RequestTimeout:
+                continue
+            if sum(w["state"] == "ready" for w in status["workers"]) >= workers:
+                return status
+            time.sleep(min(0.1, max(left, 0)))
+
+    def _call(self, rid: str, parts: list[bytes], timeout: float | None) -> dict:
+        self._sock.send_multipart(parts, copy=False)
+        end = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            left_ms = int((end - time.monotonic()) * 1000)
+            if left_ms <= 0 or not self._sock.poll(left_ms):
+                raise RequestTimeout(f"no reply within {self.timeout if timeout is None else timeout}s", rid)
+            reply = self._reply(self._sock.recv_multipart())
+            if reply.get("id") == rid:
+                return self._result(reply)
+
+    def close(self) -> None:
+        self._sock.close(0)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient(_Calls):
+    """asyncio client; concurrent calls share one socket and one reader task."""
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 120.0,
+                 limits: Limits = DEFAULT_LIMITS):
+        super().__init__(endpoint, timeout, limits)
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock = self._socket(self._ctx)
+        self._pending: dict[str, asyncio.Future] = {}
+        self._reader: asyncio.Task | None = None
+
+    async def generate(self, messages: Sequence[dict], *, timeout: float | None = None,
+                       deadline: float | None = None, **params: Any) -> Result:
+        rid, parts = self._generate_parts(messages, deadline, params)
+        return self._as_result(await self._call(rid, parts, timeout))
+
+    async def ask(self, image: Any, question: str, **params: Any) -> Result:
+        return await self.generate(self._ask_messages(image, question), **params)
+
+    async def status(self, timeout: float | None = None) -> dict:
+        return await self._call(*self._control_parts(STATUS), timeout)
+
+    async def recycle(self, worker: int | None = None, timeout: float | None = None) -> dict:
+        return await self._call(*self._control_parts(RECYCLE, worker=worker), timeout)
+
+    async def _call(self, rid: str, parts: list[bytes], timeout: float | None) -> dict:
+        if self._reader is None:
+            self._reader = asyncio.ensure_future(self._read_replies())
+        future = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        try:
+            await self._sock.send_multipart(parts, copy=False)
+            limit = self.timeout if timeout is None else timeout
+            try:
+                reply = await asyncio.wait_for(future, limit)
+            except asyncio.TimeoutError:
+                raise RequestTimeout(f"no reply within {limit}s", rid) from None
+        finally:
+            self._pending.pop(rid, None)
+        return self._result(reply)
+
+    async def _read_replies(self) -> None:
+        while True:
+            reply = self._reply(await self._sock.recv_multipart())
+            future = self._pending.get(reply.get("id"))
+            if future is not None and not future.done():
+                future.set_result(reply)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+        self._sock.close(0)
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

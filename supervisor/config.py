@@ -1,0 +1,126 @@
+"""The supervisor's one configuration object: every setting with its type, default and help.
+
+CLI flags (`--queue-size`), TOML keys (`queue_size`) and the README's table all come from the
+fields of `Config`. `load_config` parses once and validates everything, naming each fault.
+"""
+
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from qvl.protocol.client import DEFAULT_ENDPOINT
+from qvl.protocol.codec import Limits
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message lists every fault."""
+
+
+def setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    frontend: str = setting(DEFAULT_ENDPOINT, "ZeroMQ endpoint clients connect to (tcp:// or ipc://)")
+    model: str = setting("Qwen/Qwen3-VL-4B-Instruct", "model folder or hub id")
+    device: str = setting("cuda:0", "device of the workers: cuda:N or cpu")
+    workers: int = setting(1, "number of worker slots")
+    dtype: str = setting("auto", "model dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32")
+    attn_implementation: str = setting("sdpa", "attention implementation passed to transformers (sdpa, eager, flash_attention_2)")
+    memory_fraction: float = setting(0.0, "cap on the CUDA memory a worker may use, as a fraction of the device (0: no cap)")
+    alloc_conf: str = setting("expandable_segments:True", "PYTORCH_CUDA_ALLOC_CONF given to workers")
+    max_batch_size: int = setting(8, "most requests a worker runs in one generate call")
+    max_inflight: int = setting(8, "most requests dispatched to one worker at a time")
+    queue_size: int = setting(256, "most requests waiting for a worker; past it requests get `overloaded`")
+    max_attempts: int = setting(2, "dispatches of one request before it fails with `worker_failed`")
+    max_new_tokens: int = setting(4096, "largest max_new_tokens a request may ask for")
+    max_image_bytes: int = setting(20 << 20, "largest encoded image (one frame) in bytes")
+    max_images: int = setting(16, "most images in one request")
+    max_image_pixels: int = setting(40_000_000, "largest decoded image in pixels (decompression-bomb guard)")
+    heartbeat_interval_s: float = setting(1.0, "seconds between worker heartbeats")
+    heartbeat_liveness: int = setting(10, "missed heartbeats after which a worker is presumed hung and killed")
+    start_timeout_s: float = setting(600.0, "seconds a worker may take from spawn to ready")
+    stop_grace_s: float = setting(30.0, "seconds to finish accepted requests on shutdown")
+    kill_grace_s: float = setting(10.0, "seconds between asking a worker to exit, SIGTERM and SIGKILL")
+    restart_backoff_s: float = setting(0.5, "first delay before restarting a crashed worker; doubles per crash")
+    restart_backoff_max_s: float = setting(30.0, "longest delay between restarts")
+    restart_intensity: int = setting(5, "crashes within restart_period_s that mark a slot failed")
+    restart_period_s: float = setting(60.0, "window for restart_intensity, in seconds")
+    log_level: str = setting("info", "log level: debug, info, warning, error")
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_frame_bytes=self.max_image_bytes, max_images=self.max_images,
+                      max_new_tokens=self.max_new_tokens)
+
+    def validate(self) -> None:
+        faults = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in (int, float) and value < 0:
+                faults.append(f"{f.name} must not be negative (got {value})")
+        if not self.frontend.startswith(("tcp://", "ipc://")):
+            faults.append(f"frontend must be a tcp:// or ipc:// endpoint (got {self.frontend!r})")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            faults.append(f"device must be cpu or cuda:N (got {self.device!r})")
+        for name in ("workers", "max_batch_size", "max_inflight", "queue_size", "max_attempts",
+                     "max_new_tokens", "max_images", "heartbeat_liveness", "restart_intensity"):
+            if getattr(self, name) < 1:
+                faults.append(f"{name} must be at least 1")
+        if not 0 <= self.memory_fraction <= 1:
+            faults.append("memory_fraction must be in 0..1")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            faults.append(f"dtype must be auto, bfloat16, float16 or float32 (got {self.dtype!r})")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            faults.append(f"log_level must be debug, info, warning or error (got {self.log_level!r})")
+        if self.heartbeat_interval_s <= 0:
+            faults.append("heartbeat_interval_s must be positive")
+        if faults:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(faults))
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting (`queue_size` -> `--queue-size`), defaulting to 'not given'."""
+    parser.add_argument("--config", type=Path, help="TOML file of settings; flags override it")
+    for name, f in FIELDS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=f.type,
+                            default=None, help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """Defaults, then the TOML file, then flags; validated."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        try:
+            values.update(tomllib.loads(Path(args.config).read_text()))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read {args.config}: {exc}") from None
+    values.update({k: v for k, v in vars(args).items() if k in FIELDS and v is not None})
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown settings: {', '.join(unknown)}")
+    faults = []
+    for name, value in values.items():
+        want = FIELDS[name].type
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            values[name] = float(value)
+        elif not isinstance(value, want) or isinstance(value, bool):
+            faults.append(f"{name} must be of type {want.__name__} (got {value!r})")
+    if faults:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(faults))
+    config = Config(**values)
+    config.validate()
+    return config

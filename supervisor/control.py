@@ -1,0 +1,52 @@
+"""Control commands clients may send besides `generate`: one small handler each.
+
+A handler takes the supervisor and the request header and returns the reply's fields, or raises
+a `QvlError`. The registry `COMMANDS` is the whole control surface.
+"""
+
+import os
+import socket
+import time
+
+import psutil
+
+from qvl.protocol.codec import PING, RECYCLE, STATUS
+from qvl.protocol.errors import BadRequest
+
+
+def status(sup, header: dict) -> dict:
+    workers = []
+    for slot in sup.slots:
+        info = slot.status()
+        info["host_rss_bytes"] = _rss(slot.pid)
+        workers.append(info)
+    return {
+        "pid": os.getpid(), "host": socket.gethostname(),
+        "uptime_s": round(time.monotonic() - sup.started_at, 3),
+        "frontend": sup.config.frontend, "model": sup.config.model, "device": sup.config.device,
+        "queue_depth": len(sup.queue), "queue_size": sup.config.queue_size,
+        "inflight": sum(len(s.inflight) for s in sup.slots),
+        "shutting_down": sup.shutting_down, "counters": dict(sup.counters), "workers": workers,
+    }
+
+
+def ping(sup, header: dict) -> dict:
+    return {"pong": True}
+
+
+def recycle(sup, header: dict) -> dict:
+    worker = header.get("worker")
+    if worker is not None and not (isinstance(worker, int) and 0 <= worker < len(sup.slots)):
+        raise BadRequest(f"no worker slot {worker!r}; slots are 0..{len(sup.slots) - 1}")
+    targets = sup.slots if worker is None else [sup.slots[worker]]
+    return {"recycling": [s.index for s in targets if sup.request_recycle(s, "operator")]}
+
+
+def _rss(pid: int | None) -> int | None:
+    try:
+        return psutil.Process(pid).memory_info().rss if pid else None
+    except psutil.Error:
+        return None
+
+
+COMMANDS = {STATUS: status, PING: ping, RECYCLE: recycle}

@@ -1,0 +1,67 @@
+"""Accepted requests and the bounded queue they wait in.
+
+A request is `queued`, then `dispatched` to a worker (possibly again after that worker died),
+then answered exactly once. The queue refuses new requests past its bound; that refusal is the
+supervisor's backpressure.
+"""
+
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+
+@dataclass(eq=False)
+class Request:
+    key: int                 # the supervisor's own id, unique across clients
+    client: bytes            # routing id of the client's socket
+    client_id: object        # the id the client chose
+    worker_parts: list       # the message sent to a worker: header and image frames
+    accepted_at: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # monotonic time after which it must not start
+    attempts: int = 0
+    dispatched_at: float = 0.0
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+
+class RequestQueue:
+    """FIFO of requests waiting for a worker, bounded by `capacity`."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: collections.deque[Request] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self._items)
+
+    @property
+    def full(self) -> bool:
+        return len(self._items) >= self.capacity
+
+    def push(self, request: Request) -> None:
+        self._items.append(request)
+
+    def push_front(self, request: Request) -> None:
+        """Put back a request whose worker died: it has waited longest, so it goes first."""
+        self._items.appendleft(request)
+
+    def pop(self) -> Request:
+        return self._items.popleft()
+
+    def remove_expired(self, now: float) -> list[Request]:
+        expired = [r for r in self._items if r.expired(now)]
+        if expired:
+            self._items = collections.deque(r for r in self._items if not r.expired(now))
+        return expired
+
+    def next_deadline(self) -> float | None:
+        return min((r.deadline for r in self._items if r.deadline is not None), default=None)
+
+    def drain(self) -> list[Request]:
+        items, self._items = list(self._items), collections.deque()
+        return items

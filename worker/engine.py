@@ -1,0 +1,157 @@
+"""The model: loading a Qwen3-VL checkpoint and running one batched `generate` for many requests.
+
+Owns everything that touches torch and transformers. Requests in one batch share their
+generation parameters (the service groups them); prompts are left-padded so every row's new
+tokens start at the same column.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers import (AutoModelForImageTextToText, AutoProcessor, StoppingCriteria,
+                          StoppingCriteriaList)
+
+from qvl.protocol.messages import GenerationParams
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    model: str
+    device: str = "cpu"
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    memory_fraction: float | None = None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One request made ready for the model: chat messages in processor form and their images."""
+
+    messages: list
+    images: list[Image.Image]
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    prefill_ms: float
+    decode_ms: float
+
+
+def prompt_from_request(messages: list, images: list[Image.Image]) -> Prompt:
+    """Processor-form messages: image parts lose their frame index, images follow text order."""
+    ordered = []
+    chat = []
+    for message in messages:
+        parts = []
+        for part in message["content"]:
+            if part["type"] == "image":
+                ordered.append(images[part["frame"]])
+                parts.append({"type": "image"})
+            else:
+                parts.append(part)
+        chat.append({"role": message["role"], "content": parts})
+    return Prompt(chat, ordered)
+
+
+class _StepClock(StoppingCriteria):
+    """Records when each decoding step ends; never stops generation itself."""
+
+    def __init__(self) -> None:
+        self.first_step_at: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.first_step_at is None:
+            self.first_step_at = time.perf_counter()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class Engine:
+    """A loaded processor and model on one device."""
+
+    def __init__(self, options: ModelOptions):
+        self.options = options
+        self.device = torch.device(options.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            if options.memory_fraction:
+                torch.cuda.set_per_process_memory_fraction(options.memory_fraction, self.device)
+        self.processor = AutoProcessor.from_pretrained(options.model)
+        self.processor.tokenizer.padding_side = "left"
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            options.model, dtype=self._dtype(), attn_implementation=options.attn_implementation,
+        ).to(self.device).eval()
+        tokenizer = self.processor.tokenizer
+        self.eos_ids = set(_as_list(self.model.generation_config.eos_token_id)) | {tokenizer.eos_token_id}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def _dtype(self) -> torch.dtype:
+        if self.options.dtype == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        return getattr(torch, self.options.dtype)
+
+    def warm_up(self) -> None:
+        """One small request, so the first real one does not pay for lazy initialisation."""
+        image = Image.new("RGB", (64, 64), (127, 127, 127))
+        prompt = Prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+                        [image])
+        self.generate([prompt], GenerationParams(max_new_tokens=2))
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[Prompt], params: GenerationParams) -> list[Completion]:
+        """One `generate` call for all `prompts`; a completion per prompt, in order."""
+        texts = [self.processor.apply_chat_template(p.messages, tokenize=False,
+                                                    add_generation_prompt=True) for p in prompts]
+        images = [image for p in prompts for image in p.images] or None
+        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        inputs = inputs.to(self.device)
+        clock = _StepClock()
+        started = time.perf_counter()
+        output = self.model.generate(
+            **inputs, **_sampling_kwargs(params), pad_token_id=self.pad_id,
+            stopping_criteria=StoppingCriteriaList([clock]),
+        )
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        ended = time.perf_counter()
+        first = clock.first_step_at or ended
+        prompt_len = inputs["input_ids"].shape[1]
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        new_tokens = output[:, prompt_len:].tolist()
+        results = []
+        for row, n_prompt in zip(new_tokens, prompt_tokens):
+            row = self._until_eos(row)
+            results.append(Completion(
+                text=self.processor.tokenizer.decode(row, skip_special_tokens=True),
+                prompt_tokens=int(n_prompt), completion_tokens=len(row),
+                prefill_ms=(first - started) * 1000.0, decode_ms=(ended - first) * 1000.0,
+            ))
+        return results
+
+    def _until_eos(self, row: list[int]) -> list[int]:
+        for i, token in enumerate(row):
+            if token in self.eos_ids:
+                return row[:i + 1]
+        return row
+
+
+def _sampling_kwargs(params: GenerationParams) -> dict:
+    kwargs = {"max_new_tokens": params.max_new_tokens, "min_new_tokens": params.min_new_tokens}
+    if params.temperature > 0:
+        kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
+                      top_k=params.top_k or None)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def _as_list(x: object) -> list:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
