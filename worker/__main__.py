@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s qvl.worker[{options.slot}:{options.generation}] %(message)s")
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
     return WorkerService(options).run()
 
 

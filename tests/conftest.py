@@ -1,0 +1,58 @@
+"""Fixtures: the tiny model (made once per session), a shared supervisor, and a leak check that
+fails a test whose processes outlive it."""
+
+import subprocess
+import sys
+
+import pytest
+from harness import ROOT, SupervisorProcess, png, wait_gone
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_model.py"), "--preset", "tiny",
+                    "--out", str(out)], check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture
+def start_supervisor(tmp_path, tiny_model):
+    """Start supervisors of the test's own; each is stopped and proven gone afterwards."""
+    started: list[SupervisorProcess] = []
+
+    def start(*flags: str, workers: int = 1, env: dict | None = None) -> SupervisorProcess:
+        sup = SupervisorProcess(tmp_path / f"sup{len(started)}", tiny_model, *flags,
+                                workers=workers, env=env)
+        started.append(sup)
+        return sup
+
+    yield start
+    for sup in started:
+        _stop_and_check(sup)
+
+
+@pytest.fixture(scope="session")
+def shared_supervisor(tmp_path_factory, tiny_model):
+    """One supervisor with two CPU workers for every test that does not need its own."""
+    sup = SupervisorProcess(tmp_path_factory.mktemp("shared"), tiny_model, workers=2)
+    sup.wait_ready(workers=2)
+    yield sup
+    _stop_and_check(sup)
+
+
+def _stop_and_check(sup: SupervisorProcess) -> None:
+    try:
+        sup.stop()
+    except subprocess.TimeoutExpired:
+        sup.kill()
+        pytest.fail(f"supervisor {sup.pid} did not stop on SIGTERM\n{sup.log()[-3000:]}")
+    left = wait_gone({sup.pid, *sup.worker_pids})
+    if left:
+        sup.kill()
+        pytest.fail(f"processes outlived their test: {sorted(left)}")
+
+
+@pytest.fixture
+def image():
+    return png()

@@ -1,0 +1,53 @@
+"""Configuration: flags over TOML over defaults, and validation that names every fault."""
+
+import argparse
+
+import pytest
+
+from qvl.supervisor.config import FIELDS, Config, ConfigError, add_arguments, load_config
+
+
+def parse(*argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return load_config(parser.parse_args(list(argv)))
+
+
+def test_defaults():
+    assert parse() == Config()
+
+
+def test_toml_then_flags(tmp_path):
+    path = tmp_path / "qvl.toml"
+    path.write_text('workers = 3\nqueue_size = 10\nstop_grace_s = 2\nmodel = "/m"\n')
+    config = parse("--config", str(path), "--queue-size", "20")
+    assert (config.workers, config.queue_size, config.stop_grace_s, config.model) == (3, 20, 2.0, "/m")
+
+
+def test_every_fault_is_named(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('workers = 0\ndevice = "tpu"\nmemory_fraction = 2.0\nfrontend = "http://x"\n')
+    with pytest.raises(ConfigError) as info:
+        parse("--config", str(path))
+    text = str(info.value)
+    for name in ("workers", "device", "memory_fraction", "frontend"):
+        assert name in text
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("qeue_size = 3", "unknown settings: qeue_size"),
+    ('workers = "two"', "workers must be of type int"),
+    ("workers = [", "cannot read"),
+])
+def test_bad_files(tmp_path, toml, message):
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message):
+        parse("--config", str(path))
+
+
+def test_every_setting_has_help_and_is_in_the_readme():
+    readme = (__import__("harness").ROOT / "README.md").read_text()
+    for name, f in FIELDS.items():
+        assert f.metadata["help"]
+        assert f"`{name}`" in readme, f"README's configuration table lacks {name}"
