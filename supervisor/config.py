@@ -56,6 +56,22 @@ class Config:
     restart_backoff_max_s: float = setting(30.0, "longest delay between restarts")
     restart_intensity: int = setting(5, "crashes within restart_period_s that mark a slot failed")
     restart_period_s: float = setting(60.0, "window for restart_intensity, in seconds")
+    request_hang_timeout_s: float = setting(600.0, "seconds a dispatched request may run before its worker is presumed hung and killed")
+    recycle_fragmentation: float = setting(0.0, "soft: recycle when (reserved - allocated) / reserved reaches this (0: off)")
+    recycle_fragmentation_min_reserved_bytes: int = setting(1 << 30, "fragmentation counts only above this reserved size, so an idle worker never trips it")
+    recycle_reserved_bytes: int = setting(0, "soft: recycle when the allocator has reserved this many bytes (0: off)")
+    recycle_alloc_retries: int = setting(0, "soft: recycle after this many allocator retries since start (0: off)")
+    recycle_rss_bytes: int = setting(0, "soft: recycle when host RSS reaches this many bytes (0: off)")
+    recycle_requests: int = setting(0, "soft: recycle after this many requests (0: off)")
+    recycle_requests_jitter: int = setting(0, "up to this many extra requests, drawn per worker, so slots never recycle together")
+    recycle_age_s: float = setting(0.0, "soft: recycle a worker this many seconds old (0: off)")
+    recycle_device_used_fraction: float = setting(0.0, "hard: recycle when NVML shows this fraction of device memory used (0: off)")
+    recycle_ooms: int = setting(1, "hard: recycle after this many CUDA out-of-memory errors (0: off)")
+    recycle_soft_wait_s: float = setting(30.0, "a soft recycle waits this long for the worker to be idle, then drains anyway")
+    recycle_overlap: str = setting("auto", "start the replacement before retiring the old worker: auto (when memory has room), always, never")
+    recycle_overlap_margin: float = setting(0.15, "auto overlap needs free memory of the worker's footprint times (1 + margin)")
+    max_concurrent_recycles: int = setting(1, "slots recycling at the same time")
+    state_file: str = setting("", "JSON file where per-slot counters survive a supervisor restart (empty: none)")
     log_level: str = setting("info", "log level: debug, info, warning, error")
 
     @property
@@ -74,13 +90,18 @@ class Config:
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             faults.append(f"device must be cpu or cuda:N (got {self.device!r})")
         for name in ("workers", "max_batch_size", "max_inflight", "queue_size", "max_attempts",
-                     "max_new_tokens", "max_images", "heartbeat_liveness", "restart_intensity"):
+                     "max_new_tokens", "max_images", "heartbeat_liveness", "restart_intensity",
+                     "max_concurrent_recycles"):
             if getattr(self, name) < 1:
                 faults.append(f"{name} must be at least 1")
         if not 0 <= self.memory_fraction <= 1:
             faults.append("memory_fraction must be in 0..1")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             faults.append(f"dtype must be auto, bfloat16, float16 or float32 (got {self.dtype!r})")
+        if self.recycle_overlap not in ("auto", "always", "never"):
+            faults.append(f"recycle_overlap must be auto, always or never (got {self.recycle_overlap!r})")
+        if not 0 <= self.recycle_device_used_fraction <= 1:
+            faults.append("recycle_device_used_fraction must be in 0..1")
         if self.log_level not in ("debug", "info", "warning", "error"):
             faults.append(f"log_level must be debug, info, warning or error (got {self.log_level!r})")
         if self.heartbeat_interval_s <= 0:

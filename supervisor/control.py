@@ -8,25 +8,30 @@ import os
 import socket
 import time
 
-import psutil
-
 from qvl.protocol.codec import PING, RECYCLE, STATUS
 from qvl.protocol.errors import BadRequest
 
+from .slots import device_index
+
 
 def status(sup, header: dict) -> dict:
+    gpu_index = int(device_index(sup.config)) if sup.config.device.startswith("cuda") else None
+    gpu = sup.devices.gpu_memory(gpu_index) if gpu_index is not None else None
+    gpu_pids = sup.devices.gpu_process_memory(gpu_index) if gpu_index is not None else {}
     workers = []
     for slot in sup.slots:
         info = slot.status()
-        info["host_rss_bytes"] = _rss(slot.pid)
+        info["host_rss_bytes"] = sup.devices.rss(info["pid"])
+        info["gpu_bytes"] = gpu_pids.get(info["pid"])
         workers.append(info)
     return {
         "pid": os.getpid(), "host": socket.gethostname(),
         "uptime_s": round(time.monotonic() - sup.started_at, 3),
         "frontend": sup.config.frontend, "model": sup.config.model, "device": sup.config.device,
         "queue_depth": len(sup.queue), "queue_size": sup.config.queue_size,
-        "inflight": sum(len(s.inflight) for s in sup.slots),
-        "shutting_down": sup.shutting_down, "counters": dict(sup.counters), "workers": workers,
+        "inflight": sum(len(w.inflight) for w in sup.workers()),
+        "shutting_down": sup.shutting_down, "counters": dict(sup.counters), "gpu": gpu,
+        "workers": workers,
     }
 
 
@@ -40,13 +45,6 @@ def recycle(sup, header: dict) -> dict:
         raise BadRequest(f"no worker slot {worker!r}; slots are 0..{len(sup.slots) - 1}")
     targets = sup.slots if worker is None else [sup.slots[worker]]
     return {"recycling": [s.index for s in targets if sup.request_recycle(s, "operator")]}
-
-
-def _rss(pid: int | None) -> int | None:
-    try:
-        return psutil.Process(pid).memory_info().rss if pid else None
-    except psutil.Error:
-        return None
 
 
 COMMANDS = {STATUS: status, PING: ping, RECYCLE: recycle}

@@ -1,13 +1,15 @@
-"""Worker slots: the state machine of one worker position and the process that fills it.
+"""Workers and slots: the state machine of one worker process, and the position it fills.
 
-A slot goes `spawning -> loading -> ready -> draining -> stopping -> exited`, then is filled again
-by a new incarnation with the next generation number; a slot that crashes too often is `failed`.
-Every change of state goes through `WorkerSlot.set_state`, which logs it with its reason.
+A `Worker` is one incarnation: `spawning -> loading -> ready -> draining -> stopping -> exited`.
+A `Slot` is a position that always wants one ready worker. During an overlapped recycle it holds
+two: the old one still serving and its `successor` warming up. A slot that crashes too often is
+`failed` and left empty. Every change of state goes through `Worker.set_state`, which logs it.
 """
 
 import collections
 import enum
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -16,74 +18,53 @@ from dataclasses import dataclass, field
 
 from .config import Config
 from .events import event
+from .policy import Verdict
 from .requests import Request
 
 
-class SlotState(enum.Enum):
+class WorkerState(enum.Enum):
     SPAWNING = "spawning"  # process started, not yet connected
     LOADING = "loading"    # connected (hello), loading the model
     READY = "ready"        # serving
     DRAINING = "draining"  # finishing its in-flight requests, takes no new ones
     STOPPING = "stopping"  # asked to exit; escalating to signals after grace periods
-    EXITED = "exited"      # no process; waiting to be spawned again
-    FAILED = "failed"      # crashed too often; left empty
+    EXITED = "exited"
 
 
-LIVE = (SlotState.SPAWNING, SlotState.LOADING, SlotState.READY, SlotState.DRAINING,
-        SlotState.STOPPING)
-
-
-def restart_delay(recent_crashes: int, config: Config) -> float:
-    """Exponential backoff: the first restart waits `restart_backoff_s`, each further one twice as long."""
-    if recent_crashes <= 0:
-        return 0.0
-    return min(config.restart_backoff_s * 2 ** (recent_crashes - 1), config.restart_backoff_max_s)
+STARTING = (WorkerState.SPAWNING, WorkerState.LOADING)
 
 
 @dataclass(eq=False)
-class WorkerSlot:
-    index: int
-    state: SlotState = SlotState.EXITED
-    generation: int = 0
-    process: subprocess.Popen | None = None
+class Worker:
+    slot: int
+    generation: int
+    process: subprocess.Popen
+    requests_jitter: int = 0
+    state: WorkerState = WorkerState.SPAWNING
     inflight: dict[int, Request] = field(default_factory=dict)
     telemetry: dict = field(default_factory=dict)
-    served: int = 0            # requests answered by the current incarnation
-    served_total: int = 0      # by every incarnation of this slot
-    restarts: int = 0          # after crashes
-    recycles: int = 0          # clean replacements
-    crashes: collections.deque = field(default_factory=collections.deque)
+    served: int = 0
+    started_at: float = field(default_factory=time.monotonic)
     state_since: float = field(default_factory=time.monotonic)
-    last_seen: float = 0.0
-    respawn_at: float = 0.0
+    last_seen: float = field(default_factory=time.monotonic)
     stop_deadline: float = 0.0
     signals_sent: int = 0
-    last_reason: str = ""
 
     @property
     def identity(self) -> bytes:
-        return f"{self.index}:{self.generation}".encode()
+        return f"{self.slot}:{self.generation}".encode()
 
     @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
+    def pid(self) -> int:
+        return self.process.pid
 
-    def set_state(self, state: SlotState, reason: str, **fields: object) -> None:
-        event("worker_state", worker=self.index, gen=self.generation, pid=self.pid,
+    def set_state(self, state: WorkerState, reason: str, **fields: object) -> None:
+        event("worker_state", worker=self.slot, gen=self.generation, pid=self.pid,
               old=self.state.value, new=state.value, reason=reason, **fields)
-        self.state, self.state_since, self.last_reason = state, time.monotonic(), reason
-
-    def spawn(self, config: Config, backend: str) -> None:
-        self.generation += 1
-        self.served = 0
-        self.telemetry = {}
-        self.process = subprocess.Popen(worker_command(config, backend, self.index, self.generation),
-                                        env=worker_env(config), stdin=subprocess.DEVNULL)
-        self.last_seen = time.monotonic()
-        self.set_state(SlotState.SPAWNING, "spawn")
+        self.state, self.state_since = state, time.monotonic()
 
     def signal(self, signum: int) -> None:
-        if self.process and self.process.poll() is None:
+        if self.process.poll() is None:
             try:
                 os.kill(self.process.pid, signum)
             except ProcessLookupError:
@@ -94,21 +75,90 @@ class WorkerSlot:
         if now < self.stop_deadline or self.signals_sent >= 2:
             return
         signum = signal.SIGTERM if self.signals_sent == 0 else signal.SIGKILL
-        event("worker_signal", worker=self.index, gen=self.generation, pid=self.pid,
+        event("worker_signal", worker=self.slot, gen=self.generation, pid=self.pid,
               signal=signal.Signals(signum).name)
         self.signal(signum)
         self.signals_sent += 1
         self.stop_deadline = now + grace
 
+    def oldest_dispatch(self) -> float | None:
+        return min((r.dispatched_at for r in self.inflight.values()), default=None)
+
+
+@dataclass
+class PendingRecycle:
+    reason: str
+    hard: bool
+    since: float = field(default_factory=time.monotonic)
+    started: bool = False
+    overlap: bool = False
+
+
+@dataclass(eq=False)
+class Slot:
+    index: int
+    generation: int = 0
+    current: Worker | None = None
+    successor: Worker | None = None
+    retiring: list[Worker] = field(default_factory=list)
+    failed: bool = False
+    respawn_at: float = 0.0
+    crashes: collections.deque = field(default_factory=collections.deque)
+    restarts: int = 0
+    recycles: int = 0
+    served_total: int = 0
+    last_reason: str = ""
+    recycle: PendingRecycle | None = None
+
+    def workers(self) -> list[Worker]:
+        return [w for w in (self.current, self.successor, *self.retiring) if w is not None]
+
+    @property
+    def state(self) -> str:
+        if self.failed:
+            return "failed"
+        return self.current.state.value if self.current else "exited"
+
+    def spawn(self, config: Config, backend: str) -> Worker:
+        self.generation += 1
+        process = subprocess.Popen(worker_command(config, backend, self.index, self.generation),
+                                   env=worker_env(config), stdin=subprocess.DEVNULL)
+        worker = Worker(self.index, self.generation, process,
+                        requests_jitter=random.randint(0, config.recycle_requests_jitter))
+        event("worker_state", worker=self.index, gen=self.generation, pid=process.pid,
+              old="exited", new="spawning", reason=self.last_reason or "start")
+        return worker
+
+    def ask_recycle(self, verdict: Verdict) -> bool:
+        """Note that this slot should recycle; False if it is already doing so."""
+        if self.recycle is not None or self.failed or self.current is None:
+            return False
+        self.recycle = PendingRecycle(verdict.reason, verdict.hard)
+        event("recycle_wanted", worker=self.index, gen=self.current.generation,
+              reason=verdict.reason, hard=verdict.hard, value=verdict.value,
+              threshold=verdict.threshold, **_telemetry_fields(self.current.telemetry))
+        return True
+
     def status(self) -> dict:
+        w = self.current
         return {
-            "slot": self.index, "state": self.state.value, "pid": self.pid,
-            "generation": self.generation, "inflight": len(self.inflight), "served": self.served,
-            "served_total": self.served_total, "restarts": self.restarts,
-            "recycles": self.recycles, "last_reason": self.last_reason,
-            "state_age_s": round(time.monotonic() - self.state_since, 3),
-            "telemetry": self.telemetry,
+            "slot": self.index, "state": self.state, "pid": w.pid if w else None,
+            "generation": w.generation if w else self.generation,
+            "inflight": sum(len(x.inflight) for x in self.workers()),
+            "served": w.served if w else 0, "served_total": self.served_total,
+            "restarts": self.restarts, "recycles": self.recycles, "last_reason": self.last_reason,
+            "recycling": self.recycle.reason if self.recycle else None,
+            "successor_pid": self.successor.pid if self.successor else None,
+            "retiring_pids": [x.pid for x in self.retiring],
+            "age_s": round(time.monotonic() - w.started_at, 3) if w else None,
+            "telemetry": w.telemetry if w else {},
         }
+
+
+def _telemetry_fields(t: dict) -> dict:
+    keys = ("fragmentation", "reserved_bytes", "allocated_bytes", "num_alloc_retries",
+            "num_ooms", "device_used_bytes", "rss_bytes")
+    return {k: t[k] for k in keys if k in t}
 
 
 def worker_command(config: Config, backend: str, slot: int, generation: int) -> list[str]:
@@ -125,8 +175,20 @@ def worker_command(config: Config, backend: str, slot: int, generation: int) -> 
 
 
 def worker_env(config: Config) -> dict:
-    """The worker sees only its own device, as cuda:0."""
-    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=config.alloc_conf)
+    """The worker sees only its own device, as cuda:0, numbered as NVML numbers it."""
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=config.alloc_conf,
+               CUDA_DEVICE_ORDER="PCI_BUS_ID")
     if config.device.startswith("cuda"):
-        env["CUDA_VISIBLE_DEVICES"] = config.device.partition(":")[2] or "0"
+        env["CUDA_VISIBLE_DEVICES"] = device_index(config)
     return env
+
+
+def device_index(config: Config) -> str:
+    return config.device.partition(":")[2] or "0"
+
+
+def restart_delay(recent_crashes: int, config: Config) -> float:
+    """Exponential backoff: the first restart waits `restart_backoff_s`, each further one twice as long."""
+    if recent_crashes <= 0:
+        return 0.0
+    return min(config.restart_backoff_s * 2 ** (recent_crashes - 1), config.restart_backoff_max_s)

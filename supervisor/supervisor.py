@@ -16,20 +16,24 @@ import time
 
 import zmq
 
-from qvl.protocol.codec import (BYE, GENERATE, HEARTBEAT, HELLO, PROTOCOL_VERSION, READY, REPLY,
-                                STOP, decode, encode, error_header)
-from qvl.protocol.errors import (BadRequest, DeadlineExceeded, Overloaded, QvlError,
+from qvl.protocol.codec import (GENERATE, HELLO, PROTOCOL_VERSION, READY, REPLY, STOP, decode,
+                                encode, error_header)
+from qvl.protocol.errors import (BadRequest, DeadlineExceeded, OutOfMemory, Overloaded, QvlError,
                                  ShuttingDown, WorkerFailed)
 from qvl.protocol.messages import parse_generate
 
 from .config import Config
 from .control import COMMANDS
+from .devices import DeviceMonitor
 from .events import event
+from .policy import Verdict, recycle_verdict
 from .requests import Request, RequestQueue
-from .slots import LIVE, SlotState, WorkerSlot, restart_delay
+from .slots import STARTING, Slot, Worker, WorkerState, device_index, restart_delay
+from .state import load_state, restore, save_state
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 _MAX_BATCH_READ = 512  # messages read from one socket before the loop moves on
+_ALIVE = (WorkerState.READY, WorkerState.DRAINING)
 
 
 class Supervisor:
@@ -37,10 +41,12 @@ class Supervisor:
         self.config = config
         self.limits = config.limits
         self.queue = RequestQueue(config.queue_size)
-        self.slots = [WorkerSlot(i) for i in range(config.workers)]
-        self.by_identity: dict[bytes, WorkerSlot] = {}
+        self.slots = [Slot(i) for i in range(config.workers)]
+        self.by_identity: dict[bytes, Worker] = {}
         self.keys = itertools.count(1)
         self.counters: collections.Counter = collections.Counter()
+        restore(load_state(config.state_file), self.slots, self.counters)
+        self.devices = DeviceMonitor()
         self.started_at = time.monotonic()
         self.shutting_down = False
         self.shutdown_deadline = 0.0
@@ -71,7 +77,6 @@ class Supervisor:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.MAXMSGSIZE, max_msg_size)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         return sock
@@ -97,14 +102,18 @@ class Supervisor:
                 self.reap_workers()
                 self.check_liveness()
                 self.expire_deadlines()
-                self.dispatch()
                 self.manage_slots()
+                self.dispatch()
                 self.finish_shutdown()
         finally:
             self._kill_all()
+            save_state(self.config.state_file, self.slots, self.counters)
             self._close()
-        event("supervisor_exit", served=self.counters["answered"])
+        event("supervisor_exit", answered=self.counters["answered"])
         return 0
+
+    def workers(self) -> list[Worker]:
+        return [w for slot in self.slots for w in slot.workers()]
 
     # --- input ----------------------------------------------------------------------------
 
@@ -112,26 +121,22 @@ class Supervisor:
         events = dict(self.poller.poll(self._poll_timeout_ms()))
         if self.wakeup_r in events:
             self.handle_signals()
-        if self.backend in events:
+        for sock, handler in ((self.backend, self.on_worker_message),
+                              (self.frontend, self.on_client_message)):
+            if sock not in events:
+                continue
             for _ in range(_MAX_BATCH_READ):
                 try:
-                    parts = self.backend.recv_multipart(zmq.NOBLOCK)
+                    parts = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                self.on_worker_message(parts[0], parts[1:])
-        if self.frontend in events:
-            for _ in range(_MAX_BATCH_READ):
-                try:
-                    parts = self.frontend.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self.on_client_message(parts[0], parts[1:])
+                handler(parts[0], parts[1:])
 
     def _poll_timeout_ms(self) -> int:
         now = time.monotonic()
-        due = [now + self.config.heartbeat_interval_s]
-        due += [s.respawn_at for s in self.slots if s.state is SlotState.EXITED]
-        due += [s.stop_deadline for s in self.slots if s.state is SlotState.STOPPING]
+        due = [now + min(self.config.heartbeat_interval_s, 1.0)]
+        due += [s.respawn_at for s in self.slots if s.current is None and not s.failed]
+        due += [w.stop_deadline for w in self.workers() if w.state is WorkerState.STOPPING]
         if self.queue.next_deadline() is not None:
             due.append(self.queue.next_deadline())
         if self.shutting_down:
@@ -182,29 +187,36 @@ class Supervisor:
         self.counters["accepted"] += 1
 
     def on_worker_message(self, identity: bytes, parts: list[bytes]) -> None:
-        slot = self.by_identity.get(identity)
-        if slot is None:
+        worker = self.by_identity.get(identity)
+        if worker is None:
             return  # a former incarnation's last words
         header, _ = decode(parts)
-        slot.last_seen = time.monotonic()
+        worker.last_seen = time.monotonic()
         kind = header["kind"]
         if "telemetry" in header:
-            slot.telemetry = header["telemetry"]
+            worker.telemetry = header["telemetry"]
         if kind == REPLY:
-            self.on_reply(slot, header)
-        elif kind == HELLO and slot.state is SlotState.SPAWNING:
-            slot.set_state(SlotState.LOADING, "hello")
-        elif kind == READY and slot.state in (SlotState.SPAWNING, SlotState.LOADING):
-            slot.set_state(SlotState.READY, "loaded", load_s=header.get("load_s"))
-        elif kind not in (HEARTBEAT, BYE, HELLO, READY):
-            event("worker_protocol_error", logging.WARNING, worker=slot.index, kind=kind)
+            self.on_reply(worker, header)
+        elif kind == HELLO and worker.state is WorkerState.SPAWNING:
+            worker.set_state(WorkerState.LOADING, "hello")
+        elif kind == READY and worker.state in STARTING:
+            worker.set_state(WorkerState.READY, "loaded", load_s=header.get("load_s"))
+            self.on_ready(self.slots[worker.slot], worker)
+        self.judge(worker)
 
-    def on_reply(self, slot: WorkerSlot, header: dict) -> None:
-        request = slot.inflight.pop(header["id"], None)
+    def on_reply(self, worker: Worker, header: dict) -> None:
+        request = worker.inflight.pop(header["id"], None)
         if request is None:
             return
-        slot.served += 1
+        slot = self.slots[worker.slot]
+        worker.served += 1
         slot.served_total += 1
+        error = header.get("error") or {}
+        if not header.get("ok") and error.get("code") == OutOfMemory.code \
+                and request.attempts < self.config.max_attempts:
+            self.counters["oom_retries"] += 1  # a fresh worker may well have the memory
+            self.queue.push_front(request)
+            return
         now = time.monotonic()
         if header.get("ok"):
             reply = {"v": PROTOCOL_VERSION, "id": request.client_id, "ok": True,
@@ -212,12 +224,12 @@ class Supervisor:
                      "timings": {**header["timings"],
                                  "queue_ms": (request.dispatched_at - request.accepted_at) * 1000,
                                  "total_ms": (now - request.accepted_at) * 1000},
-                     "worker": {"slot": slot.index, "generation": slot.generation, "pid": slot.pid}}
+                     "worker": {"slot": worker.slot, "generation": worker.generation,
+                                "pid": worker.pid}}
             self.counters["answered"] += 1
         else:
-            reply = {"v": PROTOCOL_VERSION, "id": request.client_id, "ok": False,
-                     "error": header["error"]}
-            self.counters[header["error"].get("code", "internal")] += 1
+            reply = {"v": PROTOCOL_VERSION, "id": request.client_id, "ok": False, "error": error}
+            self.counters[error.get("code", "internal")] += 1
         self.frontend.send_multipart([request.client, *encode(reply)])
 
     def fail(self, request: Request, exc: QvlError) -> None:
@@ -229,106 +241,199 @@ class Supervisor:
     def dispatch(self) -> None:
         """Hand queued requests to the least-loaded ready workers with room."""
         while len(self.queue):
-            slot = min((s for s in self.slots if s.state is SlotState.READY
-                        and len(s.inflight) < self.config.max_inflight),
-                       key=lambda s: len(s.inflight), default=None)
-            if slot is None:
+            ready = [s.current for s in self.slots
+                     if s.current and s.current.state is WorkerState.READY
+                     and len(s.current.inflight) < self.config.max_inflight]
+            if not ready:
                 return
+            worker = min(ready, key=lambda w: len(w.inflight))
             request = self.queue.pop()
             request.attempts += 1
             request.dispatched_at = time.monotonic()
-            slot.inflight[request.key] = request
-            self.backend.send_multipart([slot.identity, *request.worker_parts], copy=False)
+            worker.inflight[request.key] = request
+            self.backend.send_multipart([worker.identity, *request.worker_parts], copy=False)
 
     def expire_deadlines(self) -> None:
         for request in self.queue.remove_expired(time.monotonic()):
             self.fail(request, DeadlineExceeded("deadline passed while queued", request.client_id))
 
+    # --- recycling ------------------------------------------------------------------------
+
+    def judge(self, worker: Worker) -> None:
+        """Apply the recycle policy to the latest telemetry of a slot's serving worker."""
+        slot = self.slots[worker.slot]
+        if worker is not slot.current or worker.state is not WorkerState.READY or slot.recycle:
+            return
+        verdict = recycle_verdict(worker.telemetry, worker.served,
+                                  time.monotonic() - worker.started_at, self.config,
+                                  worker.requests_jitter)
+        if verdict and slot.ask_recycle(verdict):
+            self.counters[f"recycle_{verdict.reason}"] += 1
+
+    def request_recycle(self, slot: Slot, reason: str) -> bool:
+        if self.shutting_down or slot.current is None or slot.current.state is not WorkerState.READY:
+            return False
+        if slot.ask_recycle(Verdict(reason, hard=False, value=1, threshold=1)):
+            self.counters[f"recycle_{reason}"] += 1
+            return True
+        return False
+
+    def advance_recycle(self, slot: Slot, now: float) -> None:
+        """Start a wanted recycle when its turn has come: overlapped when memory has room."""
+        r, current = slot.recycle, slot.current
+        if r is None or r.started or current is None or current.state is not WorkerState.READY:
+            return
+        if now < slot.respawn_at:
+            return
+        if sum(1 for s in self.slots if s.recycle and s.recycle.started) >= self.config.max_concurrent_recycles:
+            return
+        if not r.hard and current.inflight and now - r.since < self.config.recycle_soft_wait_s:
+            return
+        r.started, r.overlap = True, self.has_room(current)
+        event("recycle", worker=slot.index, gen=current.generation, reason=r.reason, hard=r.hard,
+              overlap=r.overlap)
+        slot.last_reason = f"recycle: {r.reason}"
+        if r.overlap and not r.hard:
+            slot.successor = self.spawn(slot)  # the old worker serves until this one is ready
+            return
+        self.retire(slot, current, f"recycle: {r.reason}")
+        slot.current = self.spawn(slot) if r.overlap else None  # else: once the old one is gone
+
+    def has_room(self, worker: Worker) -> bool:
+        """Whether a second copy of this worker fits beside it now."""
+        mode = self.config.recycle_overlap
+        if mode != "auto":
+            return mode == "always"
+        margin = 1 + self.config.recycle_overlap_margin
+        if not self.config.device.startswith("cuda"):
+            rss = self.devices.rss(worker.pid) or 0
+            return self.devices.host_available() >= rss * margin
+        index = int(device_index(self.config))
+        memory = self.devices.gpu_memory(index)
+        if memory is None:
+            return False
+        footprint = self.devices.gpu_process_memory(index).get(worker.pid) \
+            or worker.telemetry.get("reserved_bytes", 0) + (1 << 30)  # + context, if NVML can't see pids
+        return memory["free_bytes"] >= footprint * margin
+
+    def on_ready(self, slot: Slot, worker: Worker) -> None:
+        if worker is slot.successor:
+            self.retire(slot, slot.current, f"replaced by gen {worker.generation}")
+            slot.current, slot.successor = worker, None
+        if worker is slot.current and slot.recycle and slot.recycle.started:
+            r = slot.recycle
+            slot.recycles += 1
+            event("recycle_done", worker=slot.index, gen=worker.generation, reason=r.reason,
+                  overlap=r.overlap, took_s=time.monotonic() - r.since)
+            slot.recycle = None
+            save_state(self.config.state_file, self.slots, self.counters)
+
+    def retire(self, slot: Slot, worker: Worker, reason: str) -> None:
+        worker.set_state(WorkerState.DRAINING, reason)
+        slot.retiring.append(worker)
+
     # --- workers --------------------------------------------------------------------------
 
+    def spawn(self, slot: Slot) -> Worker:
+        worker = slot.spawn(self.config, self.backend_endpoint)
+        self.by_identity[worker.identity] = worker
+        return worker
+
     def manage_slots(self) -> None:
-        """Fill empty slots whose backoff has passed; stop drained ones."""
+        """Fill empty slots whose backoff has passed, advance recycles, stop drained workers."""
         now = time.monotonic()
         for slot in self.slots:
-            if slot.state is SlotState.EXITED and not self.shutting_down and now >= slot.respawn_at:
-                slot.spawn(self.config, self.backend_endpoint)
-                self.by_identity[slot.identity] = slot
-            elif slot.state is SlotState.DRAINING and not slot.inflight:
-                self.stop_worker(slot, slot.last_reason)
-            elif slot.state is SlotState.STOPPING:
-                slot.escalate(now, self.config.kill_grace_s)
+            if (slot.current is None and not slot.failed and not self.shutting_down
+                    and not slot.retiring and now >= slot.respawn_at):
+                slot.current = self.spawn(slot)
+            if not self.shutting_down:
+                self.advance_recycle(slot, now)
+            for worker in slot.retiring:
+                if worker.state is WorkerState.DRAINING and not worker.inflight:
+                    self.stop_worker(worker, "drained")
+                elif worker.state is WorkerState.STOPPING:
+                    worker.escalate(now, self.config.kill_grace_s)
 
-    def request_recycle(self, slot: WorkerSlot, reason: str) -> bool:
-        if slot.state is not SlotState.READY or self.shutting_down:
-            return False
-        event("recycle", worker=slot.index, gen=slot.generation, reason=reason)
-        slot.set_state(SlotState.DRAINING, reason)
-        return True
-
-    def stop_worker(self, slot: WorkerSlot, reason: str) -> None:
-        self.backend.send_multipart([slot.identity, *encode({"v": PROTOCOL_VERSION, "kind": STOP})])
-        slot.signals_sent = 0
-        slot.stop_deadline = time.monotonic() + self.config.kill_grace_s
-        slot.set_state(SlotState.STOPPING, reason)
+    def stop_worker(self, worker: Worker, reason: str) -> None:
+        self.backend.send_multipart([worker.identity, *encode({"v": PROTOCOL_VERSION, "kind": STOP})])
+        worker.signals_sent = 0
+        worker.stop_deadline = time.monotonic() + self.config.kill_grace_s
+        worker.set_state(WorkerState.STOPPING, reason)
 
     def reap_workers(self) -> None:
         for slot in self.slots:
-            if slot.process is None or slot.process.poll() is None:
-                continue
-            code = slot.process.returncode
-            expected = slot.state is SlotState.STOPPING
-            del self.by_identity[slot.identity]
-            for request in slot.inflight.values():
-                self.retry(request, slot)
-            slot.inflight.clear()
-            slot.process = None
-            if expected:
-                if not self.shutting_down:
-                    slot.recycles += 1
-                slot.respawn_at = 0.0
-                slot.set_state(SlotState.EXITED, f"exit code {code}")
-            else:
-                self.on_crash(slot, code)
+            for worker in slot.workers():
+                if worker.process.poll() is not None:
+                    self.on_exit(slot, worker, worker.process.returncode)
 
-    def on_crash(self, slot: WorkerSlot, code: int) -> None:
+    def on_exit(self, slot: Slot, worker: Worker, code: int) -> None:
+        expected = worker.state is WorkerState.STOPPING
+        self.by_identity.pop(worker.identity, None)
+        for request in worker.inflight.values():
+            self.retry(request, worker)
+        worker.inflight.clear()
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        worker.set_state(WorkerState.EXITED, how if expected else f"crashed ({how})")
+        if worker in slot.retiring:
+            slot.retiring.remove(worker)
+        elif worker is slot.successor:
+            slot.successor = None
+            if slot.recycle:
+                slot.recycle.started = False  # try again after the backoff
+        elif worker is slot.current:
+            slot.current = None
+            slot.recycle = None  # the replacement that follows is fresh anyway
+        if not expected:
+            self.on_crash(slot, f"crashed ({how})")
+
+    def on_crash(self, slot: Slot, reason: str) -> None:
         now = time.monotonic()
         slot.crashes.append(now)
         while slot.crashes and slot.crashes[0] < now - self.config.restart_period_s:
             slot.crashes.popleft()
         self.counters["worker_crashes"] += 1
-        reason = f"crashed (signal {-code})" if code < 0 else f"crashed (exit code {code})"
+        slot.last_reason = reason
         if len(slot.crashes) >= self.config.restart_intensity:
-            slot.set_state(SlotState.FAILED, f"{reason}; {len(slot.crashes)} crashes within "
-                                             f"{self.config.restart_period_s:g}s")
-            return
-        slot.restarts += 1
-        delay = restart_delay(len(slot.crashes), self.config)
-        slot.respawn_at = now + delay
-        slot.set_state(SlotState.EXITED, reason, backoff_s=delay)
+            slot.failed = True
+            slot.recycle = None
+            event("slot_failed", logging.ERROR, worker=slot.index, reason=reason,
+                  crashes=len(slot.crashes), period_s=self.config.restart_period_s)
+        else:
+            slot.restarts += 1
+            delay = restart_delay(len(slot.crashes), self.config)
+            slot.respawn_at = now + delay
+            event("worker_restart", logging.WARNING, worker=slot.index, reason=reason,
+                  backoff_s=delay, crashes=len(slot.crashes))
+        save_state(self.config.state_file, self.slots, self.counters)
 
-    def retry(self, request: Request, slot: WorkerSlot) -> None:
+    def retry(self, request: Request, worker: Worker) -> None:
         if request.attempts >= self.config.max_attempts:
             self.fail(request, WorkerFailed(
-                f"worker {slot.index} died with this request, after {request.attempts} attempts",
+                f"worker {worker.slot} died with this request, after {request.attempts} attempts",
                 request.client_id))
         else:
+            self.counters["retried"] += 1
             self.queue.push_front(request)
 
     def check_liveness(self) -> None:
         now = time.monotonic()
         silence = self.config.heartbeat_interval_s * self.config.heartbeat_liveness
-        for slot in self.slots:
-            starting = slot.state in (SlotState.SPAWNING, SlotState.LOADING)
-            if starting and now - slot.state_since > self.config.start_timeout_s:
-                self.kill(slot, "start timeout")
-            elif slot.state in (SlotState.READY, SlotState.DRAINING) and now - slot.last_seen > silence:
-                self.kill(slot, f"no heartbeat for {now - slot.last_seen:.1f}s")
+        for worker in self.workers():
+            oldest = worker.oldest_dispatch()
+            if worker.state in STARTING and now - worker.state_since > self.config.start_timeout_s:
+                self.kill(worker, "start timeout")
+            elif worker.state in _ALIVE and now - worker.last_seen > silence:
+                self.kill(worker, f"no heartbeat for {now - worker.last_seen:.1f}s")
+            elif oldest is not None and now - oldest > self.config.request_hang_timeout_s:
+                self.kill(worker, f"request running for {now - oldest:.1f}s")
 
-    def kill(self, slot: WorkerSlot, reason: str) -> None:
-        event("worker_kill", logging.WARNING, worker=slot.index, gen=slot.generation,
-              pid=slot.pid, reason=reason)
-        slot.signal(signal.SIGKILL)
-        slot.last_seen = time.monotonic()  # one kill per silence; reaping follows the exit
+    def kill(self, worker: Worker, reason: str) -> None:
+        if worker.signals_sent >= 2:
+            return  # already killed; reaping follows the exit
+        event("worker_kill", logging.WARNING, worker=worker.slot, gen=worker.generation,
+              pid=worker.pid, reason=reason)
+        worker.signal(signal.SIGKILL)
+        worker.signals_sent = 2
 
     # --- shutdown -------------------------------------------------------------------------
 
@@ -336,7 +441,7 @@ class Supervisor:
         if self.shutting_down:
             return
         event("shutdown", reason=reason, queued=len(self.queue),
-              inflight=sum(len(s.inflight) for s in self.slots))
+              inflight=sum(len(w.inflight) for w in self.workers()))
         self.shutting_down = True
         self.shutdown_deadline = time.monotonic() + self.config.stop_grace_s
 
@@ -344,24 +449,23 @@ class Supervisor:
         """Once accepted work is done (or the grace period is over), stop workers and end."""
         if not self.shutting_down:
             return
-        busy = len(self.queue) or any(s.inflight for s in self.slots)
-        overdue = time.monotonic() >= self.shutdown_deadline
-        if busy and not overdue:
+        busy = len(self.queue) or any(w.inflight for w in self.workers())
+        if busy and time.monotonic() < self.shutdown_deadline:
             return
         for request in self.queue.drain():
             self.fail(request, ShuttingDown("shut down before a worker took it", request.client_id))
-        for slot in self.slots:
-            for request in slot.inflight.values():
+        for worker in self.workers():
+            for request in worker.inflight.values():
                 self.fail(request, ShuttingDown("shut down before it finished", request.client_id))
-            slot.inflight.clear()
-            if slot.state in LIVE and slot.state is not SlotState.STOPPING:
-                self.stop_worker(slot, "shutdown")
-        self.done = not any(s.state in LIVE for s in self.slots)
+            worker.inflight.clear()
+            if worker.state is not WorkerState.STOPPING:
+                self.stop_worker(worker, "shutdown")
+            else:
+                worker.escalate(time.monotonic(), self.config.kill_grace_s)
+        self.done = not self.workers()
 
     def _kill_all(self) -> None:
         """Last resort on the way out: no worker outlives the supervisor."""
-        for slot in self.slots:
-            if slot.process and slot.process.poll() is None:
-                slot.signal(signal.SIGKILL)
-                slot.process.wait()
-
+        for worker in self.workers():
+            worker.signal(signal.SIGKILL)
+            worker.process.wait()

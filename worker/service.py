@@ -28,8 +28,9 @@ from qvl.protocol.errors import BadRequest, InternalError, OutOfMemory, QvlError
 from qvl.protocol.messages import GenerationParams
 
 from .engine import Engine, ModelOptions, prompt_from_request
+from .faults import Faults
 from .images import decode_image
-from .telemetry import read_telemetry
+from .telemetry import Telemetry
 
 log = logging.getLogger("qvl.worker")
 _INPROC = "inproc://replies"
@@ -73,6 +74,13 @@ class WorkerService:
         self.replies = self.ctx.socket(zmq.PAIR)
         self.replies.bind(_INPROC)
         self.engine: Engine | None = None
+        self.faults = Faults.from_env(options.slot, options.generation)
+        self.arrived = 0  # requests received (I/O thread)
+        self.done = 0     # requests answered (compute thread)
+        self.telemetry: Telemetry | None = None
+
+    def read_telemetry(self) -> dict:
+        return self.faults.apply(self.telemetry.read(), self.done)
 
     def _send(self, kind: str, **fields) -> None:
         self.sock.send_multipart(encode({"v": PROTOCOL_VERSION, "kind": kind, **fields}))
@@ -81,12 +89,14 @@ class WorkerService:
         opts = self.options
         self.sock.connect(opts.backend)
         self._send(HELLO, slot=opts.slot, generation=opts.generation, pid=os.getpid())
+        self.faults.at_start()
         started = time.monotonic()
         self.engine = Engine(opts.model)
         self.engine.warm_up()
+        self.telemetry = Telemetry(self.engine.device)
         load_s = time.monotonic() - started
         self._send(READY, load_s=load_s, device=str(self.engine.device),
-                   telemetry=read_telemetry(self.engine.device))
+                   telemetry=self.read_telemetry())
         log.info("event=ready slot=%d gen=%d load_s=%.2f", opts.slot, opts.generation, load_s)
         compute = threading.Thread(target=self._compute_loop, name="compute", daemon=True)
         compute.start()
@@ -109,7 +119,7 @@ class WorkerService:
                 if os.getppid() != self.parent:
                     log.error("event=orphaned slot=%d", self.options.slot)
                     os._exit(1)
-                self._send(HEARTBEAT, telemetry=read_telemetry(self.engine.device))
+                self._send(HEARTBEAT, telemetry=self.read_telemetry())
                 next_beat = now + interval
             events = dict(poller.poll(max(0, int((next_beat - now) * 1000))))
             if self.replies in events:
@@ -130,6 +140,8 @@ class WorkerService:
             if header["kind"] == STOP:
                 return False
             if header["kind"] == GENERATE:
+                self.arrived += 1
+                self.faults.on_arrival(self.arrived)
                 self.jobs.put(Job(header["id"], header["messages"],
                                   GenerationParams(**header["params"]), tuple(frames)))
         return True
@@ -145,7 +157,8 @@ class WorkerService:
             stopping = self._gather(waiting, block=not waiting) or stopping
             if not waiting:
                 continue
-            for parts in self._run_batch(self._next_batch(waiting)):
+            batch = self._next_batch(waiting)
+            for parts in self._run_batch(batch):
                 out.send_multipart(parts)
         out.close()
 
@@ -186,9 +199,13 @@ class WorkerService:
     def _generate(self, ready: list) -> list[list[bytes]]:
         jobs = [job for job, _ in ready]
         try:
+            self.faults.before_generate(self.done + 1, self.done + len(jobs))
             completions = self.engine.generate([p for _, p in ready], jobs[0].params)
         except torch.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
+            self.telemetry.ooms += 1
+            self.done += len(jobs)
+            if self.engine.device.type == "cuda":
+                torch.cuda.empty_cache()
             return [self._error(job, OutOfMemory(str(exc).splitlines()[0])) for job in jobs]
         except Exception as exc:
             if self.engine.device.type == "cuda" and isinstance(exc, torch.AcceleratorError):
@@ -199,7 +216,8 @@ class WorkerService:
                 return [parts for item in ready for parts in self._generate([item])]
             log.exception("event=generate_failed key=%s", jobs[0].key)
             return [self._error(jobs[0], InternalError(f"{type(exc).__name__}: {exc}"))]
-        telemetry = read_telemetry(self.engine.device)
+        self.done += len(jobs)
+        telemetry = self.read_telemetry()
         return [encode({
             "v": PROTOCOL_VERSION, "kind": REPLY, "id": job.key, "ok": True, "text": c.text,
             "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
@@ -210,4 +228,4 @@ class WorkerService:
 
     def _error(self, job: Job, exc: QvlError) -> list[bytes]:
         return encode({**error_header(exc, job.key), "kind": REPLY,
-                       "telemetry": read_telemetry(self.engine.device)})
+                       "telemetry": self.read_telemetry()})

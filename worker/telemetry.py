@@ -1,39 +1,64 @@
-"""Memory telemetry of this worker: the CUDA caching allocator, the device (NVML) and host RSS.
+"""Memory telemetry of this worker: the CUDA caching allocator, the device and host RSS.
 
-Read on every reply and heartbeat, so it must stay cheap: `memory_stats()` only reads counters.
+Read with every reply and heartbeat, so it stays cheap: `memory_stats()` only reads counters.
+The largest free block inside reserved memory needs a full `memory_snapshot()`, so it is taken
+at most every `snapshot_interval_s` and reported until the next one.
 """
 
-from __future__ import annotations
-
 import os
+import threading
+import time
 
 import psutil
 import torch
 
-_PROCESS = psutil.Process(os.getpid())
 
+class Telemetry:
+    def __init__(self, device: torch.device, snapshot_interval_s: float = 30.0):
+        self.device = device
+        self.snapshot_interval_s = snapshot_interval_s
+        self.ooms = 0  # out-of-memory errors this worker caught (CPU has no allocator to count them)
+        self._process = psutil.Process(os.getpid())
+        self._snapshot: dict = {}
+        self._snapshot_at = float("-inf")
+        self._lock = threading.Lock()  # read from the I/O and the compute thread
 
-def read_telemetry(device: torch.device) -> dict:
-    """Allocator and memory figures in bytes, plus derived fragmentation ratios."""
-    out = {"rss_bytes": _PROCESS.memory_info().rss}
-    if device.type != "cuda":
+    def read(self) -> dict:
+        out = {"rss_bytes": self._process.memory_info().rss, "num_ooms": self.ooms}
+        if self.device.type != "cuda":
+            return out
+        stats = torch.cuda.memory_stats(self.device)
+        reserved = stats.get("reserved_bytes.all.current", 0)
+        allocated = stats.get("allocated_bytes.all.current", 0)
+        inactive_split = stats.get("inactive_split_bytes.all.current", 0)
+        free, total = torch.cuda.mem_get_info(self.device)
+        out.update(
+            allocated_bytes=allocated,
+            reserved_bytes=reserved,
+            active_bytes=stats.get("active_bytes.all.current", 0),
+            inactive_split_bytes=inactive_split,
+            peak_reserved_bytes=stats.get("reserved_bytes.all.peak", 0),
+            num_alloc_retries=stats.get("num_alloc_retries", 0),
+            num_ooms=max(stats.get("num_ooms", 0), self.ooms),
+            fragmentation=(reserved - allocated) / reserved if reserved else 0.0,
+            inactive_split_ratio=inactive_split / reserved if reserved else 0.0,
+            device_used_bytes=total - free,
+            device_total_bytes=total,
+        )
+        out.update(self._largest_free_block())
         return out
-    stats = torch.cuda.memory_stats(device)
-    reserved = stats.get("reserved_bytes.all.current", 0)
-    allocated = stats.get("allocated_bytes.all.current", 0)
-    inactive_split = stats.get("inactive_split_bytes.all.current", 0)
-    free, total = torch.cuda.mem_get_info(device)
-    out.update(
-        allocated_bytes=allocated,
-        reserved_bytes=reserved,
-        active_bytes=stats.get("active_bytes.all.current", 0),
-        inactive_split_bytes=inactive_split,
-        peak_reserved_bytes=stats.get("reserved_bytes.all.peak", 0),
-        num_alloc_retries=stats.get("num_alloc_retries", 0),
-        num_ooms=stats.get("num_ooms", 0),
-        fragmentation=(reserved - allocated) / reserved if reserved else 0.0,
-        inactive_split_ratio=inactive_split / reserved if reserved else 0.0,
-        device_used_bytes=total - free,
-        device_total_bytes=total,
-    )
-    return out
+
+    def _largest_free_block(self) -> dict:
+        """The largest free block in reserved memory, beside all free reserved memory."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._snapshot_at >= self.snapshot_interval_s:
+                largest = free = 0
+                for segment in torch.cuda.memory_snapshot():
+                    for block in segment["blocks"]:
+                        if block["state"] == "inactive":
+                            free += block["size"]
+                            largest = max(largest, block["size"])
+                self._snapshot = {"largest_free_block_bytes": largest, "free_reserved_bytes": free}
+                self._snapshot_at = now
+            return dict(self._snapshot)

@@ -1,0 +1,66 @@
+"""Fault injection, a testing hook: the worker reads `QVL_FAULTS` and misbehaves on purpose.
+
+Inert when the variable is unset. Its value is comma-separated `name=value` items:
+
+- `crash_at_start=1`: exit with code 7 before loading the model;
+- `crash_after=N`: exit with code 7 when the N-th request arrives (abruptly, like a segfault);
+- `hang_at=N`: the N-th request never finishes (the compute thread sleeps; heartbeats go on);
+- `slow_ms=M`: every generate takes M ms longer (a slow but alive worker);
+- `oom_at=N`: the N-th request raises a CUDA out-of-memory error;
+- `telemetry.KEY=VALUE`: report VALUE for telemetry KEY, once `telemetry_after=N` requests are done;
+- `generation=G`, `slot=S`: only incarnations with that generation number / slot misbehave.
+
+CPU workers have no CUDA allocator; injected telemetry lets tests trip every recycle threshold.
+"""
+
+import os
+import time
+
+import torch
+
+ENV = "QVL_FAULTS"
+
+
+class Faults:
+    def __init__(self, spec: str, slot: int, generation: int):
+        items = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
+        self.telemetry = {k[len("telemetry."):]: float(v) for k, v in items.items()
+                          if k.startswith("telemetry.")}
+        numbers = {k: int(v) for k, v in items.items() if not k.startswith("telemetry.")}
+        targeted = (numbers.get("generation", generation) == generation
+                    and numbers.get("slot", slot) == slot)
+        self.settings = numbers if targeted else {}
+        if not targeted:
+            self.telemetry = {}
+
+    @classmethod
+    def from_env(cls, slot: int, generation: int) -> "Faults":
+        return cls(os.environ.get(ENV, ""), slot, generation)
+
+    def get(self, name: str) -> int:
+        return self.settings.get(name, 0)
+
+    def at_start(self) -> None:
+        if self.get("crash_at_start"):
+            os._exit(7)
+
+    def on_arrival(self, count: int) -> None:
+        """Called by the I/O thread as the `count`-th request arrives."""
+        if self.get("crash_after") and count >= self.get("crash_after"):
+            os._exit(7)
+
+    def before_generate(self, first: int, last: int) -> None:
+        """Called by the compute thread before a batch holding request numbers first..last."""
+        if self.get("hang_at") and first <= self.get("hang_at") <= last:
+            while True:
+                time.sleep(3600)
+        if self.get("oom_at") and first <= self.get("oom_at") <= last:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by QVL_FAULTS)")
+        if self.get("slow_ms"):
+            time.sleep(self.get("slow_ms") / 1000.0)
+
+    def apply(self, telemetry: dict, done: int) -> dict:
+        if self.telemetry and done >= self.get("telemetry_after"):
+            telemetry.update({k: (int(v) if v.is_integer() and k.endswith(("bytes", "retries", "ooms")) else v)
+                              for k, v in self.telemetry.items()})
+        return telemetry
