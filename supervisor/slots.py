@@ -88,7 +88,8 @@ class Worker:
 @dataclass
 class PendingRecycle:
     reason: str
-    hard: bool
+    hard: bool        # stop dispatching to the old worker at once
+    wait_idle: bool   # a soft policy reason: start when the worker is idle (or waited long enough)
     since: float = field(default_factory=time.monotonic)
     started: bool = False
     overlap: bool = False
@@ -129,11 +130,11 @@ class Slot:
               old="exited", new="spawning", reason=self.last_reason or "start")
         return worker
 
-    def ask_recycle(self, verdict: Verdict) -> bool:
+    def ask_recycle(self, verdict: Verdict, wait_idle: bool) -> bool:
         """Note that this slot should recycle; False if it is already doing so."""
         if self.recycle is not None or self.failed or self.current is None:
             return False
-        self.recycle = PendingRecycle(verdict.reason, verdict.hard)
+        self.recycle = PendingRecycle(verdict.reason, verdict.hard, wait_idle and not verdict.hard)
         event("recycle_wanted", worker=self.index, gen=self.current.generation,
               reason=verdict.reason, hard=verdict.hard, value=verdict.value,
               threshold=verdict.threshold, **_telemetry_fields(self.current.telemetry))

@@ -174,6 +174,9 @@ class Supervisor:
     def accept(self, client: bytes, header: dict, frames: list[bytes]) -> None:
         if self.shutting_down:
             raise ShuttingDown("the supervisor is shutting down", header.get("id"))
+        if all(s.failed for s in self.slots):
+            raise WorkerFailed("every worker slot has failed; see `qvl-supervisor status`",
+                               header.get("id"))
         request = parse_generate(header, frames, self.limits)
         if self.queue.full:
             raise Overloaded(f"queue is full ({self.queue.capacity} waiting)", request.id)
@@ -240,6 +243,10 @@ class Supervisor:
 
     def dispatch(self) -> None:
         """Hand queued requests to the least-loaded ready workers with room."""
+        if all(s.failed for s in self.slots):
+            for request in self.queue.drain():  # nothing will ever take them
+                self.fail(request, WorkerFailed("every worker slot has failed", request.client_id))
+            return
         while len(self.queue):
             ready = [s.current for s in self.slots
                      if s.current and s.current.state is WorkerState.READY
@@ -267,13 +274,13 @@ class Supervisor:
         verdict = recycle_verdict(worker.telemetry, worker.served,
                                   time.monotonic() - worker.started_at, self.config,
                                   worker.requests_jitter)
-        if verdict and slot.ask_recycle(verdict):
+        if verdict and slot.ask_recycle(verdict, wait_idle=True):
             self.counters[f"recycle_{verdict.reason}"] += 1
 
     def request_recycle(self, slot: Slot, reason: str) -> bool:
         if self.shutting_down or slot.current is None or slot.current.state is not WorkerState.READY:
             return False
-        if slot.ask_recycle(Verdict(reason, hard=False, value=1, threshold=1)):
+        if slot.ask_recycle(Verdict(reason, hard=False, value=1, threshold=1), wait_idle=False):
             self.counters[f"recycle_{reason}"] += 1
             return True
         return False
@@ -287,7 +294,7 @@ class Supervisor:
             return
         if sum(1 for s in self.slots if s.recycle and s.recycle.started) >= self.config.max_concurrent_recycles:
             return
-        if not r.hard and current.inflight and now - r.since < self.config.recycle_soft_wait_s:
+        if r.wait_idle and current.inflight and now - r.since < self.config.recycle_soft_wait_s:
             return
         r.started, r.overlap = True, self.has_room(current)
         event("recycle", worker=slot.index, gen=current.generation, reason=r.reason, hard=r.hard,

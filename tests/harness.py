@@ -94,3 +94,79 @@ def png(size=(96, 64), color=(200, 30, 30)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def events(log: str, name: str | None = None) -> list[dict]:
+    """The supervisor's logged events, in order, optionally only those called `name`."""
+    from qvl.supervisor.events import parse_event
+    found = [parse_event(line) for line in log.splitlines() if "event=" in line]
+    return [e for e in found if name is None or e["event"] == name]
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05):
+    """Poll `predicate` until it returns something true; that value, or None after `timeout`."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return None
+
+
+class RawLoad:
+    """Requests over bare DEALER sockets that count every reply per id, so that a lost or a
+    duplicated reply shows (the client library would hide a duplicate)."""
+
+    def __init__(self, endpoint: str, sockets: int = 4, max_new_tokens: int = 4):
+        import zmq
+        self.ctx = zmq.Context.instance()
+        self.socks = []
+        for _ in range(sockets):
+            s = self.ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(endpoint)
+            self.socks.append(s)
+        self.max_new_tokens = max_new_tokens
+        self.replies: dict[str, list[dict]] = {}
+        self.sent: list[str] = []
+        self.image = png((64, 48))
+
+    def send(self, n: int) -> None:
+        from qvl.protocol.codec import encode
+        from qvl.protocol.messages import GenerationParams, build_generate
+        for _ in range(n):
+            rid = f"r{len(self.sent)}"
+            req = build_generate(rid, [{"role": "user", "content": [
+                {"type": "image", "image": self.image}, {"type": "text", "text": f"question {rid}"}]}],
+                GenerationParams(max_new_tokens=self.max_new_tokens))
+            self.socks[len(self.sent) % len(self.socks)].send_multipart(encode(req.header(), req.images))
+            self.sent.append(rid)
+            self.replies.setdefault(rid, [])
+
+    def receive(self, timeout: float) -> None:
+        """Collect replies until every sent request has one, or `timeout` passes."""
+        import msgpack
+        import zmq
+        poller = zmq.Poller()
+        for s in self.socks:
+            poller.register(s, zmq.POLLIN)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and self.pending():
+            for sock, _ in poller.poll(100):
+                while sock.poll(0):
+                    reply = msgpack.unpackb(sock.recv_multipart()[0], raw=False)
+                    self.replies.setdefault(reply["id"], []).append(reply)
+
+    def pending(self) -> int:
+        return sum(1 for v in self.replies.values() if not v)
+
+    def outcomes(self) -> dict[str, int]:
+        """How many requests ended each way: 'ok' or an error code."""
+        import collections
+        return collections.Counter("ok" if r[0]["ok"] else r[0]["error"]["code"]
+                                   for r in self.replies.values() if r)
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close(0)
