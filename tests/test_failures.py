@@ -1,0 +1,184 @@
+"""Failures caused for real: killed workers, hung and slow requests, crash loops, overload,
+deadlines, and signals to the supervisor. Every accepted request gets exactly one reply."""
+
+import os
+import random
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from harness import RawLoad, alive, events, png, wait_for, wait_gone
+from qvl.protocol import DeadlineExceeded, ShuttingDown, WorkerFailed
+
+
+def live_workers(sup) -> list[int]:
+    return [p.pid for p in psutil.Process(sup.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.timeout(240)
+def test_sigkill_chaos_loses_no_request(start_supervisor):
+    """300+ requests from 4 sockets while workers are SIGKILLed at random moments, 6 times."""
+    sup = start_supervisor("--max-attempts", "3", "--restart-intensity", "100",
+                           "--restart-backoff-s", "0.1", "--max-inflight", "4", workers=2,
+                           env={"QVL_FAULTS": "slow_ms=60"})
+    sup.wait_ready(workers=2)
+    kills: list[int] = []
+    stop = threading.Event()
+    rng = random.Random(7)
+
+    def killer():
+        while len(kills) < 6 and not stop.is_set():
+            time.sleep(rng.uniform(0.8, 1.6))
+            pids = live_workers(sup)
+            sup.remember_workers()
+            if pids:
+                victim = rng.choice(pids)
+                os.kill(victim, signal.SIGKILL)
+                kills.append(victim)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    load = RawLoad(sup.endpoint, sockets=4)
+    try:
+        while len(load.sent) < 300 or (len(kills) < 6 and thread.is_alive()):
+            load.send(8)
+            load.receive(timeout=1.0)
+        stop.set()
+        thread.join()
+        load.receive(timeout=60)
+        time.sleep(1.0)  # any duplicate reply would arrive by now
+        load.receive(timeout=0.5)
+    finally:
+        stop.set()
+        load.close()
+    assert len(kills) >= 5
+    assert len(load.sent) >= 300
+    counts = [len(r) for r in load.replies.values()]
+    assert counts.count(1) == len(load.sent), f"lost {counts.count(0)}, duplicated {sum(c > 1 for c in counts)}"
+    outcomes = load.outcomes()
+    assert set(outcomes) <= {"ok", "worker_failed"}, outcomes
+    assert outcomes.get("worker_failed", 0) <= 5, outcomes
+    assert len(events(sup.log(), "worker_restart")) >= 5
+    sup.remember_workers()
+
+
+@pytest.mark.timeout(120)
+def test_hung_request_is_killed_and_answered(start_supervisor):
+    sup = start_supervisor("--request-hang-timeout-s", "3",
+                           env={"QVL_FAULTS": "hang_at=2,generation=1"})
+    sup.wait_ready()
+    with sup.client(timeout=60) as client:
+        first = client.ask(png(), "one", max_new_tokens=2)
+        t0 = time.monotonic()
+        second = client.ask(png(), "two", max_new_tokens=2)  # hangs on gen 1, retried on gen 2
+        took = time.monotonic() - t0
+    assert first.worker["generation"] == 1 and second.worker["generation"] == 2
+    kill = events(sup.log(), "worker_kill")
+    assert len(kill) == 1 and "request running" in kill[0]["reason"]
+    assert 3 <= took < 3 + 20
+
+
+@pytest.mark.timeout(120)
+def test_slow_but_alive_request_is_not_killed(start_supervisor):
+    """Heartbeats flow during a 3 s generate, though silence is presumed death after 1 s."""
+    sup = start_supervisor("--heartbeat-liveness", "5", "--request-hang-timeout-s", "20",
+                           env={"QVL_FAULTS": "slow_ms=3000"})
+    sup.wait_ready()
+    with sup.client(timeout=60) as client:
+        result = client.ask(png(), "slow", max_new_tokens=2)
+    assert result.worker["generation"] == 1
+    assert result.timings["total_ms"] >= 3000
+    assert events(sup.log(), "worker_kill") == []
+
+
+@pytest.mark.timeout(120)
+def test_crash_loop_ends_in_failed_slot(start_supervisor):
+    sup = start_supervisor("--restart-intensity", "3", "--restart-backoff-s", "0.2",
+                           env={"QVL_FAULTS": "crash_at_start=1"})
+    failed = wait_for(lambda: events(sup.log(), "slot_failed"), timeout=60)
+    assert failed and failed[0]["crashes"] == "3"
+    assert [float(e["backoff_s"]) for e in events(sup.log(), "worker_restart")] == [0.2, 0.4]
+    with sup.client() as client:
+        status = client.status()
+        assert status["workers"][0]["state"] == "failed"
+        with pytest.raises(WorkerFailed, match="every worker slot has failed"):
+            client.ask(png(), "anyone?")
+    sup.remember_workers()
+
+
+@pytest.mark.timeout(120)
+def test_overload_is_refused_at_once_and_memory_stays_flat(start_supervisor):
+    sup = start_supervisor("--queue-size", "5", "--max-inflight", "1", "--max-batch-size", "1",
+                           env={"QVL_FAULTS": "slow_ms=200"})
+    sup.wait_ready()
+    proc = psutil.Process(sup.pid)
+    rss = []
+    for _ in range(4):
+        load = RawLoad(sup.endpoint, sockets=2)
+        t0 = time.monotonic()
+        load.send(60)  # ten times the bound of queue plus in flight
+        wait_for(lambda: (load.receive(0.05), load.outcomes().get("overloaded", 0) >= 54)[1], 5)
+        refused_in = time.monotonic() - t0
+        load.receive(timeout=30)
+        load.close()
+        outcomes = load.outcomes()
+        # the queue holds 5; one more fits if the worker took one before the burst was read
+        assert outcomes["ok"] in (5, 6) and outcomes["ok"] + outcomes["overloaded"] == 60, outcomes
+        assert refused_in < 1.5
+        rss.append(proc.memory_info().rss)
+    assert rss[-1] - rss[1] < 8 << 20, rss
+
+
+@pytest.mark.timeout(60)
+def test_deadline_expires_in_the_queue_and_never_runs(start_supervisor):
+    sup = start_supervisor("--max-inflight", "1", "--max-batch-size", "1",
+                           env={"QVL_FAULTS": "slow_ms=1500"})
+    sup.wait_ready()
+    import asyncio
+    from qvl.protocol import AsyncClient
+
+    async def run():
+        async with AsyncClient(sup.endpoint, timeout=30) as c:
+            slow = asyncio.ensure_future(c.ask(png(), "first", max_new_tokens=2))
+            await asyncio.sleep(0.2)
+            late = c.ask(png(), "second", max_new_tokens=2, deadline=0.3)
+            return await asyncio.gather(slow, late, return_exceptions=True)
+
+    first, second = asyncio.run(run())
+    assert first.text is not None and isinstance(second, DeadlineExceeded)
+    with sup.client() as c:
+        assert c.status()["workers"][0]["served"] == 1  # the expired one never ran
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_mid_load_finishes_accepted_work(start_supervisor):
+    sup = start_supervisor("--max-inflight", "2", env={"QVL_FAULTS": "slow_ms=300"})
+    sup.wait_ready()
+    workers = sup.remember_workers()
+    load = RawLoad(sup.endpoint)
+    load.send(12)
+    wait_for(lambda: (load.receive(0.05), sum(1 for r in load.replies.values() if r) >= 1)[1], 10)
+    sup.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    load.send(3)  # after the signal: refused
+    load.receive(timeout=30)
+    load.close()
+    assert sup.proc.wait(timeout=30) == 0
+    assert wait_gone(workers, timeout=5) == set()
+    outcomes = [load.replies[f"r{i}"][0] for i in range(15)]
+    assert all(r["ok"] for r in outcomes[:12])
+    assert [r["error"]["code"] for r in outcomes[12:]] == [ShuttingDown.code] * 3
+
+
+@pytest.mark.timeout(60)
+def test_sigkill_of_the_supervisor_leaves_no_worker(start_supervisor):
+    sup = start_supervisor(workers=2)
+    sup.wait_ready(workers=2)
+    workers = sup.remember_workers()
+    assert len(workers) == 2 and all(alive(p) for p in workers)
+    sup.proc.kill()
+    sup.proc.wait()
+    assert wait_gone(workers, timeout=5) == set()
