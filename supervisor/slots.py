@@ -91,6 +91,7 @@ class PendingRecycle:
     hard: bool        # stop dispatching to the old worker at once
     wait_idle: bool   # a soft policy reason: start when the worker is idle (or waited long enough)
     since: float = field(default_factory=time.monotonic)
+    started_at: float = 0.0
     started: bool = False
     overlap: bool = False
 

@@ -296,7 +296,7 @@ class Supervisor:
             return
         if r.wait_idle and current.inflight and now - r.since < self.config.recycle_soft_wait_s:
             return
-        r.started, r.overlap = True, self.has_room(current)
+        r.started, r.started_at, r.overlap = True, now, self.has_room(current)
         event("recycle", worker=slot.index, gen=current.generation, reason=r.reason, hard=r.hard,
               overlap=r.overlap)
         slot.last_reason = f"recycle: {r.reason}"
@@ -331,7 +331,8 @@ class Supervisor:
             r = slot.recycle
             slot.recycles += 1
             event("recycle_done", worker=slot.index, gen=worker.generation, reason=r.reason,
-                  overlap=r.overlap, took_s=time.monotonic() - r.since)
+                  overlap=r.overlap, waited_s=r.started_at - r.since,
+                  took_s=time.monotonic() - r.started_at)
             slot.recycle = None
             save_state(self.config.state_file, self.slots, self.counters)
 
