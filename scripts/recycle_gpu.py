@@ -2,10 +2,10 @@
 """A real recycle on a GPU: mixed image sizes under a memory-fraction cap until a real allocator
 threshold trips, once with overlap and once without; prints telemetry and recycle times.
 
-    python scripts/recycle_gpu.py --model DIR [--memory-fraction 0.2] [--reserved-over-gib 2]
+    python scripts/recycle_gpu.py --model DIR [--memory-fraction 0.2] [--reserved-gib 11]
 
-The reserved-bytes threshold is set relative to the worker's reserved memory once ready, so the
-run trips on what this workload really allocates; alloc retries and fragmentation are on too.
+Thresholds on: reserved bytes (set above a ready 4B worker's 8.4 GiB, so only the workload's own
+allocations reach it), allocator retries and fragmentation; whichever trips first recycles.
 """
 
 import argparse
@@ -68,11 +68,10 @@ def run(args, overlap: str) -> dict:
             "--device", "cuda:0", "--frontend", endpoint, "--memory-fraction", str(args.memory_fraction),
             "--max-batch-size", str(args.batch), "--max-inflight", str(args.batch),
             "--recycle-overlap", overlap, "--recycle-soft-wait-s", "2",
-            "--recycle-alloc-retries", "1", "--recycle-fragmentation", "0.35"]
-    # a first run only to learn the ready footprint, so the reserved threshold means "grew by N GiB"
+            "--recycle-alloc-retries", "1", "--recycle-fragmentation", "0.35",
+            "--recycle-reserved-bytes", str(int(args.reserved_gib * GIB))]
     with open(log, "w") as f:
-        sup = subprocess.Popen(base + ["--recycle-reserved-bytes", str(int(args.reserved_over_gib * GIB + args.ready_reserved))],
-                               stdout=f, stderr=subprocess.STDOUT)
+        sup = subprocess.Popen(base, stdout=f, stderr=subprocess.STDOUT)
     try:
         with Client(endpoint, timeout=30) as c:
             before = c.wait_ready(timeout=300)["workers"][0]["telemetry"]
@@ -100,9 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--memory-fraction", type=float, default=0.2)
-    ap.add_argument("--reserved-over-gib", type=float, default=2.0)
-    ap.add_argument("--ready-reserved", type=int, default=int(9.1 * GIB),
-                    help="reserved bytes of a ready worker (the 4B preset: about 9.1 GiB)")
+    ap.add_argument("--reserved-gib", type=float, default=11.0)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=16)
