@@ -2,7 +2,7 @@
 """A real recycle on a GPU: mixed image sizes under a memory-fraction cap until a real allocator
 threshold trips, once with overlap and once without; prints telemetry and recycle times.
 
-    python scripts/recycle_gpu.py --model DIR [--memory-fraction 0.2] [--reserved-gib 11]
+    python scripts/recycle_gpu.py --model DIR [--memory-fraction 0.2] [--reserved-gib 10]
 
 Thresholds on: reserved bytes (set above a ready 4B worker's 8.4 GiB, so only the workload's own
 allocations reach it), allocator retries and fragmentation; whichever trips first recycles.
@@ -68,7 +68,7 @@ def run(args, overlap: str) -> dict:
             "--device", "cuda:0", "--frontend", endpoint, "--memory-fraction", str(args.memory_fraction),
             "--max-batch-size", str(args.batch), "--max-inflight", str(args.batch),
             "--recycle-overlap", overlap, "--recycle-soft-wait-s", "2",
-            "--recycle-alloc-retries", "1", "--recycle-fragmentation", "0.35",
+            "--recycle-alloc-retries", "1", "--recycle-fragmentation", str(args.fragmentation),
             "--recycle-reserved-bytes", str(int(args.reserved_gib * GIB))]
     with open(log, "w") as f:
         sup = subprocess.Popen(base, stdout=f, stderr=subprocess.STDOUT)
@@ -99,7 +99,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--memory-fraction", type=float, default=0.2)
-    ap.add_argument("--reserved-gib", type=float, default=11.0)
+    ap.add_argument("--reserved-gib", type=float, default=10.0)
+    ap.add_argument("--fragmentation", type=float, default=0.2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=16)
