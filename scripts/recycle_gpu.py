@@ -65,7 +65,7 @@ def run(args, overlap: str) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="qvl-recycle-"))
     endpoint, log = f"ipc://{run_dir}/frontend", run_dir / "supervisor.log"
     base = [sys.executable, "-m", "qvl.supervisor.cli", "start", "--model", args.model,
-            "--device", "cuda:0", "--frontend", endpoint, "--memory-fraction", str(args.memory_fraction),
+            "--device", args.device, "--frontend", endpoint, "--memory-fraction", str(args.memory_fraction),
             "--max-batch-size", str(args.batch), "--max-inflight", str(args.batch),
             "--recycle-overlap", overlap, "--recycle-soft-wait-s", "2",
             "--recycle-alloc-retries", "1", "--recycle-fragmentation", str(args.fragmentation),
@@ -87,6 +87,9 @@ def run(args, overlap: str) -> dict:
         outcome = asyncio.run(load(endpoint, stop, args.concurrency, args.tokens))
         with Client(endpoint, timeout=30) as c:
             after = c.status()["workers"][0]
+    except QvlError:
+        print(log.read_text()[-3000:], file=sys.stderr)
+        raise
     finally:
         sup.terminate()
         sup.wait(timeout=120)
@@ -98,6 +101,7 @@ def run(args, overlap: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
+    ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--memory-fraction", type=float, default=0.2)
     ap.add_argument("--reserved-gib", type=float, default=10.0)
     ap.add_argument("--fragmentation", type=float, default=0.2)
