@@ -16,7 +16,8 @@ from harness import RawLoad, events, wait_for
 
 
 def load_until_recycled(sup, recycles=1, timeout=60.0, batch=8):
-    """Keep requests flowing until `recycles` recycles completed, then let them finish."""
+    """Keep requests flowing until `recycles` recycles completed, then let them finish; every
+    request must have been answered."""
     load = RawLoad(sup.endpoint)
     try:
         end = time.monotonic() + timeout
@@ -25,6 +26,9 @@ def load_until_recycled(sup, recycles=1, timeout=60.0, batch=8):
             load.receive(timeout=5)
         load.send(batch)  # and a few served by the replacement
         load.receive(timeout=30)
+        assert len(events(sup.log(), "recycle_done")) >= recycles
+        assert load.pending() == 0
+        assert load.outcomes() == {"ok": len(load.sent)}, load.outcomes()
         return load
     finally:
         load.close()
@@ -51,9 +55,7 @@ def test_threshold_recycles_while_requests_flow(start_supervisor, reason):
     env = {"QVL_FAULTS": f"{faults},telemetry_after=4,generation=1"} if faults else {}
     sup = start_supervisor(*flags, env=env)
     sup.wait_ready()
-    load = load_until_recycled(sup)
-    assert load.pending() == 0
-    assert load.outcomes() == {"ok": len(load.sent)}, load.outcomes()
+    load_until_recycled(sup)
     wanted = events(sup.log(), "recycle_wanted")[0]
     assert wanted["reason"] == reason
     assert wanted["hard"] == str(reason in ("out_of_memory", "device_used"))
@@ -69,19 +71,10 @@ def test_threshold_recycles_while_requests_flow(start_supervisor, reason):
 def test_operator_recycle_loses_nothing(start_supervisor, overlap):
     sup = start_supervisor("--recycle-overlap", overlap)
     sup.wait_ready()
-    load = RawLoad(sup.endpoint)
-    load.send(8)
     out = subprocess.run([sys.executable, "-m", "qvl.supervisor.cli", "recycle", "--worker", "0",
                           "--endpoint", sup.endpoint], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "[0]" in out.stdout, out.stderr
-    end = time.monotonic() + 45
-    while not events(sup.log(), "recycle_done"):
-        load.send(4)
-        load.receive(timeout=3)
-        assert time.monotonic() < end, "no recycle finished"
-    load.receive(timeout=30)
-    load.close()
-    assert load.outcomes() == {"ok": len(load.sent)}
+    load_until_recycled(sup)
     done = events(sup.log(), "recycle_done")[0]
     assert done["overlap"] == str(overlap == "always")
     states = [(e["gen"], e["new"]) for e in events(sup.log(), "worker_state")]
@@ -95,15 +88,7 @@ def test_sighup_recycles_every_slot_one_at_a_time(start_supervisor):
     sup = start_supervisor(workers=2)
     sup.wait_ready(workers=2)
     sup.proc.send_signal(signal.SIGHUP)
-    load = RawLoad(sup.endpoint)
-    end = time.monotonic() + 60
-    while len(events(sup.log(), "recycle_done")) < 2:
-        load.send(4)
-        load.receive(timeout=3)
-        assert time.monotonic() < end, "recycles did not finish"
-    load.receive(timeout=30)
-    load.close()
-    assert load.outcomes() == {"ok": len(load.sent)}
+    load_until_recycled(sup, recycles=2)
     order = [(e["event"], e["worker"]) for e in events(sup.log())
              if e["event"] in ("recycle", "recycle_done")]
     assert order in ([("recycle", "0"), ("recycle_done", "0"), ("recycle", "1"), ("recycle_done", "1")],
