@@ -25,6 +25,7 @@ class ModelOptions:
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     memory_fraction: float | None = None
+    engine: str = "hf"  # "noop" answers without a model: for measuring the serving path alone
 
 
 @dataclass(frozen=True)
@@ -155,3 +156,24 @@ def _as_list(x: object) -> list:
     if x is None:
         return []
     return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+class NoopEngine:
+    """Answers every prompt with an empty completion at once; loads nothing.
+
+    For benchmarks of the supervisor path (`scripts/bench_router.py`), never for serving.
+    """
+
+    def __init__(self, options: ModelOptions):
+        self.options = options
+        self.device = torch.device("cpu")
+
+    def warm_up(self) -> None:
+        pass
+
+    def generate(self, prompts: list[Prompt], params: GenerationParams) -> list[Completion]:
+        return [Completion("", 0, 0, 0.0, 0.0) for _ in prompts]
+
+
+def load_engine(options: ModelOptions) -> Engine | NoopEngine:
+    return NoopEngine(options) if options.engine == "noop" else Engine(options)

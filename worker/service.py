@@ -27,7 +27,7 @@ from qvl.protocol.codec import (BYE, GENERATE, HEARTBEAT, HELLO, PROTOCOL_VERSIO
 from qvl.protocol.errors import BadRequest, InternalError, OutOfMemory, QvlError
 from qvl.protocol.messages import GenerationParams
 
-from .engine import Engine, ModelOptions, prompt_from_request
+from .engine import Engine, ModelOptions, load_engine, prompt_from_request
 from .faults import Faults
 from .images import decode_image
 from .telemetry import Telemetry
@@ -91,7 +91,7 @@ class WorkerService:
         self._send(HELLO, slot=opts.slot, generation=opts.generation, pid=os.getpid())
         self.faults.at_start()
         started = time.monotonic()
-        self.engine = Engine(opts.model)
+        self.engine = load_engine(opts.model)
         self.engine.warm_up()
         self.telemetry = Telemetry(self.engine.device)
         load_s = time.monotonic() - started
