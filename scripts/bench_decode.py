@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Where decode time goes at concurrency 1: time per output token with the dynamic KV cache and
+with a static one (which transformers compiles), and a profile of eager decode steps.
+
+    python scripts/bench_decode.py --model DIR [--tokens 64]
+"""
+
+import argparse
+import io
+import time
+
+import torch
+from PIL import Image
+
+from qvl.protocol.messages import GenerationParams
+from qvl.worker.engine import Engine, ModelOptions, prompt_from_request
+
+
+def prompt():
+    img = Image.effect_noise((448, 448), 50).convert("RGB")
+    msgs = [{"role": "user", "content": [{"type": "image", "frame": 0},
+                                         {"type": "text", "text": "Describe this picture in detail."}]}]
+    return prompt_from_request(msgs, [img])
+
+
+def tpot(engine, tokens, runs=3):
+    params = GenerationParams(max_new_tokens=tokens, min_new_tokens=tokens)
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        c = engine.generate([prompt()], params)[0]
+        out.append((time.perf_counter() - t0, c.decode_ms / (c.completion_tokens - 1), c.prefill_ms))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--tokens", type=int, default=64)
+    args = ap.parse_args()
+    engine = Engine(ModelOptions(args.model, "cuda:0"))
+    engine.warm_up()
+    for cache in ("dynamic", "static"):
+        engine.model.generation_config.cache_implementation = None if cache == "dynamic" else "static"
+        for i, (wall, t, prefill) in enumerate(tpot(engine, args.tokens)):
+            print(f"{cache:<8} run {i}: wall {wall:7.2f}s  TPOT {t:6.1f} ms  prefill {prefill:7.1f} ms", flush=True)
+    engine.model.generation_config.cache_implementation = None
+    params = GenerationParams(max_new_tokens=8, min_new_tokens=8)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        engine.generate([prompt()], params)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    print(table)
+    events = prof.key_averages()
+    cpu = sum(e.self_cpu_time_total for e in events) / 1000
+    gpu = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1000
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    print(f"eager, 8 new tokens: CPU self time {cpu:.0f} ms, GPU kernel time {gpu:.0f} ms, kernel launches {launches}")
+
+
+if __name__ == "__main__":
+    main()
