@@ -38,13 +38,13 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args()
-    engine = Engine(ModelOptions(args.model, "cuda:0"))
+    engine = Engine(ModelOptions(args.model, "cuda:0", kv_cache="dynamic"))
     engine.warm_up()
     for cache in ("dynamic", "static"):
-        engine.model.generation_config.cache_implementation = None if cache == "dynamic" else "static"
+        engine.static = cache == "static"
         for i, (wall, t, prefill) in enumerate(tpot(engine, args.tokens)):
             print(f"{cache:<8} run {i}: wall {wall:7.2f}s  TPOT {t:6.1f} ms  prefill {prefill:7.1f} ms", flush=True)
-    engine.model.generation_config.cache_implementation = None
+    engine.static = False
     params = GenerationParams(max_new_tokens=8, min_new_tokens=8)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:

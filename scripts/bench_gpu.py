@@ -49,7 +49,7 @@ def seed_style(model: str, n: int, tokens: int) -> str:
     from qvl.worker.engine import Engine, ModelOptions, prompt_from_request
     from qvl.worker.images import decode_image
 
-    engine = Engine(ModelOptions(model, "cuda:0"))
+    engine = Engine(ModelOptions(model, "cuda:0", kv_cache="dynamic"))  # plain eager generate
     engine.warm_up()
     torch.cuda.reset_peak_memory_stats()
     lock, lat, tpots = threading.Lock(), [], []

@@ -38,6 +38,7 @@ class Config:
     dtype: str = setting("auto", "model dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32")
     attn_implementation: str = setting("sdpa", "attention implementation passed to transformers (sdpa, eager, flash_attention_2)")
     engine: str = setting("hf", "hf: the model through transformers; noop: empty answers at once, to measure the serving path alone")
+    kv_cache: str = setting("auto", "static: fixed-size KV cache, decode step compiled per shape bucket (about a minute per new bucket, then 8x faster per token); dynamic: eager; auto: static on CUDA")
     memory_fraction: float = setting(0.0, "cap on the CUDA memory a worker may use, as a fraction of the device (0: no cap)")
     alloc_conf: str = setting("expandable_segments:True", "PYTORCH_CUDA_ALLOC_CONF given to workers")
     max_batch_size: int = setting(8, "most requests a worker runs in one generate call")
@@ -99,6 +100,8 @@ class Config:
             faults.append("memory_fraction must be in 0..1")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             faults.append(f"dtype must be auto, bfloat16, float16 or float32 (got {self.dtype!r})")
+        if self.kv_cache not in ("auto", "static", "dynamic"):
+            faults.append(f"kv_cache must be auto, static or dynamic (got {self.kv_cache!r})")
         if self.engine not in ("hf", "noop"):
             faults.append(f"engine must be hf or noop (got {self.engine!r})")
         if self.recycle_overlap not in ("auto", "always", "never"):

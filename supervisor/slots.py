@@ -170,7 +170,8 @@ def worker_command(config: Config, backend: str, slot: int, generation: int) -> 
            "--dtype", config.dtype, "--attn-implementation", config.attn_implementation,
            "--max-batch-size", str(config.max_batch_size),
            "--max-image-pixels", str(config.max_image_pixels),
-           "--heartbeat-interval", str(config.heartbeat_interval_s), "--engine", config.engine]
+           "--heartbeat-interval", str(config.heartbeat_interval_s), "--engine", config.engine,
+           "--kv-cache", config.kv_cache]
     if config.memory_fraction:
         cmd += ["--memory-fraction", str(config.memory_fraction)]
     return cmd

@@ -99,3 +99,4 @@ def test_twenty_concurrent_requests_from_several_clients(shared_supervisor):
     # answers match their own request: the same text as when asked alone (greedy decoding)
     assert [got[i][0].text for i in range(20)] == alone
     assert len({r[0].id for r in got.values()}) == 20
+    assert max(r[0].timings["batch_size"] for r in got.values()) > 1  # some really were batched
