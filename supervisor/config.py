@@ -38,7 +38,7 @@ class Config:
     dtype: str = setting("auto", "model dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32")
     attn_implementation: str = setting("sdpa", "attention implementation passed to transformers (sdpa, eager, flash_attention_2)")
     engine: str = setting("hf", "hf: the model through transformers; noop: empty answers at once, to measure the serving path alone")
-    kv_cache: str = setting("auto", "static: fixed-size KV cache, decode step compiled per shape bucket (about a minute per new bucket, then 8x faster per token); dynamic: eager; auto: static on CUDA")
+    kv_cache: str = setting("dynamic", "dynamic: eager decoding; static: fixed-size KV cache with the decode step compiled per shape bucket (1-2 minutes per new bucket, then about 8x less time per token); auto: static on CUDA")
     memory_fraction: float = setting(0.0, "cap on the CUDA memory a worker may use, as a fraction of the device (0: no cap)")
     alloc_conf: str = setting("expandable_segments:True", "PYTORCH_CUDA_ALLOC_CONF given to workers")
     max_batch_size: int = setting(8, "most requests a worker runs in one generate call")

@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerOptions:
     ap.add_argument("--attn-implementation", default="sdpa")
     ap.add_argument("--memory-fraction", type=float, default=None)
     ap.add_argument("--engine", choices=("hf", "noop"), default="hf")
-    ap.add_argument("--kv-cache", choices=("auto", "static", "dynamic"), default="auto")
+    ap.add_argument("--kv-cache", choices=("auto", "static", "dynamic"), default="dynamic")
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--max-image-pixels", type=int, default=40_000_000)
     ap.add_argument("--heartbeat-interval", type=float, default=1.0)

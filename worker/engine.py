@@ -34,7 +34,7 @@ class ModelOptions:
     attn_implementation: str = "sdpa"
     memory_fraction: float | None = None
     engine: str = "hf"  # "noop" answers without a model: for measuring the serving path alone
-    kv_cache: str = "auto"  # static (compiled decode step), dynamic, or auto: static on CUDA
+    kv_cache: str = "dynamic"  # static (compiled decode step), dynamic, or auto: static on CUDA
 
 
 @dataclass(frozen=True)

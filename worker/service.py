@@ -78,6 +78,7 @@ class WorkerService:
         self.arrived = 0  # requests received (I/O thread)
         self.done = 0     # requests answered (compute thread)
         self.telemetry: Telemetry | None = None
+        self.loaded = threading.Event()
 
     def read_telemetry(self) -> dict:
         return self.faults.apply(self.telemetry.read(), self.done)
@@ -91,15 +92,13 @@ class WorkerService:
         self._send(HELLO, slot=opts.slot, generation=opts.generation, pid=os.getpid())
         self.faults.at_start()
         started = time.monotonic()
-        self.engine = load_engine(opts.model)
-        self.engine.warm_up()
-        self.telemetry = Telemetry(self.engine.device)
+        compute = threading.Thread(target=self._compute_loop, name="compute", daemon=True)
+        compute.start()
+        self.loaded.wait()
         load_s = time.monotonic() - started
         self._send(READY, load_s=load_s, device=str(self.engine.device),
                    telemetry=self.read_telemetry())
         log.info("event=ready slot=%d gen=%d load_s=%.2f", opts.slot, opts.generation, load_s)
-        compute = threading.Thread(target=self._compute_loop, name="compute", daemon=True)
-        compute.start()
         self._serve()
         compute.join()
         self._flush_replies()
@@ -148,7 +147,20 @@ class WorkerService:
 
     # --- compute thread -------------------------------------------------------------------
 
+    def _load(self) -> None:
+        # Loading and warming up on the thread that generates: compiled CUDA graphs belong to
+        # the thread that captured them.
+        try:
+            self.engine = load_engine(self.options.model)
+            self.engine.warm_up()
+            self.telemetry = Telemetry(self.engine.device)
+        except BaseException:
+            log.exception("event=load_failed slot=%d", self.options.slot)
+            os._exit(4)
+        self.loaded.set()
+
     def _compute_loop(self) -> None:
+        self._load()
         out = self.ctx.socket(zmq.PAIR)
         out.connect(_INPROC)
         waiting: collections.deque[Job] = collections.deque()
