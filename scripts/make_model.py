@@ -152,8 +152,10 @@ def build_config(preset: dict, tokenizer):
 
 def make_model(preset_name: str, out: Path, device: str = "cpu", seed: int = 0) -> Path:
     import torch
+    import transformers
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
+    transformers.utils.logging.disable_progress_bar()
     preset = PRESETS[preset_name]
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(preset["tokenizer_vocab"])
