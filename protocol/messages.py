@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .codec import GENERATE, PROTOCOL_VERSION, Limits
@@ -66,7 +66,7 @@ class GenerateRequest:
 
     def header(self) -> dict:
         header = {"v": PROTOCOL_VERSION, "kind": GENERATE, "id": self.id,
-                  "messages": self.messages, "params": asdict(self.params)}
+                  "messages": self.messages, "params": dict(vars(self.params))}
         if self.timeout_ms is not None:
             header["timeout_ms"] = self.timeout_ms
         return header

@@ -182,7 +182,7 @@ class Supervisor:
             raise Overloaded(f"queue is full ({self.queue.capacity} waiting)", request.id)
         key = next(self.keys)
         worker_header = {"v": PROTOCOL_VERSION, "kind": GENERATE, "id": key,
-                         "messages": request.messages, "params": request.header()["params"]}
+                         "messages": request.messages, "params": vars(request.params)}
         now = time.monotonic()
         deadline = now + request.timeout_ms / 1000.0 if request.timeout_ms else None
         self.queue.push(Request(key, client, request.id, encode(worker_header, frames),
