@@ -6,7 +6,6 @@ with a static one (which transformers compiles), and a profile of eager decode s
 """
 
 import argparse
-import io
 import time
 
 import torch

@@ -10,6 +10,7 @@ stop on EOS, so min_new_tokens = max_new_tokens).
 
 import argparse
 import asyncio
+import gc
 import io
 import statistics
 import subprocess
@@ -74,7 +75,8 @@ def seed_style(model: str, n: int, tokens: int) -> str:
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_reserved()
     out = row("seed style (lock)", n, wall, lat, n * tokens, statistics.median(tpots), peak)
-    del engine
+    engine = None  # free the model before qvl's worker loads its own
+    gc.collect()
     torch.cuda.empty_cache()
     return out, n / wall
 
