@@ -1,7 +1,8 @@
 """The worker's service loop: the supervisor link on one thread, the model on another.
 
 The main thread owns the DEALER socket to the supervisor: it takes requests, forwards replies and
-sends heartbeats on time even while a long `generate` runs. The compute thread gathers waiting
+sends heartbeats on time even while a long `generate` runs. Images are decoded on a small pool
+as requests arrive, so decoding overlaps the model's work on earlier batches. The compute thread gathers waiting
 requests into batches of equal generation parameters, runs them, and hands replies back over an
 inproc socket (ZeroMQ sockets are never shared between threads).
 """
@@ -17,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +54,7 @@ class Job:
     key: int
     messages: list
     params: GenerationParams
-    frames: tuple[bytes, ...]
+    images: Future  # decoded on the decode pool while the model runs earlier batches
 
 
 def exit_with_parent() -> None:
@@ -79,6 +81,7 @@ class WorkerService:
         self.done = 0     # requests answered (compute thread)
         self.telemetry: Telemetry | None = None
         self.loaded = threading.Event()
+        self.decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
 
     def read_telemetry(self) -> dict:
         return self.faults.apply(self.telemetry.read(), self.done)
@@ -142,7 +145,8 @@ class WorkerService:
                 self.arrived += 1
                 self.faults.on_arrival(self.arrived)
                 self.jobs.put(Job(header["id"], header["messages"],
-                                  GenerationParams(**header["params"]), tuple(frames)))
+                                  GenerationParams(**header["params"]),
+                                  self.decoder.submit(self._decode, frames)))
         return True
 
     # --- compute thread -------------------------------------------------------------------
@@ -200,8 +204,7 @@ class WorkerService:
         replies, ready = [], []
         for job in batch:
             try:
-                images = [decode_image(f, self.options.max_image_pixels) for f in job.frames]
-                ready.append((job, prompt_from_request(job.messages, images)))
+                ready.append((job, prompt_from_request(job.messages, job.images.result())))
             except BadRequest as exc:
                 replies.append(self._error(job, exc))
         if ready:
@@ -237,6 +240,9 @@ class WorkerService:
                         "batch_size": len(jobs)},
             "telemetry": telemetry,
         }) for job, c in zip(jobs, completions)]
+
+    def _decode(self, frames: list[bytes]) -> list:
+        return [decode_image(f, self.options.max_image_pixels) for f in frames]
 
     def _error(self, job: Job, exc: QvlError) -> list[bytes]:
         return encode({**error_header(exc, job.key), "kind": REPLY,
