@@ -56,7 +56,7 @@ class RequestQueue:
     def remove_expired(self, now: float) -> list[Request]:
         expired = [r for r in self._items if r.expired(now)]
         if expired:
-            self._items = collections.deque(r for r in self._items if not r.expired(now))
+            self._items = collections.deque(r for r in self._items if r not in expired)
         return expired
 
     def next_deadline(self) -> float | None:

@@ -125,10 +125,9 @@ class Slot:
         self.generation += 1
         process = subprocess.Popen(worker_command(config, backend, self.index, self.generation),
                                    env=worker_env(config), stdin=subprocess.DEVNULL)
-        worker = Worker(self.index, self.generation, process,
+        worker = Worker(self.index, self.generation, process, state=WorkerState.EXITED,
                         requests_jitter=random.randint(0, config.recycle_requests_jitter))
-        event("worker_state", worker=self.index, gen=self.generation, pid=process.pid,
-              old="exited", new="spawning", reason=self.last_reason or "start")
+        worker.set_state(WorkerState.SPAWNING, self.last_reason or "start")
         return worker
 
     def ask_recycle(self, verdict: Verdict, wait_idle: bool) -> bool:

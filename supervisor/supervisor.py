@@ -137,8 +137,9 @@ class Supervisor:
         due = [now + min(self.config.heartbeat_interval_s, 1.0)]
         due += [s.respawn_at for s in self.slots if s.current is None and not s.failed]
         due += [w.stop_deadline for w in self.workers() if w.state is WorkerState.STOPPING]
-        if self.queue.next_deadline() is not None:
-            due.append(self.queue.next_deadline())
+        deadline = self.queue.next_deadline()
+        if deadline is not None:
+            due.append(deadline)
         if self.shutting_down:
             due.append(self.shutdown_deadline)
         return max(0, int((min(due) - now) * 1000) + 1)

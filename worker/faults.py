@@ -24,14 +24,12 @@ ENV = "QVL_FAULTS"
 class Faults:
     def __init__(self, spec: str, slot: int, generation: int):
         items = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
-        self.telemetry = {k[len("telemetry."):]: float(v) for k, v in items.items()
-                          if k.startswith("telemetry.")}
         numbers = {k: int(v) for k, v in items.items() if not k.startswith("telemetry.")}
         targeted = (numbers.get("generation", generation) == generation
                     and numbers.get("slot", slot) == slot)
         self.settings = numbers if targeted else {}
-        if not targeted:
-            self.telemetry = {}
+        self.telemetry = {k[len("telemetry."):]: float(v) for k, v in items.items()
+                          if targeted and k.startswith("telemetry.")}
 
     @classmethod
     def from_env(cls, slot: int, generation: int) -> "Faults":
