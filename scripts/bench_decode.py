@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Where decode time goes at concurrency 1: time per output token with the dynamic KV cache and
-with a static one (which transformers compiles), and a profile of eager decode steps.
+"""Where decode time goes at concurrency 1: time per output token with transformers' `generate`
+(dynamic KV cache) and with qvl's static KV pool replayed as CUDA graphs, and a profile of each.
 
     python scripts/bench_decode.py --model DIR [--tokens 64]
 """
@@ -37,24 +37,38 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args()
-    engine = Engine(ModelOptions(args.model, "cuda:0", kv_cache="dynamic"))
+    engine = Engine(ModelOptions(args.model, "cuda:0", kv_cache="static"))
     engine.warm_up()
-    for cache in ("dynamic", "static"):
-        engine.static = cache == "static"
+    decoders = {"dynamic": None, "static": engine.decoder}
+    greedy = GenerationParams(max_new_tokens=16)
+    answers = {}
+    for name, decoder in decoders.items():
+        engine.decoder = decoder
+        answers[name] = engine.generate([prompt()], greedy)[0].text
         for i, (wall, t, prefill) in enumerate(tpot(engine, args.tokens)):
-            print(f"{cache:<8} run {i}: wall {wall:7.2f}s  TPOT {t:6.1f} ms  prefill {prefill:7.1f} ms", flush=True)
-    engine.static = False
-    params = GenerationParams(max_new_tokens=8, min_new_tokens=8)
+            print(f"{name:<8} run {i}: wall {wall:7.2f}s  TPOT {t:6.1f} ms  prefill {prefill:7.1f} ms", flush=True)
+    print(f"greedy 16 tokens, static equals dynamic: {answers['static'] == answers['dynamic']}")
+    for name, decoder in decoders.items():
+        engine.decoder = decoder
+        profile(engine, name)
+
+
+def profile(engine, name, tokens=8):
+    """CPU time, GPU kernel time and kernel launches of one request of `tokens` new tokens."""
+    params = GenerationParams(max_new_tokens=tokens, min_new_tokens=tokens)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
         engine.generate([prompt()], params)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
-    print(table)
+        wall = time.perf_counter() - t0
     events = prof.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=8))
     cpu = sum(e.self_cpu_time_total for e in events) / 1000
     gpu = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1000
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-    print(f"eager, 8 new tokens: CPU self time {cpu:.0f} ms, GPU kernel time {gpu:.0f} ms, kernel launches {launches}")
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
+                                                        "cudaGraphLaunch"))
+    print(f"{name}, {tokens} new tokens: wall {wall * 1000:.0f} ms, CPU self time {cpu:.0f} ms, "
+          f"GPU kernel time {gpu:.0f} ms, launches {launches}")
 
 
 if __name__ == "__main__":

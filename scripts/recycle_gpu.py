@@ -6,6 +6,8 @@ threshold trips, once with overlap and once without; prints telemetry and recycl
 
 Thresholds on: reserved bytes (set above a ready 4B worker's 8.4 GiB, so only the workload's own
 allocations reach it), allocator retries and fragmentation; whichever trips first recycles.
+The workers decode with transformers' `generate` (`--kv-cache dynamic`): the static KV pool is
+reserved whole at load, so the growth this run provokes comes from the dynamic path.
 """
 
 import argparse
@@ -69,7 +71,7 @@ def run(args, overlap: str) -> dict:
             "--max-batch-size", str(args.batch), "--max-inflight", str(args.batch),
             "--recycle-overlap", overlap, "--recycle-soft-wait-s", "2",
             "--recycle-alloc-retries", "1", "--recycle-fragmentation", str(args.fragmentation),
-            "--recycle-reserved-bytes", str(int(args.reserved_gib * GIB))]
+            "--recycle-reserved-bytes", str(int(args.reserved_gib * GIB)), "--kv-cache", "dynamic"]
     with open(log, "w") as f:
         sup = subprocess.Popen(base, stdout=f, stderr=subprocess.STDOUT)
     try:

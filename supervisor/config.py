@@ -38,7 +38,8 @@ class Config:
     dtype: str = setting("auto", "model dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32")
     attn_implementation: str = setting("sdpa", "attention implementation passed to transformers (sdpa, eager, flash_attention_2)")
     engine: str = setting("hf", "hf: the model through transformers; noop: empty answers at once, to measure the serving path alone")
-    kv_cache: str = setting("dynamic", "dynamic: eager decoding; static: fixed-size KV cache with the decode step compiled per shape bucket (1-2 minutes per new bucket, then about 8x less time per token); auto: static on CUDA")
+    kv_cache: str = setting("auto", "static: a KV pool allocated at load and the decode step replayed as CUDA graphs; dynamic: transformers' generate; auto: static on CUDA, dynamic on CPU")
+    kv_cache_tokens: int = setting(32768, "size of the static KV pool in tokens: a batch's rows (to a power of two) times its length (prompt + max_new_tokens, to a multiple of 256) must fit; larger batches are split")
     memory_fraction: float = setting(0.0, "cap on the CUDA memory a worker may use, as a fraction of the device (0: no cap)")
     alloc_conf: str = setting("expandable_segments:True", "PYTORCH_CUDA_ALLOC_CONF given to workers")
     max_batch_size: int = setting(8, "most requests a worker runs in one generate call")
@@ -102,6 +103,8 @@ class Config:
             faults.append(f"dtype must be auto, bfloat16, float16 or float32 (got {self.dtype!r})")
         if self.kv_cache not in ("auto", "static", "dynamic"):
             faults.append(f"kv_cache must be auto, static or dynamic (got {self.kv_cache!r})")
+        if self.kv_cache_tokens < 256:
+            faults.append("kv_cache_tokens must be at least 256 (one length bucket)")
         if self.engine not in ("hf", "noop"):
             faults.append(f"engine must be hf or noop (got {self.engine!r})")
         if self.recycle_overlap not in ("auto", "always", "never"):

@@ -170,7 +170,7 @@ def worker_command(config: Config, backend: str, slot: int, generation: int) -> 
            "--max-batch-size", str(config.max_batch_size),
            "--max-image-pixels", str(config.max_image_pixels),
            "--heartbeat-interval", str(config.heartbeat_interval_s), "--engine", config.engine,
-           "--kv-cache", config.kv_cache]
+           "--kv-cache", config.kv_cache, "--kv-cache-tokens", str(config.kv_cache_tokens)]
     if config.memory_fraction:
         cmd += ["--memory-fraction", str(config.memory_fraction)]
     return cmd

@@ -1,9 +1,10 @@
 """Batched answers equal unbatched ones for greedy decoding, images of different sizes in one
-batch, with both KV cache kinds (the static one pads rows and length to shape buckets)."""
+batch, with both decoders; the static KV pool's own decode step gives `generate`'s tokens."""
 
 import pytest
 from PIL import Image
 
+from qvl.protocol.errors import BadRequest
 from qvl.protocol.messages import GenerationParams
 from qvl.worker.engine import Engine, ModelOptions, prompt_from_request
 
@@ -14,15 +15,46 @@ def prompt(size, question, seed):
         {"type": "image", "frame": 0}, {"type": "text", "text": question}]}], [image])
 
 
+def text_prompt(question):
+    return prompt_from_request([{"role": "user", "content": [{"type": "text", "text": question}]}], [])
+
+
+PROMPTS = [prompt((96, 64), "What is it?", 1), prompt((200, 120), "Describe the whole picture.", 2),
+           prompt((64, 300), "Colour?", 3)]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model):
+    return {kind: Engine(ModelOptions(str(tiny_model), "cpu", kv_cache=kind)) for kind in ("dynamic", "static")}
+
+
 @pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
-def test_batched_equals_unbatched(tiny_model, kv_cache):
-    engine = Engine(ModelOptions(str(tiny_model), "cpu", kv_cache=kv_cache))
-    prompts = [prompt((96, 64), "What is it?", 1), prompt((200, 120), "Describe the whole picture.", 2),
-               prompt((64, 300), "Colour?", 3)]
+def test_batched_equals_unbatched(engines, kv_cache):
+    engine = engines[kv_cache]
     params = GenerationParams(max_new_tokens=10)
-    batched = engine.generate(prompts, params)
-    alone = [engine.generate([p], params)[0] for p in prompts]
+    batched = engine.generate(PROMPTS, params)
+    alone = [engine.generate([p], params)[0] for p in PROMPTS]
     assert [c.text for c in batched] == [c.text for c in alone]
     assert [c.prompt_tokens for c in batched] == [c.prompt_tokens for c in alone]
     assert len({c.text for c in alone}) == 3  # different inputs, different answers: the check can fail
     assert all(1 <= c.completion_tokens <= 10 for c in batched)
+
+
+def test_static_decoder_gives_the_tokens_of_generate(engines):
+    prompts = PROMPTS + [text_prompt("A question without any image, longer than the others are.")]
+    params = GenerationParams(max_new_tokens=24, min_new_tokens=4)
+    static = engines["static"].generate(prompts, params)
+    reference = engines["dynamic"].generate(prompts, params)
+    assert [c.text for c in static] == [c.text for c in reference]
+    assert [c.completion_tokens for c in static] == [c.completion_tokens for c in reference]
+    assert all(c.completion_tokens >= 4 for c in static)
+
+
+def test_batch_larger_than_the_pool_is_split(tiny_model, engines):
+    small = Engine(ModelOptions(str(tiny_model), "cpu", kv_cache="static", kv_cache_tokens=512))
+    params = GenerationParams(max_new_tokens=10)
+    assert not small.decoder.fits(len(PROMPTS), 100, params.max_new_tokens)
+    assert [c.text for c in small.generate(PROMPTS, params)] == \
+        [c.text for c in engines["static"].generate(PROMPTS, params)]
+    with pytest.raises(BadRequest, match="do not fit the KV cache of 512 tokens"):
+        small.generate(PROMPTS[:1], GenerationParams(max_new_tokens=500))

@@ -25,13 +25,14 @@ def parse_args(argv: list[str] | None = None) -> WorkerOptions:
     ap.add_argument("--attn-implementation", default="sdpa")
     ap.add_argument("--memory-fraction", type=float, default=None)
     ap.add_argument("--engine", choices=("hf", "noop"), default="hf")
-    ap.add_argument("--kv-cache", choices=("auto", "static", "dynamic"), default="dynamic")
+    ap.add_argument("--kv-cache", choices=("auto", "static", "dynamic"), default="auto")
+    ap.add_argument("--kv-cache-tokens", type=int, default=32768)
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--max-image-pixels", type=int, default=40_000_000)
     ap.add_argument("--heartbeat-interval", type=float, default=1.0)
     a = ap.parse_args(argv)
     model = ModelOptions(a.model, a.device, a.dtype, a.attn_implementation, a.memory_fraction,
-                         a.engine, a.kv_cache)
+                         a.engine, a.kv_cache, a.kv_cache_tokens)
     return WorkerOptions(a.backend, a.slot, a.generation, model, a.max_batch_size,
                          a.max_image_pixels, a.heartbeat_interval)
 

@@ -1,13 +1,10 @@
-"""The model: loading a Qwen3-VL checkpoint and running one batched `generate` for many requests.
+"""The model: loading a Qwen3-VL checkpoint and generating for a batch of requests.
 
 Owns everything that touches torch and transformers. Requests in one batch share their
 generation parameters (the service groups them); prompts are left-padded so every row's new
-tokens start at the same column.
-
-With a static KV cache transformers compiles the decode step (one compilation per shape), which
-removes the per-step launch overhead of eager decoding. Shapes are bucketed so compilations stay
-few: rows to a power of two (filled with copies of the first prompt), prompt length to a multiple
-of `LENGTH_BUCKET`, new tokens to a multiple of `NEW_TOKENS_BUCKET` (the surplus is cut off).
+tokens start at the same column. Two ways to decode: `generate` from transformers with its
+dynamic cache (the reference, and the default on CPU), or the static KV pool and CUDA graphs of
+`decoding.py` (the default on CUDA). A batch too large for the pool is split in halves.
 """
 
 from __future__ import annotations
@@ -20,10 +17,10 @@ from PIL import Image
 from transformers import (AutoModelForImageTextToText, AutoProcessor, StoppingCriteria,
                           StoppingCriteriaList)
 
+from qvl.protocol.errors import BadRequest
 from qvl.protocol.messages import GenerationParams
 
-LENGTH_BUCKET = 256
-NEW_TOKENS_BUCKET = 32
+from .decoding import Decoder
 
 
 @dataclass(frozen=True)
@@ -34,7 +31,8 @@ class ModelOptions:
     attn_implementation: str = "sdpa"
     memory_fraction: float | None = None
     engine: str = "hf"  # "noop" answers without a model: for measuring the serving path alone
-    kv_cache: str = "dynamic"  # static (compiled decode step), dynamic, or auto: static on CUDA
+    kv_cache: str = "auto"  # static (KV pool, CUDA graphs), dynamic (`generate`), or auto: static on CUDA
+    kv_cache_tokens: int = 32768  # size of the static KV pool: rows x length of the largest batch
 
 
 @dataclass(frozen=True)
@@ -100,11 +98,8 @@ class Engine:
         tokenizer = self.processor.tokenizer
         self.eos_ids = set(_as_list(self.model.generation_config.eos_token_id)) | {tokenizer.eos_token_id}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.static = options.kv_cache == "static" or (options.kv_cache == "auto" and self.device.type == "cuda")
-        if self.static:
-            # every bucket is its own compiled graph; the default limit (8) would fall back to eager
-            torch._dynamo.config.cache_size_limit = 256
-            torch._dynamo.config.accumulated_cache_size_limit = 1024
+        static = options.kv_cache == "static" or (options.kv_cache == "auto" and self.device.type == "cuda")
+        self.decoder = Decoder(self.model, options.kv_cache_tokens, self.eos_ids, self.pad_id) if static else None
 
     def _dtype(self) -> torch.dtype:
         if self.options.dtype == "auto":
@@ -118,68 +113,56 @@ class Engine:
                         [image])
         self.generate([prompt], GenerationParams(max_new_tokens=2))
 
-    @torch.inference_mode()
     def generate(self, prompts: list[Prompt], params: GenerationParams) -> list[Completion]:
-        """One `generate` call for all `prompts`; a completion per prompt, in order."""
-        n = len(prompts)
-        rows = prompts + [prompts[0]] * (_next_power_of_two(n) - n) if self.static else prompts
-        texts = [self.processor.apply_chat_template(p.messages, tokenize=False,
-                                                    add_generation_prompt=True) for p in rows]
-        images = [image for p in rows for image in p.images] or None
-        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
-        kwargs = _sampling_kwargs(params)
-        if self.static:
-            inputs = _left_pad(inputs, _round_up(inputs["input_ids"].shape[1], LENGTH_BUCKET), self.pad_id)
-            kwargs.update(cache_implementation="static",
-                          max_new_tokens=_round_up(params.max_new_tokens, NEW_TOKENS_BUCKET))
-        inputs = inputs.to(self.device)
+        """A completion per prompt, in order."""
+        inputs = self._inputs(prompts)
+        n, length = inputs["input_ids"].shape
+        if self.decoder is None:
+            tokens, prefill_ms, decode_ms = self._generate(inputs.to(self.device), params)
+        elif self.decoder.fits(n, length, params.max_new_tokens):
+            decoded = self.decoder.decode(inputs.to(self.device), [len(p.images) for p in prompts], params)
+            tokens, prefill_ms, decode_ms = decoded.tokens, decoded.prefill_ms, decoded.decode_ms
+        elif n > 1:
+            return self.generate(prompts[:n // 2], params) + self.generate(prompts[n // 2:], params)
+        else:
+            raise BadRequest(f"{length} prompt tokens plus max_new_tokens {params.max_new_tokens} do not fit "
+                             f"the KV cache of {self.options.kv_cache_tokens} tokens")
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        results = []
+        for row, n_prompt in zip(tokens, prompt_tokens):
+            row = self._until_eos(row)
+            results.append(Completion(
+                text=self.processor.tokenizer.decode(row, skip_special_tokens=True),
+                prompt_tokens=int(n_prompt), completion_tokens=len(row),
+                prefill_ms=prefill_ms, decode_ms=decode_ms,
+            ))
+        return results
+
+    def _inputs(self, prompts: list[Prompt]):
+        texts = [self.processor.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True)
+                 for p in prompts]
+        images = [image for p in prompts for image in p.images] or None
+        return self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+
+    @torch.inference_mode()
+    def _generate(self, inputs, params: GenerationParams) -> tuple[list[list[int]], float, float]:
+        """transformers' `generate`: new tokens per row, prefill and decode milliseconds."""
         clock = _StepClock()
         started = time.perf_counter()
-        output = self.model.generate(**inputs, **kwargs, pad_token_id=self.pad_id,
+        output = self.model.generate(**inputs, **_sampling_kwargs(params), pad_token_id=self.pad_id,
                                      stopping_criteria=StoppingCriteriaList([clock]))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         ended = time.perf_counter()
         first = clock.first_step_at or ended
         prompt_len = inputs["input_ids"].shape[1]
-        prompt_tokens = inputs["attention_mask"][:n].sum(dim=1).tolist()
-        new_tokens = output[:n, prompt_len:prompt_len + params.max_new_tokens].tolist()
-        results = []
-        for row, n_prompt in zip(new_tokens, prompt_tokens):
-            row = self._until_eos(row)
-            results.append(Completion(
-                text=self.processor.tokenizer.decode(row, skip_special_tokens=True),
-                prompt_tokens=int(n_prompt), completion_tokens=len(row),
-                prefill_ms=(first - started) * 1000.0, decode_ms=(ended - first) * 1000.0,
-            ))
-        return results
+        return output[:, prompt_len:].tolist(), (first - started) * 1000.0, (ended - first) * 1000.0
 
     def _until_eos(self, row: list[int]) -> list[int]:
         for i, token in enumerate(row):
             if token in self.eos_ids:
                 return row[:i + 1]
         return row
-
-
-def _next_power_of_two(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
-def _round_up(n: int, step: int) -> int:
-    return -(-n // step) * step
-
-
-def _left_pad(inputs, length: int, pad_id: int):
-    """Left-pad every per-token tensor (ids with `pad_id`, masks with 0) to `length` columns."""
-    ids = inputs["input_ids"]
-    extra = length - ids.shape[1]
-    if extra <= 0:
-        return inputs
-    for key, value in inputs.items():
-        if torch.is_tensor(value) and value.dim() == 2 and value.shape == ids.shape:
-            fill = pad_id if key == "input_ids" else 0
-            inputs[key] = torch.cat([value.new_full((value.shape[0], extra), fill), value], dim=1)
-    return inputs
 
 
 def _sampling_kwargs(params: GenerationParams) -> dict:

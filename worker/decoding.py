@@ -1,0 +1,226 @@
+"""Fast decoding: the text decoder's step over a preallocated KV pool, replayed as CUDA graphs.
+
+Hugging Face `generate` launches about 2,000 kernels per token of the 4B model, so eager decoding
+is bound by the CPU, not the GPU. Here the prompt is prefilled by the model's own forward (vision
+tower and all); its keys and values are copied into one KV pool allocated at load, and every later
+token is one replay of a CUDA graph captured per bucket of (rows, length). Rows round up to a
+power of two and length to a multiple of `LENGTH_BUCKET`, so a worker captures a few dozen graphs
+at most, each in a fraction of a second, and they share one memory pool. Decoding then allocates
+nothing: the pool is the cache whatever the traffic, which also keeps the allocator from
+fragmenting.
+
+The step is written against the modules of the Qwen3-VL text decoder (projections, norms, MLP,
+rotary embedding), not transformers' cache classes, whose interfaces change between releases.
+On CPU the same step runs eagerly, which is how its tokens are tested against `generate`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from qvl.protocol.messages import GenerationParams
+
+LENGTH_BUCKET = 256
+STOP_CHECK_EVERY = 4  # steps between checks that every row has ended (each check waits for the GPU)
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+@dataclass
+class Decoded:
+    tokens: list[list[int]]  # per prompt row, the new tokens (rows end at the first stop token or the limit)
+    prefill_ms: float
+    decode_ms: float
+
+
+class _Bucket:
+    """The static inputs of one (rows, length) shape, its cache views and, on CUDA, its graph."""
+
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int, length: int, device):
+        self.kv = kv
+        self.tokens = torch.zeros((rows, 1), dtype=torch.long, device=device)
+        self.positions = torch.zeros((3, rows, 1), dtype=torch.long, device=device)
+        self.write_at = torch.zeros(1, dtype=torch.long, device=device)
+        self.mask = torch.zeros((rows, 1, 1, length), dtype=torch.bool, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+
+class Decoder:
+    """Prefill with the model's forward, then decode step by step from the KV pool."""
+
+    def __init__(self, model, kv_tokens: int, eos_ids: set[int], pad_id: int):
+        self.model = model
+        self.text = model.model.language_model
+        config = self.text.config
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.kv_tokens = kv_tokens
+        self.device = model.device
+        self.pool = torch.zeros((len(self.text.layers), 2, kv_tokens * self.kv_heads * self.head_dim),
+                                dtype=model.dtype, device=self.device)
+        self.eos = torch.tensor(sorted(eos_ids), device=self.device)
+        self.pad_id = pad_id
+        self.buckets: dict[tuple[int, int], _Bucket] = {}
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
+        # transformers renamed `past_key_values` to `cache`; the old name warns in newer releases
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def fits(self, rows: int, prompt_len: int, max_new_tokens: int) -> bool:
+        return next_power_of_two(rows) * round_up(prompt_len + max_new_tokens, LENGTH_BUCKET) <= self.kv_tokens
+
+    @torch.inference_mode()
+    def decode(self, inputs, images_per_row: list[int], params: GenerationParams) -> Decoded:
+        """Prefill `inputs` (processor output, left-padded) and decode up to `params.max_new_tokens`."""
+        n, prompt_len = inputs["input_ids"].shape
+        bucket = self._bucket(next_power_of_two(n), round_up(prompt_len + params.max_new_tokens, LENGTH_BUCKET))
+        started = time.perf_counter()
+        cache = DynamicCache()
+        out = self.model(**inputs, **{self.cache_arg: cache}, use_cache=True, logits_to_keep=1)
+        self._load_bucket(bucket, cache, inputs["attention_mask"], self._next_positions(inputs, images_per_row))
+        generated = torch.full((n, params.max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
+        finished = torch.zeros(n, dtype=torch.bool, device=self.device)
+        logits = out.logits[:, -1].float()
+        del out, cache
+        first_at = None
+        for t in range(params.max_new_tokens):
+            if t:
+                if t % STOP_CHECK_EVERY == 0 and bool(finished.all()):
+                    break
+                logits = self._step(bucket)[:n]
+            if t < params.min_new_tokens:
+                logits[:, self.eos] = float("-inf")
+            chosen = choose_tokens(logits, params)
+            generated[:n, t] = chosen
+            bucket.tokens[:n, 0] = chosen
+            finished |= torch.isin(chosen, self.eos)
+            if first_at is None:
+                first_at = _synchronized_now(self.device)
+        ended = _synchronized_now(self.device)
+        return Decoded(generated.tolist(), (first_at - started) * 1000.0, (ended - first_at) * 1000.0)
+
+    def _next_positions(self, inputs, images_per_row: list[int]) -> list[int]:
+        """Each row's rotary position for its first new token.
+
+        Multimodal RoPE gives an image of t x h x w merged patches the positions of a t x h x w grid,
+        so it advances the position by max(t, h, w), not by its token count. Computed here, not read
+        from the model, because transformers has changed where and how it keeps these offsets.
+        """
+        merge = self.model.config.vision_config.spatial_merge_size
+        grids = inputs["image_grid_thw"].tolist() if inputs.get("image_grid_thw") is not None else []
+        positions = []
+        for length, count in zip(inputs["attention_mask"].sum(dim=1).tolist(), images_per_row):
+            for t, h, w in grids[:count]:
+                h, w = h // merge, w // merge
+                length += max(t, h, w) - t * h * w
+            grids = grids[count:]
+            positions.append(length)
+        return positions
+
+    def _load_bucket(self, bucket: _Bucket, cache, attention_mask: torch.Tensor, positions: list[int]) -> None:
+        """Copy the prefilled keys and values into the bucket's views and set its inputs for step one."""
+        n, prompt_len = attention_mask.shape
+        for (keys, values), layer in zip(bucket.kv, cache.layers):
+            keys[:n, :, :prompt_len].copy_(layer.keys)
+            values[:n, :, :prompt_len].copy_(layer.values)
+        bucket.mask.zero_()
+        bucket.mask[:n, 0, 0, :prompt_len] = attention_mask.bool()
+        bucket.mask[n:, 0, 0, :prompt_len] = True  # padding rows: any valid attention, their output is dropped
+        bucket.positions.fill_(0)
+        bucket.positions[:, :n, 0] = torch.tensor(positions, device=self.device)
+        bucket.write_at.fill_(prompt_len)
+        bucket.tokens.fill_(self.pad_id)
+
+    def _bucket(self, rows: int, length: int) -> _Bucket:
+        key = (rows, length)
+        if key not in self.buckets:
+            size = rows * self.kv_heads * length * self.head_dim
+            kv = [(layer[0, :size].view(rows, self.kv_heads, length, self.head_dim),
+                   layer[1, :size].view(rows, self.kv_heads, length, self.head_dim)) for layer in self.pool]
+            bucket = _Bucket(kv, rows, length, self.device)
+            if self.graph_pool is not None:
+                self._capture(bucket)
+            self.buckets[key] = bucket
+        return self.buckets[key]
+
+    def _capture(self, bucket: _Bucket) -> None:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # the first runs initialise kernels and workspaces outside the graph
+            for _ in range(2):
+                self._forward(bucket)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        bucket.graph = torch.cuda.CUDAGraph()
+        # thread_local: the worker's I/O thread reads memory telemetry while this thread captures
+        with torch.cuda.graph(bucket.graph, pool=self.graph_pool, capture_error_mode="thread_local"):
+            bucket.logits = self._forward(bucket)
+
+    def _step(self, bucket: _Bucket) -> torch.Tensor:
+        if bucket.graph is None:
+            return self._forward(bucket)
+        bucket.graph.replay()
+        return bucket.logits
+
+    def _forward(self, bucket: _Bucket) -> torch.Tensor:
+        """One token per row: write its keys and values at `write_at`, return next-token logits."""
+        text = self.text
+        rows = bucket.tokens.shape[0]
+        hidden = text.embed_tokens(bucket.tokens)
+        cos, sin = text.rotary_emb(hidden, bucket.positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        bucket.mask.index_fill_(3, bucket.write_at, True)
+        split = (rows, 1, -1, self.head_dim)
+        for layer, (keys, values) in zip(text.layers, bucket.kv):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = _rotate(attn.q_norm(attn.q_proj(x).view(split)).transpose(1, 2), cos, sin)
+            k = _rotate(attn.k_norm(attn.k_proj(x).view(split)).transpose(1, 2), cos, sin)
+            keys.index_copy_(2, bucket.write_at, k)
+            values.index_copy_(2, bucket.write_at, attn.v_proj(x).view(split).transpose(1, 2))
+            # the query heads sharing a key head become its query rows: grouped attention, no copies
+            q = q.reshape(rows, self.kv_heads, -1, self.head_dim)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=bucket.mask, scale=attn.scaling)
+            hidden = hidden + attn.o_proj(o.reshape(rows, 1, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        bucket.write_at += 1
+        bucket.positions += 1
+        return self.model.lm_head(text.norm(hidden)[:, 0]).float()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def choose_tokens(logits: torch.Tensor, params: GenerationParams) -> torch.Tensor:
+    """Greedy at temperature 0, else sampling with temperature, top-k and top-p as `generate` does."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = logits.topk(min(params.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs > params.top_p  # the most likely token always stays
+        logits = logits.scatter(1, order, ordered.masked_fill(outside, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1)[:, 0]
+
+
+def _synchronized_now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
