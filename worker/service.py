@@ -145,8 +145,7 @@ class WorkerService:
                 self.arrived += 1
                 self.faults.on_arrival(self.arrived)
                 self.jobs.put(Job(header["id"], header["messages"],
-                                  GenerationParams(**header["params"]),
-                                  self.decoder.submit(self._decode, frames)))
+                                  GenerationParams(**header["params"]), self._images(frames)))
         return True
 
     # --- compute thread -------------------------------------------------------------------
@@ -240,6 +239,13 @@ class WorkerService:
                         "batch_size": len(jobs)},
             "telemetry": telemetry,
         }) for job, c in zip(jobs, completions)]
+
+    def _images(self, frames: list[bytes]) -> Future:
+        if frames:
+            return self.decoder.submit(self._decode, frames)
+        done = Future()  # text only: no hop through the pool
+        done.set_result([])
+        return done
 
     def _decode(self, frames: list[bytes]) -> list:
         return [decode_image(f, self.options.max_image_pixels) for f in frames]
