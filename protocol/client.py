@@ -2,7 +2,8 @@
 
 Each client holds one DEALER socket. Calls carry a fresh id; a reply is matched to its call by
 that id, and late replies to calls that already timed out are dropped. `Client` is for one thread
-(as a ZeroMQ socket is); one `AsyncClient` serves any number of concurrent tasks.
+(as a ZeroMQ socket is); one `AsyncClient` serves any number of concurrent tasks. `stream` yields
+an answer's text in chunks as it is generated; the last chunk carries usage and timings.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import itertools
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 import msgpack
 import zmq
 import zmq.asyncio
 
-from .codec import DEFAULT_LIMITS, PING, PROTOCOL_VERSION, RECYCLE, STATUS, Limits, encode
+from .codec import CHUNK, DEFAULT_LIMITS, PING, PROTOCOL_VERSION, RECYCLE, STATUS, Limits, encode
 from .errors import BadRequest, RequestTimeout, error_from_wire
 from .messages import GenerationParams, build_generate
 
@@ -36,6 +37,33 @@ class Result:
     worker: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a streamed answer. The last one has `done` set and the usage, timings and worker."""
+
+    id: Any
+    text: str
+    done: bool = False
+    usage: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    worker: dict = field(default_factory=dict)
+
+
+class _Stream:
+    """Turns a stream's messages into chunks: the reply's text beyond what chunks already gave."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def chunk(self, reply: dict) -> Chunk:
+        text = reply.get("text", "")
+        if reply.get("kind") == CHUNK:
+            self.sent += len(text)
+            return Chunk(reply["id"], text)
+        return Chunk(reply["id"], text[self.sent:], True, reply.get("usage", {}),
+                     reply.get("timings", {}), reply.get("worker", {}))
+
+
 class _Calls:
     """What both clients share: ids, request encoding, reply decoding."""
 
@@ -46,13 +74,13 @@ class _Calls:
         self._ids = (f"{uuid.uuid4().hex[:8]}-{n}" for n in itertools.count())
 
     def _generate_parts(self, messages: Sequence[dict], timeout: float | None,
-                        params: dict) -> tuple[str, list[bytes]]:
+                        params: dict, stream: bool = False) -> tuple[str, list[bytes]]:
         try:
             gen = GenerationParams.parse(params, self.limits)
         except TypeError as exc:
             raise BadRequest(str(exc)) from None
         timeout_ms = None if timeout is None else timeout * 1000.0
-        request = build_generate(next(self._ids), list(messages), gen, timeout_ms)
+        request = build_generate(next(self._ids), list(messages), gen, timeout_ms, stream)
         return request.id, encode(request.header(), request.images)
 
     def _control_parts(self, kind: str, **fields: Any) -> tuple[str, list[bytes]]:
@@ -105,6 +133,18 @@ class Client(_Calls):
         """One image, one question."""
         return self.generate(self._ask_messages(image, question), **params)
 
+    def stream(self, messages: Sequence[dict], *, timeout: float | None = None,
+               deadline: float | None = None, **params: Any) -> Iterator[Chunk]:
+        """Answer chat `messages` chunk by chunk; `timeout` bounds the wait for each chunk."""
+        rid, parts = self._generate_parts(messages, deadline, params, stream=True)
+        self._sock.send_multipart(parts, copy=False)
+        stream = _Stream()
+        while True:
+            chunk = stream.chunk(self._await(rid, timeout))
+            yield chunk
+            if chunk.done:
+                return
+
     def status(self, timeout: float | None = None) -> dict:
         return self._call(*self._control_parts(STATUS), timeout)
 
@@ -134,6 +174,10 @@ class Client(_Calls):
 
     def _call(self, rid: str, parts: list[bytes], timeout: float | None) -> dict:
         self._sock.send_multipart(parts, copy=False)
+        return self._await(rid, timeout)
+
+    def _await(self, rid: str, timeout: float | None) -> dict:
+        """The next message for call `rid`; an error reply is raised as its exception."""
         end = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             left_ms = int((end - time.monotonic()) * 1000)
@@ -161,7 +205,7 @@ class AsyncClient(_Calls):
         super().__init__(endpoint, timeout, limits)
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = self._socket(self._ctx)
-        self._pending: dict[str, asyncio.Future] = {}
+        self._pending: dict[str, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
 
     async def generate(self, messages: Sequence[dict], *, timeout: float | None = None,
@@ -172,6 +216,21 @@ class AsyncClient(_Calls):
     async def ask(self, image: Any, question: str, **params: Any) -> Result:
         return await self.generate(self._ask_messages(image, question), **params)
 
+    async def stream(self, messages: Sequence[dict], *, timeout: float | None = None,
+                     deadline: float | None = None, **params: Any) -> AsyncIterator[Chunk]:
+        """Answer chat `messages` chunk by chunk; `timeout` bounds the wait for each chunk."""
+        rid, parts = self._generate_parts(messages, deadline, params, stream=True)
+        inbox = await self._send(rid, parts)
+        stream = _Stream()
+        try:
+            while True:
+                chunk = stream.chunk(await self._next(rid, inbox, timeout))
+                yield chunk
+                if chunk.done:
+                    return
+        finally:
+            self._pending.pop(rid, None)
+
     async def status(self, timeout: float | None = None) -> dict:
         return await self._call(*self._control_parts(STATUS), timeout)
 
@@ -179,27 +238,34 @@ class AsyncClient(_Calls):
         return await self._call(*self._control_parts(RECYCLE, worker=worker), timeout)
 
     async def _call(self, rid: str, parts: list[bytes], timeout: float | None) -> dict:
-        if self._reader is None:
-            self._reader = asyncio.ensure_future(self._read_replies())
-        future = asyncio.get_running_loop().create_future()
-        self._pending[rid] = future
         try:
-            await self._sock.send_multipart(parts, copy=False)
-            limit = self.timeout if timeout is None else timeout
-            try:
-                reply = await asyncio.wait_for(future, limit)
-            except asyncio.TimeoutError:
-                raise RequestTimeout(f"no reply within {limit}s", rid) from None
+            return await self._next(rid, await self._send(rid, parts), timeout)
         finally:
             self._pending.pop(rid, None)
+
+    async def _send(self, rid: str, parts: list[bytes]) -> asyncio.Queue:
+        """Send a call; its messages arrive in the returned queue (the caller removes it when done)."""
+        if self._reader is None:
+            self._reader = asyncio.ensure_future(self._read_replies())
+        inbox: asyncio.Queue = asyncio.Queue()
+        self._pending[rid] = inbox
+        await self._sock.send_multipart(parts, copy=False)
+        return inbox
+
+    async def _next(self, rid: str, inbox: asyncio.Queue, timeout: float | None) -> dict:
+        limit = self.timeout if timeout is None else timeout
+        try:
+            reply = await asyncio.wait_for(inbox.get(), limit)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"no reply within {limit}s", rid) from None
         return self._result(reply)
 
     async def _read_replies(self) -> None:
         while True:
             reply = self._reply(await self._sock.recv_multipart())
-            future = self._pending.get(reply.get("id"))
-            if future is not None and not future.done():
-                future.set_result(reply)
+            inbox = self._pending.get(reply.get("id"))
+            if inbox is not None:
+                inbox.put_nowait(reply)
 
     async def close(self) -> None:
         if self._reader is not None:

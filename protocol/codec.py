@@ -21,6 +21,8 @@ GENERATE, STATUS, RECYCLE, PING = "generate", "status", "recycle", "ping"
 CLIENT_KINDS = frozenset({GENERATE, STATUS, RECYCLE, PING})
 # Supervisor <-> worker
 HELLO, READY, HEARTBEAT, REPLY, BYE, STOP = "hello", "ready", "heartbeat", "reply", "bye", "stop"
+# Worker -> supervisor -> client: a piece of a streamed answer's text, before its reply
+CHUNK = "chunk"
 
 
 @dataclass(frozen=True)

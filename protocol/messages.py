@@ -63,12 +63,15 @@ class GenerateRequest:
     params: GenerationParams = field(default_factory=GenerationParams)
     timeout_ms: float | None = None  # relative deadline, counted from when the supervisor accepts it
     images: tuple[bytes, ...] = ()
+    stream: bool = False  # send the text in `chunk` messages as it is generated, then the reply
 
     def header(self) -> dict:
         header = {"v": PROTOCOL_VERSION, "kind": GENERATE, "id": self.id,
                   "messages": self.messages, "params": dict(vars(self.params))}
         if self.timeout_ms is not None:
             header["timeout_ms"] = self.timeout_ms
+        if self.stream:
+            header["stream"] = True
         return header
 
 
@@ -81,9 +84,12 @@ def parse_generate(header: dict, frames: Sequence[bytes], limits: Limits) -> Gen
         timeout_ms = header.get("timeout_ms")
         if timeout_ms is not None and not (_is_number(timeout_ms) and timeout_ms > 0):
             raise BadRequest("timeout_ms must be a positive number")
+        stream = header.get("stream", False)
+        if not isinstance(stream, bool):
+            raise BadRequest("stream must be true or false")
     except BadRequest as exc:
         raise BadRequest(exc.message, rid) from None
-    return GenerateRequest(rid, messages, params, timeout_ms, tuple(frames))
+    return GenerateRequest(rid, messages, params, timeout_ms, tuple(frames), stream)
 
 
 def _parse_messages(messages: object, n_frames: int, limits: Limits) -> list:
@@ -131,7 +137,7 @@ def _parse_part(part: object, i: int, n_frames: int, limits: Limits) -> dict:
 
 
 def build_generate(request_id: Any, messages: Sequence[dict], params: GenerationParams,
-                   timeout_ms: float | None = None) -> GenerateRequest:
+                   timeout_ms: float | None = None, stream: bool = False) -> GenerateRequest:
     """A request from a caller's messages, whose image parts hold bytes, paths or PIL images."""
     frames: list[bytes] = []
     out = []
@@ -140,7 +146,7 @@ def build_generate(request_id: Any, messages: Sequence[dict], params: Generation
         if isinstance(content, list):
             content = [_frame_ref(part, frames) for part in content]
         out.append({**message, "content": content})
-    return GenerateRequest(request_id, out, params, timeout_ms, tuple(frames))
+    return GenerateRequest(request_id, out, params, timeout_ms, tuple(frames), stream)
 
 
 def _frame_ref(part: Any, frames: list[bytes]) -> Any:

@@ -21,6 +21,8 @@ class Request:
     deadline: float | None = None  # monotonic time after which it must not start
     attempts: int = 0
     dispatched_at: float = 0.0
+    streamed: bool = False   # text already went to the client: never run it again
+
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline

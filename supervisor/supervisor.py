@@ -16,7 +16,7 @@ import time
 
 import zmq
 
-from qvl.protocol.codec import (GENERATE, HELLO, PROTOCOL_VERSION, READY, REPLY, STOP, decode,
+from qvl.protocol.codec import (CHUNK, GENERATE, HELLO, PROTOCOL_VERSION, READY, REPLY, STOP, decode,
                                 encode, error_header)
 from qvl.protocol.errors import (BadRequest, DeadlineExceeded, OutOfMemory, Overloaded, QvlError,
                                  ShuttingDown, WorkerFailed)
@@ -183,7 +183,8 @@ class Supervisor:
             raise Overloaded(f"queue is full ({self.queue.capacity} waiting)", request.id)
         key = next(self.keys)
         worker_header = {"v": PROTOCOL_VERSION, "kind": GENERATE, "id": key,
-                         "messages": request.messages, "params": vars(request.params)}
+                         "messages": request.messages, "params": vars(request.params),
+                         "stream": request.stream}
         now = time.monotonic()
         deadline = now + request.timeout_ms / 1000.0 if request.timeout_ms else None
         self.queue.push(Request(key, client, request.id, encode(worker_header, frames),
@@ -201,12 +202,22 @@ class Supervisor:
             worker.telemetry = header["telemetry"]
         if kind == REPLY:
             self.on_reply(worker, header)
+        elif kind == CHUNK:
+            self.on_chunk(worker, header)
         elif kind == HELLO and worker.state is WorkerState.SPAWNING:
             worker.set_state(WorkerState.LOADING, "hello")
         elif kind == READY and worker.state in STARTING:
             worker.set_state(WorkerState.READY, "loaded", load_s=header.get("load_s"))
             self.on_ready(self.slots[worker.slot], worker)
         self.judge(worker)
+
+    def on_chunk(self, worker: Worker, header: dict) -> None:
+        request = worker.inflight.get(header["id"])
+        if request is not None:
+            request.streamed = True
+            self.frontend.send_multipart([request.client, *encode(
+                {"v": PROTOCOL_VERSION, "kind": CHUNK, "id": request.client_id, "ok": True,
+                 "text": header["text"]})])
 
     def on_reply(self, worker: Worker, header: dict) -> None:
         request = worker.inflight.pop(header["id"], None)
@@ -217,7 +228,7 @@ class Supervisor:
         slot.served_total += 1
         error = header.get("error") or {}
         if not header.get("ok") and error.get("code") == OutOfMemory.code \
-                and request.attempts < self.config.max_attempts:
+                and request.attempts < self.config.max_attempts and not request.streamed:
             self.counters["oom_retries"] += 1  # a fresh worker may well have the memory
             self.queue.push_front(request)
             return
@@ -416,7 +427,11 @@ class Supervisor:
         save_state(self.config.state_file, self.slots, self.counters)
 
     def retry(self, request: Request, worker: Worker) -> None:
-        if request.attempts >= self.config.max_attempts:
+        if request.streamed:
+            self.fail(request, WorkerFailed(
+                f"worker {worker.slot} died after streaming part of this answer; not run again",
+                request.client_id))
+        elif request.attempts >= self.config.max_attempts:
             self.fail(request, WorkerFailed(
                 f"worker {worker.slot} died with this request, after {request.attempts} attempts",
                 request.client_id))

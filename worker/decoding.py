@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,8 @@ from qvl.protocol.messages import GenerationParams
 
 LENGTH_BUCKET = 256
 STOP_CHECK_EVERY = 4  # steps between checks that every row has ended (each check waits for the GPU)
+
+Progress = Callable[[list[list[int]]], None]  # every row's new tokens so far, for streaming
 
 
 def next_power_of_two(n: int) -> int:
@@ -82,8 +85,10 @@ class Decoder:
         return next_power_of_two(rows) * round_up(prompt_len + max_new_tokens, LENGTH_BUCKET) <= self.kv_tokens
 
     @torch.inference_mode()
-    def decode(self, inputs, images_per_row: list[int], params: GenerationParams) -> Decoded:
-        """Prefill `inputs` (processor output, left-padded) and decode up to `params.max_new_tokens`."""
+    def decode(self, inputs, images_per_row: list[int], params: GenerationParams,
+               progress: Progress | None = None) -> Decoded:
+        """Prefill `inputs` (processor output, left-padded) and decode up to `params.max_new_tokens`,
+        telling `progress` the tokens so far every `STOP_CHECK_EVERY` steps."""
         n, prompt_len = inputs["input_ids"].shape
         bucket = self._bucket(next_power_of_two(n), round_up(prompt_len + params.max_new_tokens, LENGTH_BUCKET))
         started = time.perf_counter()
@@ -97,8 +102,11 @@ class Decoder:
         first_at = None
         for t in range(params.max_new_tokens):
             if t:
-                if t % STOP_CHECK_EVERY == 0 and bool(finished.all()):
-                    break
+                if t % STOP_CHECK_EVERY == 0:
+                    if progress is not None:
+                        progress(generated[:, :t].tolist())
+                    if bool(finished.all()):
+                        break
                 logits = self._step(bucket)[:n]
             if t < params.min_new_tokens:
                 logits[:, self.eos] = float("-inf")

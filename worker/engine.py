@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from transformers import (AutoModelForImageTextToText, AutoProcessor, StoppingCriteria,
-                          StoppingCriteriaList)
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.generation.streamers import BaseStreamer
 
 from qvl.protocol.errors import BadRequest
 from qvl.protocol.messages import GenerationParams
 
-from .decoding import Decoder
+from .decoding import STOP_CHECK_EVERY, Decoder, Progress
 
 
 @dataclass(frozen=True)
@@ -68,16 +68,30 @@ def prompt_from_request(messages: list, images: list[Image.Image]) -> Prompt:
     return Prompt(chat, ordered)
 
 
-class _StepClock(StoppingCriteria):
-    """Records when each decoding step ends; never stops generation itself."""
+class _Steps(BaseStreamer):
+    """Watches `generate`'s tokens: when the first one came, and every few steps the rows so far."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
         self.first_step_at: float | None = None
+        self.rows: list[list[int]] = []
+        self.prompt_seen = False
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
         if self.first_step_at is None:
             self.first_step_at = time.perf_counter()
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if self.progress is None:
+            return
+        tokens = value.view(-1).tolist()
+        self.rows = [row + [t] for row, t in zip(self.rows, tokens)] if self.rows else [[t] for t in tokens]
+        if len(self.rows[0]) % STOP_CHECK_EVERY == 0:
+            self.progress(self.rows)
+
+    def end(self) -> None:
+        pass
 
 
 class Engine:
@@ -113,30 +127,32 @@ class Engine:
                         [image])
         self.generate([prompt], GenerationParams(max_new_tokens=2))
 
-    def generate(self, prompts: list[Prompt], params: GenerationParams) -> list[Completion]:
-        """A completion per prompt, in order."""
+    def generate(self, prompts: list[Prompt], params: GenerationParams,
+                 progress: Progress | None = None) -> list[Completion]:
+        """A completion per prompt, in order. `progress`, if given, gets every row's new tokens
+        every few steps (streaming); rows are numbered within `prompts`."""
         inputs = self._inputs(prompts)
         n, length = inputs["input_ids"].shape
         if self.decoder is None:
-            tokens, prefill_ms, decode_ms = self._generate(inputs.to(self.device), params)
+            tokens, prefill_ms, decode_ms = self._generate(inputs.to(self.device), params, progress)
         elif self.decoder.fits(n, length, params.max_new_tokens):
-            decoded = self.decoder.decode(inputs.to(self.device), [len(p.images) for p in prompts], params)
+            decoded = self.decoder.decode(inputs.to(self.device), [len(p.images) for p in prompts], params,
+                                          progress)
             tokens, prefill_ms, decode_ms = decoded.tokens, decoded.prefill_ms, decoded.decode_ms
         elif n > 1:
-            return self.generate(prompts[:n // 2], params) + self.generate(prompts[n // 2:], params)
+            half = n // 2
+            later = None if progress is None else lambda rows: progress([[]] * half + rows)
+            return self.generate(prompts[:half], params, progress) + self.generate(prompts[half:], params, later)
         else:
             raise BadRequest(f"{length} prompt tokens plus max_new_tokens {params.max_new_tokens} do not fit "
                              f"the KV cache of {self.options.kv_cache_tokens} tokens")
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-        results = []
-        for row, n_prompt in zip(tokens, prompt_tokens):
-            row = self._until_eos(row)
-            results.append(Completion(
-                text=self.processor.tokenizer.decode(row, skip_special_tokens=True),
-                prompt_tokens=int(n_prompt), completion_tokens=len(row),
-                prefill_ms=prefill_ms, decode_ms=decode_ms,
-            ))
-        return results
+        return [Completion(self.detokenize(row), int(n_prompt), len(self._until_eos(row)), prefill_ms, decode_ms)
+                for row, n_prompt in zip(tokens, prompt_tokens)]
+
+    def detokenize(self, row: list[int]) -> str:
+        """The text of a row of new tokens, up to and without its stop token."""
+        return self.processor.tokenizer.decode(self._until_eos(row), skip_special_tokens=True)
 
     def _inputs(self, prompts: list[Prompt]):
         texts = [self.processor.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True)
@@ -145,12 +161,13 @@ class Engine:
         return self.processor(text=texts, images=images, padding=True, return_tensors="pt")
 
     @torch.inference_mode()
-    def _generate(self, inputs, params: GenerationParams) -> tuple[list[list[int]], float, float]:
+    def _generate(self, inputs, params: GenerationParams,
+                  progress: Progress | None) -> tuple[list[list[int]], float, float]:
         """transformers' `generate`: new tokens per row, prefill and decode milliseconds."""
-        clock = _StepClock()
+        clock = _Steps(progress)
         started = time.perf_counter()
         output = self.model.generate(**inputs, **_sampling_kwargs(params), pad_token_id=self.pad_id,
-                                     stopping_criteria=StoppingCriteriaList([clock]))
+                                     streamer=clock)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         ended = time.perf_counter()

@@ -6,6 +6,7 @@ Inert when the variable is unset. Its value is comma-separated `name=value` item
 - `crash_after=N`: exit with code 7 when the N-th request arrives (abruptly, like a segfault);
 - `hang_at=N`: the N-th request never finishes (the compute thread sleeps; heartbeats go on);
 - `slow_ms=M`: every generate takes M ms longer (a slow but alive worker);
+- `step_ms=M`: decoding pauses M ms each time it reports progress (a slow stream);
 - `oom_at=N`: the N-th request raises a CUDA out-of-memory error;
 - `telemetry.KEY=VALUE`: report VALUE for telemetry KEY, once `telemetry_after=N` requests are done;
 - `generation=G`, `slot=S`: only incarnations with that generation number / slot misbehave.
@@ -56,6 +57,10 @@ class Faults:
             raise torch.OutOfMemoryError("CUDA out of memory (injected by QVL_FAULTS)")
         if self.get("slow_ms"):
             time.sleep(self.get("slow_ms") / 1000.0)
+
+    def on_progress(self) -> None:
+        if self.get("step_ms"):
+            time.sleep(self.get("step_ms") / 1000.0)
 
     def apply(self, telemetry: dict, done: int) -> dict:
         if self.telemetry and done >= self.get("telemetry_after"):

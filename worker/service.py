@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import zmq
 
-from qvl.protocol.codec import (BYE, GENERATE, HEARTBEAT, HELLO, PROTOCOL_VERSION, READY, REPLY,
+from qvl.protocol.codec import (BYE, CHUNK, GENERATE, HEARTBEAT, HELLO, PROTOCOL_VERSION, READY, REPLY,
                                 STOP, decode, encode, error_header)
 from qvl.protocol.errors import BadRequest, InternalError, OutOfMemory, QvlError
 from qvl.protocol.messages import GenerationParams
@@ -55,6 +55,7 @@ class Job:
     messages: list
     params: GenerationParams
     images: Future  # decoded on the decode pool while the model runs earlier batches
+    stream: bool = False
 
 
 def exit_with_parent() -> None:
@@ -144,8 +145,8 @@ class WorkerService:
             if header["kind"] == GENERATE:
                 self.arrived += 1
                 self.faults.on_arrival(self.arrived)
-                self.jobs.put(Job(header["id"], header["messages"],
-                                  GenerationParams(**header["params"]), self._images(frames)))
+                self.jobs.put(Job(header["id"], header["messages"], GenerationParams(**header["params"]),
+                                  self._images(frames), header.get("stream", False)))
         return True
 
     # --- compute thread -------------------------------------------------------------------
@@ -164,7 +165,7 @@ class WorkerService:
 
     def _compute_loop(self) -> None:
         self._load()
-        out = self.ctx.socket(zmq.PAIR)
+        self.out = out = self.ctx.socket(zmq.PAIR)
         out.connect(_INPROC)
         waiting: collections.deque[Job] = collections.deque()
         stopping = False
@@ -214,7 +215,8 @@ class WorkerService:
         jobs = [job for job, _ in ready]
         try:
             self.faults.before_generate(self.done + 1, self.done + len(jobs))
-            completions = self.engine.generate([p for _, p in ready], jobs[0].params)
+            progress = self._streamer(jobs) if any(job.stream for job in jobs) else None
+            completions = self.engine.generate([p for _, p in ready], jobs[0].params, progress)
         except torch.OutOfMemoryError as exc:
             self.telemetry.ooms += 1
             self.done += len(jobs)
@@ -228,6 +230,8 @@ class WorkerService:
                 os._exit(3)
             if len(ready) > 1:  # find the one request at fault; the others still get answers
                 return [parts for item in ready for parts in self._generate([item])]
+            if isinstance(exc, QvlError):  # the request's own fault, named by the engine
+                return [self._error(jobs[0], exc)]
             log.exception("event=generate_failed key=%s", jobs[0].key)
             return [self._error(jobs[0], InternalError(f"{type(exc).__name__}: {exc}"))]
         self.done += len(jobs)
@@ -239,6 +243,21 @@ class WorkerService:
                         "batch_size": len(jobs)},
             "telemetry": telemetry,
         }) for job, c in zip(jobs, completions)]
+
+    def _streamer(self, jobs: list[Job]):
+        """A progress callback that sends each streaming job's new text as a `chunk`."""
+        sent = [""] * len(jobs)
+
+        def progress(rows: list[list[int]]) -> None:
+            self.faults.on_progress()
+            for i, (job, row) in enumerate(zip(jobs, rows)):
+                text = self.engine.detokenize(row) if job.stream and row else ""
+                # a half-decoded multi-byte character shows as U+FFFD: wait for the rest of it
+                if len(text) > len(sent[i]) and text.startswith(sent[i]) and not text.endswith("\ufffd"):
+                    self.out.send_multipart(encode({"v": PROTOCOL_VERSION, "kind": CHUNK, "id": job.key,
+                                                    "text": text[len(sent[i]):]}))
+                    sent[i] = text
+        return progress
 
     def _images(self, frames: list[bytes]) -> Future:
         if frames:
