@@ -67,10 +67,11 @@ class _Stream:
 class _Calls:
     """What both clients share: ids, request encoding, reply decoding."""
 
-    def __init__(self, endpoint: str, timeout: float, limits: Limits):
+    def __init__(self, endpoint: str, timeout: float, limits: Limits, curve: tuple | None):
         self.endpoint = endpoint
         self.timeout = timeout
         self.limits = limits
+        self.curve = curve  # (server public, client public, client secret) keys, as `curve.client_keys` reads them
         self._ids = (f"{uuid.uuid4().hex[:8]}-{n}" for n in itertools.count())
 
     def _generate_parts(self, messages: Sequence[dict], timeout: float | None,
@@ -110,6 +111,8 @@ class _Calls:
     def _socket(self, ctx: zmq.Context) -> zmq.Socket:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.curve:
+            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self.curve
         sock.connect(self.endpoint)
         return sock
 
@@ -118,8 +121,8 @@ class Client(_Calls):
     """Blocking client. `timeout` (seconds) bounds each call; a call may pass its own."""
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 120.0,
-                 limits: Limits = DEFAULT_LIMITS):
-        super().__init__(endpoint, timeout, limits)
+                 limits: Limits = DEFAULT_LIMITS, curve: tuple | None = None):
+        super().__init__(endpoint, timeout, limits, curve)
         self._ctx = zmq.Context.instance()
         self._sock = self._socket(self._ctx)
 
@@ -201,8 +204,8 @@ class AsyncClient(_Calls):
     """asyncio client; concurrent calls share one socket and one reader task."""
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 120.0,
-                 limits: Limits = DEFAULT_LIMITS):
-        super().__init__(endpoint, timeout, limits)
+                 limits: Limits = DEFAULT_LIMITS, curve: tuple | None = None):
+        super().__init__(endpoint, timeout, limits, curve)
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = self._socket(self._ctx)
         self._pending: dict[str, asyncio.Queue] = {}

@@ -1,4 +1,4 @@
-"""The `qvl-supervisor` command: start | status | recycle | stop | ask.
+"""The `qvl-supervisor` command: start | status | recycle | stop | ask | keygen.
 
 `start` runs the supervisor in the foreground (for a terminal, a process manager or systemd);
 the other commands are clients of a running one.
@@ -15,6 +15,7 @@ import time
 import psutil
 
 from qvl.protocol.client import DEFAULT_ENDPOINT, Client
+from qvl.protocol.curve import client_keys, keygen
 from qvl.protocol.errors import QvlError
 
 from .config import ConfigError, add_arguments, load_config
@@ -27,20 +28,20 @@ def cmd_start(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"qvl-supervisor: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     from .supervisor import Supervisor
     return Supervisor(config).run()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with Client(args.endpoint, timeout=args.timeout) as client:
+    with _client(args) as client:
         status = client.status()
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
 
 
 def cmd_recycle(args: argparse.Namespace) -> int:
-    with Client(args.endpoint, timeout=args.timeout) as client:
+    with _client(args) as client:
         result = client.recycle(args.worker)
     print(f"recycling workers: {result['recycling'] or 'none (no ready worker matched)'}")
     return 0
@@ -48,7 +49,7 @@ def cmd_recycle(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     """SIGTERM the supervisor behind the endpoint (it drains, then exits) and wait until it has."""
-    with Client(args.endpoint, timeout=args.timeout) as client:
+    with _client(args) as client:
         status = client.status()
     if status["host"] != socket.gethostname():
         print(f"qvl-supervisor: the supervisor runs on {status['host']}; stop it there",
@@ -74,7 +75,7 @@ def _running(pid: int) -> bool:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    with Client(args.endpoint, timeout=args.timeout) as client:
+    with _client(args) as client:
         result = client.ask(args.image, args.question, max_new_tokens=args.max_new_tokens)
     if args.json:
         print(json.dumps(result.__dict__, indent=2))
@@ -110,6 +111,17 @@ def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.0f}"
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    paths = keygen(args.directory, args.client)
+    print(f"server public key: {paths['server']}\nclient key pair: {paths['client_secret']} "
+          f"(allowed: {args.directory}/allowed/{paths['client_public'].name})")
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.endpoint, timeout=args.timeout, **client_keys(args.curve_dir))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="qvl-supervisor", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -121,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         p.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="the supervisor's frontend")
         p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a reply")
+        p.add_argument("--curve-dir", default="", help="`keygen` folder, for a supervisor that requires CurveZMQ")
         p.set_defaults(func=func)
         return p
 
@@ -136,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, default=64)
     ask.add_argument("--json", action="store_true", help="print the whole result as JSON")
     ask.set_defaults(timeout=120.0)
+    keys = sub.add_parser("keygen", help="write CurveZMQ key pairs for a supervisor and its clients")
+    keys.add_argument("directory")
+    keys.add_argument("--client", default="client", help="name of the client key pair to add")
+    keys.set_defaults(func=cmd_keygen)
     return ap
 
 

@@ -76,6 +76,11 @@ class Config:
     max_concurrent_recycles: int = setting(1, "slots recycling at the same time")
     state_file: str = setting("", "JSON file where per-slot counters survive a supervisor restart (empty: none)")
     log_level: str = setting("info", "log level: debug, info, warning, error")
+    log_format: str = setting("text", "log lines as text (`event=... key=value`) or json (one object per line)")
+    curve_dir: str = setting("", "folder from `qvl-supervisor keygen`: the frontend admits only CurveZMQ clients whose public key is in its allowed/ (empty: no encryption)")
+    http: str = setting("", "host:port for the HTTP gateway, its own process (empty: no gateway)")
+    http_api_key_file: str = setting("", "file holding the key HTTP clients must send as `Authorization: Bearer KEY` (empty: none)")
+    http_remote_images: bool = setting(False, "let the HTTP gateway fetch image URLs over http(s); otherwise only data URLs")
 
     @property
     def limits(self) -> Limits:
@@ -111,6 +116,8 @@ class Config:
             faults.append(f"recycle_overlap must be auto, always or never (got {self.recycle_overlap!r})")
         if not 0 <= self.recycle_device_used_fraction <= 1:
             faults.append("recycle_device_used_fraction must be in 0..1")
+        if self.log_format not in ("text", "json"):
+            faults.append(f"log_format must be text or json (got {self.log_format!r})")
         if self.log_level not in ("debug", "info", "warning", "error"):
             faults.append(f"log_level must be debug, info, warning or error (got {self.log_level!r})")
         if self.heartbeat_interval_s <= 0:
@@ -126,8 +133,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting (`queue_size` -> `--queue-size`), defaulting to 'not given'."""
     parser.add_argument("--config", type=Path, help="TOML file of settings; flags override it")
     for name, f in FIELDS.items():
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=f.type,
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=_switch if f.type is bool else f.type,
                             default=None, help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def _switch(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes", "on")
 
 
 def load_config(args: argparse.Namespace) -> Config:
@@ -147,7 +160,7 @@ def load_config(args: argparse.Namespace) -> Config:
         want = FIELDS[name].type
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             values[name] = float(value)
-        elif not isinstance(value, want) or isinstance(value, bool):
+        elif not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
             faults.append(f"{name} must be of type {want.__name__} (got {value!r})")
     if faults:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(faults))

@@ -31,6 +31,7 @@ def status(sup, header: dict) -> dict:
         "queue_depth": len(sup.queue), "queue_size": sup.config.queue_size,
         "inflight": sum(len(w.inflight) for w in sup.workers()),
         "shutting_down": sup.shutting_down, "counters": dict(sup.counters), "gpu": gpu,
+        "metrics": sup.metrics.snapshot(),
         "workers": workers,
     }
 

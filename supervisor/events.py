@@ -4,6 +4,7 @@ Every state change in the supervisor goes through `event`, so a person can read 
 program can parse it (`parse_event`).
 """
 
+import json
 import logging
 
 log = logging.getLogger("qvl.supervisor")
@@ -17,7 +18,8 @@ def _fmt(value: object) -> str:
 
 
 def event(name: str, level: int = logging.INFO, **fields: object) -> None:
-    log.log(level, "event=%s %s", name, " ".join(f"{k}={_fmt(v)}" for k, v in fields.items()))
+    log.log(level, "event=%s %s", name, " ".join(f"{k}={_fmt(v)}" for k, v in fields.items()),
+            extra={"qvl_event": name, "qvl_fields": fields})
 
 
 def parse_event(line: str) -> dict:
@@ -35,5 +37,22 @@ def parse_event(line: str) -> dict:
     return out
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(message)s")
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, then the event and its fields, or the message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name}
+        if hasattr(record, "qvl_event"):
+            line.update(event=record.qvl_event, **record.qvl_fields)
+        else:
+            line["message"] = record.getMessage()
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json"
+                         else logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])

@@ -176,6 +176,20 @@ def worker_command(config: Config, backend: str, slot: int, generation: int) -> 
     return cmd
 
 
+def gateway_command(config: Config) -> list[str]:
+    """The HTTP gateway, a client of this supervisor's frontend that exits with it."""
+    cmd = [sys.executable, "-m", "qvl.supervisor.gateway", "--frontend", config.frontend,
+           "--listen", config.http, "--model-name", os.path.basename(config.model.rstrip("/")),
+           "--parent", str(os.getpid())]
+    if config.http_api_key_file:
+        cmd += ["--api-key-file", config.http_api_key_file]
+    if config.http_remote_images:
+        cmd.append("--remote-images")
+    if config.curve_dir:
+        cmd += ["--curve-dir", config.curve_dir]
+    return cmd
+
+
 def worker_env(config: Config) -> dict:
     """The worker sees only its own device, as cuda:0, numbered as NVML numbers it."""
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=config.alloc_conf,

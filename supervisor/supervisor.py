@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 
@@ -18,6 +19,7 @@ import zmq
 
 from qvl.protocol.codec import (CHUNK, GENERATE, HELLO, PROTOCOL_VERSION, READY, REPLY, STOP, decode,
                                 encode, error_header)
+from qvl.protocol.curve import serve_securely
 from qvl.protocol.errors import (BadRequest, DeadlineExceeded, OutOfMemory, Overloaded, QvlError,
                                  ShuttingDown, WorkerFailed)
 from qvl.protocol.messages import parse_generate
@@ -26,10 +28,12 @@ from .config import Config
 from .control import COMMANDS
 from .devices import DeviceMonitor
 from .events import event
+from .metrics import Metrics
 from .policy import Verdict, recycle_verdict
 from .requests import Request, RequestQueue
-from .slots import STARTING, Slot, Worker, WorkerState, device_index, restart_delay
+from .slots import STARTING, Slot, Worker, WorkerState, device_index, gateway_command, restart_delay
 from .state import load_state, restore, save_state
+from .systemd import Notifier
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 _MAX_BATCH_READ = 512  # messages read from one socket before the loop moves on
@@ -46,11 +50,14 @@ class Supervisor:
         self.keys = itertools.count(1)
         self.counters: collections.Counter = collections.Counter()
         restore(load_state(config.state_file), self.slots, self.counters)
+        self.metrics = Metrics()
         self.devices = DeviceMonitor()
         self.started_at = time.monotonic()
         self.shutting_down = False
         self.shutdown_deadline = 0.0
         self.done = False
+        self.gateway: subprocess.Popen | None = None
+        self.notifier = Notifier()
 
     # --- setup and teardown ---------------------------------------------------------------
 
@@ -59,7 +66,10 @@ class Supervisor:
         self.run_dir = tempfile.mkdtemp(prefix="qvl-")  # private (0700): only our workers connect
         self.backend_endpoint = f"ipc://{self.run_dir}/backend"
         self.frontend = self._router(self.limits.transport_cap)
+        self.auth = serve_securely(self.frontend, self.ctx, self.config.curve_dir) if self.config.curve_dir else None
         self.frontend.bind(self.config.frontend)
+        if self.config.frontend.startswith("ipc://"):
+            os.chmod(self.config.frontend[len("ipc://"):], 0o600)  # only this user's clients
         self.backend = self._router(-1)
         self.backend.bind(self.backend_endpoint)
         self.wakeup_r, wakeup_w = os.pipe()
@@ -82,6 +92,11 @@ class Supervisor:
         return sock
 
     def _close(self) -> None:
+        if self.gateway is not None:
+            self.gateway.terminate()
+            self.gateway.wait()
+        if self.auth is not None:
+            self.auth.stop()
         self.frontend.close()
         self.backend.close()
         self.ctx.term()
@@ -96,8 +111,12 @@ class Supervisor:
         self._open()
         event("supervisor_start", pid=os.getpid(), frontend=self.config.frontend,
               workers=self.config.workers, model=self.config.model, device=self.config.device)
+        if self.config.http:
+            self.gateway = subprocess.Popen(gateway_command(self.config), stdin=subprocess.DEVNULL)
+            event("gateway_start", pid=self.gateway.pid, listen=self.config.http)
         try:
             while not self.done:
+                self.notifier.watchdog()
                 self.poll()
                 self.reap_workers()
                 self.check_liveness()
@@ -142,6 +161,9 @@ class Supervisor:
             due.append(deadline)
         if self.shutting_down:
             due.append(self.shutdown_deadline)
+        ping = self.notifier.seconds_to_ping()
+        if ping is not None:
+            due.append(now + ping)
         return max(0, int((min(due) - now) * 1000) + 1)
 
     def handle_signals(self) -> None:
@@ -245,10 +267,12 @@ class Supervisor:
         else:
             reply = {"v": PROTOCOL_VERSION, "id": request.client_id, "ok": False, "error": error}
             self.counters[error.get("code", "internal")] += 1
+        self.metrics.latency.observe(now - request.accepted_at)
         self.frontend.send_multipart([request.client, *encode(reply)])
 
     def fail(self, request: Request, exc: QvlError) -> None:
         self.counters[exc.code] += 1
+        self.metrics.latency.observe(time.monotonic() - request.accepted_at)
         self.frontend.send_multipart([request.client, *encode(error_header(exc, request.client_id))])
 
     # --- work -----------------------------------------------------------------------------
@@ -269,6 +293,8 @@ class Supervisor:
             request = self.queue.pop()
             request.attempts += 1
             request.dispatched_at = time.monotonic()
+            if request.attempts == 1:
+                self.metrics.queue_time.observe(request.dispatched_at - request.accepted_at)
             worker.inflight[request.key] = request
             self.backend.send_multipart([worker.identity, *request.worker_parts], copy=False)
 
@@ -311,6 +337,7 @@ class Supervisor:
         r.started, r.started_at, r.overlap = True, now, self.has_room(current)
         event("recycle", worker=slot.index, gen=current.generation, reason=r.reason, hard=r.hard,
               overlap=r.overlap)
+        self.metrics.recycles[r.reason] += 1
         slot.last_reason = f"recycle: {r.reason}"
         if r.overlap and not r.hard:
             slot.successor = self.spawn(slot)  # the old worker serves until this one is ready
@@ -336,6 +363,8 @@ class Supervisor:
         return memory["free_bytes"] >= footprint * margin
 
     def on_ready(self, slot: Slot, worker: Worker) -> None:
+        ready = sum(1 for s in self.slots if s.current and s.current.state is WorkerState.READY)
+        self.notifier.ready(f"{ready} of {len(self.slots)} workers ready")
         if worker is slot.successor:
             self.retire(slot, slot.current, f"replaced by gen {worker.generation}")
             slot.current, slot.successor = worker, None
@@ -468,6 +497,7 @@ class Supervisor:
               inflight=sum(len(w.inflight) for w in self.workers()))
         self.shutting_down = True
         self.shutdown_deadline = time.monotonic() + self.config.stop_grace_s
+        self.notifier.stopping()
 
     def finish_shutdown(self) -> None:
         """Once accepted work is done (or the grace period is over), stop workers and end."""
