@@ -57,3 +57,19 @@ def test_readme_has_the_generated_table():
                            capture_output=True, text=True, check=True).stdout
     assert table.count("\n") == len(FIELDS) + 2
     assert table in (ROOT / "README.md").read_text()
+
+
+def test_documented_toml_has_every_key_and_loads():
+    """docs/qvl.toml is generated, names every setting, and parses to the defaults."""
+    from harness import ROOT
+
+    import subprocess
+    import sys
+
+    path = ROOT / "docs" / "qvl.toml"
+    generated = subprocess.run([sys.executable, str(ROOT / "scripts" / "config_table.py"), "--toml"],
+                               capture_output=True, text=True, check=True).stdout
+    assert path.read_text() == generated
+    keys = {line.split(" = ")[0] for line in path.read_text().splitlines() if " = " in line and not line.startswith("#")}
+    assert keys == set(FIELDS)
+    assert parse("--config", str(path)) == Config()

@@ -159,3 +159,31 @@ def test_health_is_503_while_no_worker_is_ready(start_supervisor):
     status, body = get(base + "/health")
     assert status == 503 and json.loads(body)["ready_workers"] == 0
     sup.remember_workers()
+
+
+def readme_block(containing: str) -> str:
+    """The README's python example that contains `containing`: the tests run what users copy."""
+    from harness import ROOT
+
+    blocks = (ROOT / "README.md").read_text().split("```python\n")[1:]
+    return next(b.split("```")[0] for b in blocks if containing in b)
+
+
+def test_readme_openai_example_runs(gateway, tmp_path, capsys, monkeypatch):
+    _, base = gateway
+    (tmp_path / "photo.jpg").write_bytes(png())
+    code = readme_block("openai.OpenAI(").replace("http://127.0.0.1:8000", base) \
+        .replace("my-secret-key", KEY).replace("max_tokens=64", "max_tokens=8")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert "completion_tokens=" in capsys.readouterr().out
+
+
+def test_readme_streaming_example_runs(shared_supervisor, tmp_path, capsys, monkeypatch):
+    (tmp_path / "photo.jpg").write_bytes(png())
+    code = readme_block("client.stream(").replace("tcp://127.0.0.1:5555", shared_supervisor.endpoint) \
+        .replace("max_new_tokens=64", "max_new_tokens=12")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "'completion_tokens': " in out and "'decode_ms': " in out
