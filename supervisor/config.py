@@ -35,6 +35,7 @@ class Config:
     model: str = setting("Qwen/Qwen3-VL-4B-Instruct", "model folder or hub id")
     device: str = setting("cuda:0", "device of the workers: cuda:N or cpu")
     workers: int = setting(1, "number of worker slots")
+    gpus: str = setting("", "GPUs to serve on, `0,1,...` or `all` (NVML order): one worker slot per GPU, each worker seeing only its own; overrides `workers` and the index in `device`")
     dtype: str = setting("auto", "model dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32")
     attn_implementation: str = setting("sdpa", "attention implementation passed to transformers (sdpa, eager, flash_attention_2)")
     engine: str = setting("hf", "hf: the model through transformers; noop: empty answers at once, to measure the serving path alone")
@@ -116,6 +117,10 @@ class Config:
             faults.append(f"recycle_overlap must be auto, always or never (got {self.recycle_overlap!r})")
         if not 0 <= self.recycle_device_used_fraction <= 1:
             faults.append("recycle_device_used_fraction must be in 0..1")
+        if self.gpus and self.gpus != "all" and not all(p.strip().isdigit() for p in self.gpus.split(",")):
+            faults.append(f"gpus must be `all` or comma-separated GPU indices (got {self.gpus!r})")
+        if self.gpus and not self.device.startswith("cuda"):
+            faults.append("gpus needs a cuda device")
         if self.log_format not in ("text", "json"):
             faults.append(f"log_format must be text or json (got {self.log_format!r})")
         if self.log_level not in ("debug", "info", "warning", "error"):

@@ -11,18 +11,17 @@ import time
 from qvl.protocol.codec import PING, RECYCLE, STATUS
 from qvl.protocol.errors import BadRequest
 
-from .slots import device_index
 
 
 def status(sup, header: dict) -> dict:
-    gpu_index = int(device_index(sup.config)) if sup.config.device.startswith("cuda") else None
-    gpu = sup.devices.gpu_memory(gpu_index) if gpu_index is not None else None
-    gpu_pids = sup.devices.gpu_process_memory(gpu_index) if gpu_index is not None else {}
+    indices = sorted({s.gpu for s in sup.slots if s.gpu is not None})
+    gpus = {str(i): sup.devices.gpu_memory(i) for i in indices}  # NVML per device
+    gpu_pids = {i: sup.devices.gpu_process_memory(i) for i in indices}
     workers = []
     for slot in sup.slots:
         info = slot.status()
         info["host_rss_bytes"] = sup.devices.rss(info["pid"])
-        info["gpu_bytes"] = gpu_pids.get(info["pid"])
+        info["gpu_bytes"] = gpu_pids.get(slot.gpu, {}).get(info["pid"])
         workers.append(info)
     return {
         "pid": os.getpid(), "host": socket.gethostname(),
@@ -30,7 +29,7 @@ def status(sup, header: dict) -> dict:
         "frontend": sup.config.frontend, "model": sup.config.model, "device": sup.config.device,
         "queue_depth": len(sup.queue), "queue_size": sup.config.queue_size,
         "inflight": sum(len(w.inflight) for w in sup.workers()),
-        "shutting_down": sup.shutting_down, "counters": dict(sup.counters), "gpu": gpu,
+        "shutting_down": sup.shutting_down, "counters": dict(sup.counters), "gpus": gpus,
         "metrics": sup.metrics.snapshot(),
         "workers": workers,
     }

@@ -22,6 +22,15 @@ class DeviceMonitor:
             except pynvml.NVMLError:
                 pass
 
+    def gpu_count(self) -> int:
+        """GPUs NVML sees (0 without NVML)."""
+        if not self._nvml:
+            return 0
+        try:
+            return pynvml.nvmlDeviceGetCount()
+        except pynvml.NVMLError:
+            return 0
+
     def gpu_memory(self, index: int) -> dict | None:
         """Used, free and total bytes of GPU `index` (NVML order), or None without NVML."""
         if not self._nvml:

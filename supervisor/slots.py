@@ -99,6 +99,7 @@ class PendingRecycle:
 @dataclass(eq=False)
 class Slot:
     index: int
+    gpu: int | None = None  # the GPU (NVML index) its workers run on; None on CPU
     generation: int = 0
     current: Worker | None = None
     successor: Worker | None = None
@@ -124,7 +125,7 @@ class Slot:
     def spawn(self, config: Config, backend: str) -> Worker:
         self.generation += 1
         process = subprocess.Popen(worker_command(config, backend, self.index, self.generation),
-                                   env=worker_env(config), stdin=subprocess.DEVNULL)
+                                   env=worker_env(config, self.gpu), stdin=subprocess.DEVNULL)
         worker = Worker(self.index, self.generation, process, state=WorkerState.EXITED,
                         requests_jitter=random.randint(0, config.recycle_requests_jitter))
         worker.set_state(WorkerState.SPAWNING, self.last_reason or "start")
@@ -143,7 +144,7 @@ class Slot:
     def status(self) -> dict:
         w = self.current
         return {
-            "slot": self.index, "state": self.state, "pid": w.pid if w else None,
+            "slot": self.index, "gpu": self.gpu, "state": self.state, "pid": w.pid if w else None,
             "generation": w.generation if w else self.generation,
             "inflight": sum(len(x.inflight) for x in self.workers()),
             "served": w.served if w else 0, "served_total": self.served_total,
@@ -190,17 +191,24 @@ def gateway_command(config: Config) -> list[str]:
     return cmd
 
 
-def worker_env(config: Config) -> dict:
+def worker_env(config: Config, gpu: int | None) -> dict:
     """The worker sees only its own device, as cuda:0, numbered as NVML numbers it."""
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=config.alloc_conf,
                CUDA_DEVICE_ORDER="PCI_BUS_ID")
-    if config.device.startswith("cuda"):
-        env["CUDA_VISIBLE_DEVICES"] = device_index(config)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     return env
 
 
-def device_index(config: Config) -> str:
-    return config.device.partition(":")[2] or "0"
+def slot_gpus(config: Config, gpu_count: int) -> list[int | None]:
+    """The GPU of each slot: one slot per listed GPU, else `workers` slots on `device`."""
+    if config.gpus == "all":
+        return list(range(gpu_count))
+    if config.gpus:
+        return [int(p) for p in config.gpus.split(",")]
+    if config.device.startswith("cuda"):
+        return [int(config.device.partition(":")[2] or 0)] * config.workers
+    return [None] * config.workers
 
 
 def restart_delay(recent_crashes: int, config: Config) -> float:

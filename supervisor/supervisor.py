@@ -24,14 +24,14 @@ from qvl.protocol.errors import (BadRequest, DeadlineExceeded, OutOfMemory, Over
                                  ShuttingDown, WorkerFailed)
 from qvl.protocol.messages import parse_generate
 
-from .config import Config
+from .config import Config, ConfigError
 from .control import COMMANDS
 from .devices import DeviceMonitor
 from .events import event
 from .metrics import Metrics
 from .policy import Verdict, recycle_verdict
 from .requests import Request, RequestQueue
-from .slots import STARTING, Slot, Worker, WorkerState, device_index, gateway_command, restart_delay
+from .slots import STARTING, Slot, Worker, WorkerState, gateway_command, restart_delay, slot_gpus
 from .state import load_state, restore, save_state
 from .systemd import Notifier
 
@@ -45,13 +45,15 @@ class Supervisor:
         self.config = config
         self.limits = config.limits
         self.queue = RequestQueue(config.queue_size)
-        self.slots = [Slot(i) for i in range(config.workers)]
+        self.devices = DeviceMonitor()
+        self.slots = [Slot(i, gpu) for i, gpu in enumerate(slot_gpus(config, self.devices.gpu_count()))]
+        if not self.slots:
+            raise ConfigError("gpus = all, but NVML sees no GPU")
         self.by_identity: dict[bytes, Worker] = {}
         self.keys = itertools.count(1)
         self.counters: collections.Counter = collections.Counter()
         restore(load_state(config.state_file), self.slots, self.counters)
         self.metrics = Metrics()
-        self.devices = DeviceMonitor()
         self.started_at = time.monotonic()
         self.shutting_down = False
         self.shutdown_deadline = 0.0
@@ -351,14 +353,14 @@ class Supervisor:
         if mode != "auto":
             return mode == "always"
         margin = 1 + self.config.recycle_overlap_margin
-        if not self.config.device.startswith("cuda"):
+        gpu = self.slots[worker.slot].gpu
+        if gpu is None:
             rss = self.devices.rss(worker.pid) or 0
             return self.devices.host_available() >= rss * margin
-        index = int(device_index(self.config))
-        memory = self.devices.gpu_memory(index)
+        memory = self.devices.gpu_memory(gpu)  # the slot's own device
         if memory is None:
             return False
-        footprint = self.devices.gpu_process_memory(index).get(worker.pid) \
+        footprint = self.devices.gpu_process_memory(gpu).get(worker.pid) \
             or worker.telemetry.get("reserved_bytes", 0) + (1 << 30)  # + context, if NVML can't see pids
         return memory["free_bytes"] >= footprint * margin
 
