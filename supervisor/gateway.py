@@ -115,26 +115,31 @@ def create_app(frontend: str, api_key: str = "", remote_images: bool = False, mo
 
 async def _events(head: dict, first, stream, params: dict, usage: bool):
     """Server-sent events in OpenAI's chunk form, ending with `[DONE]`."""
-    def event(delta: dict, finish: str | None = None, **extra) -> str:
-        chunk = {**head, "object": "chat.completion.chunk",
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-        return f"data: {json.dumps(chunk)}\n\n"
+    def event(choices: list, **extra) -> str:
+        return _sse({**head, "object": "chat.completion.chunk", "choices": choices, **extra})
 
-    yield event({"role": "assistant", "content": ""})
+    def choice(delta: dict, finish: str | None = None) -> list:
+        return [{"index": 0, "delta": delta, "finish_reason": finish}]
+
+    yield event(choice({"role": "assistant", "content": ""}))
     chunk = first
     try:
         while True:
             if chunk.text:
-                yield event({"content": chunk.text})
+                yield event(choice({"content": chunk.text}))
             if chunk.done:
-                yield event({}, _finish(chunk.usage, params))
+                yield event(choice({}, _finish(chunk.usage, params)))
                 if usage:
-                    yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': _usage(chunk.usage)})}\n\n"
+                    yield event([], usage=_usage(chunk.usage))
                 break
             chunk = await anext(stream)
     except QvlError as exc:  # headers are sent: the error travels as an event
-        yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.code, 'code': exc.code}})}\n\n"
+        yield _sse(_error_body(exc.code, exc.message))
     yield "data: [DONE]\n\n"
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
 
 
 async def _json(request: Request) -> dict:
@@ -213,7 +218,11 @@ def _usage(usage: dict) -> dict:
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": code, "code": code}}, status_code=status)
+    return JSONResponse(_error_body(code, message), status_code=status)
+
+
+def _error_body(code: str, message: str) -> dict:
+    return {"error": {"message": message, "type": code, "code": code}}
 
 
 class _Snapshot:

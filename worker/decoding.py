@@ -111,7 +111,7 @@ class Decoder:
             if t < params.min_new_tokens:
                 logits[:, self.eos] = float("-inf")
             chosen = choose_tokens(logits, params)
-            generated[:n, t] = chosen
+            generated[:, t] = chosen
             bucket.tokens[:n, 0] = chosen
             finished |= torch.isin(chosen, self.eos)
             if first_at is None:

@@ -147,12 +147,16 @@ class Engine:
             raise BadRequest(f"{length} prompt tokens plus max_new_tokens {params.max_new_tokens} do not fit "
                              f"the KV cache of {self.options.kv_cache_tokens} tokens")
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-        return [Completion(self.detokenize(row), int(n_prompt), len(self._until_eos(row)), prefill_ms, decode_ms)
-                for row, n_prompt in zip(tokens, prompt_tokens)]
+        kept = [self._until_eos(row) for row in tokens]
+        return [Completion(self._text(row), int(n_prompt), len(row), prefill_ms, decode_ms)
+                for row, n_prompt in zip(kept, prompt_tokens)]
 
     def detokenize(self, row: list[int]) -> str:
         """The text of a row of new tokens, up to and without its stop token."""
-        return self.processor.tokenizer.decode(self._until_eos(row), skip_special_tokens=True)
+        return self._text(self._until_eos(row))
+
+    def _text(self, row: list[int]) -> str:
+        return self.processor.tokenizer.decode(row, skip_special_tokens=True)
 
     def _inputs(self, prompts: list[Prompt]):
         texts = [self.processor.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True)
