@@ -136,28 +136,54 @@ def test_metrics_show_a_recycle_under_load(gateway):
         wait_for(lambda: get(base + "/health")[0] == 200, timeout=30)
         before = len(answered)
         wait_for(lambda: len(answered) >= before + 3, timeout=30)
+        seen = len(answered)
+        status, text = get(base + "/metrics")  # scraped while the load goes on
     finally:
         stop.set()
         thread.join(30)
     sup.remember_workers()
-    status, text = get(base + "/metrics")
     assert status == 200
     lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
     assert float(lines['qvl_recycles_total{reason="operator"}']) == 1
-    assert float(lines["qvl_request_latency_seconds_count"]) >= len(answered)
+    assert float(lines["qvl_request_latency_seconds_count"]) >= seen
     assert float(lines['qvl_request_latency_seconds_bucket{le="+Inf"}']) == float(lines["qvl_request_latency_seconds_count"])
-    assert float(lines['qvl_requests_total{outcome="answered"}']) >= len(answered)
+    assert float(lines['qvl_requests_total{outcome="answered"}']) >= seen
     assert float(lines['qvl_worker_ready{slot="0"}']) == 1
 
 
 def test_health_is_503_while_no_worker_is_ready(start_supervisor):
     port = free_port()
-    sup = start_supervisor("--http", f"127.0.0.1:{port}", "--restart-backoff-s", "5",
+    sup = start_supervisor("--http", f"127.0.0.1:{port}", "--restart-intensity", "1",
                            env={"QVL_FAULTS": "crash_at_start=1"})
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: get(base + "/health")[0] in (200, 503), timeout=30)
     status, body = get(base + "/health")
     assert status == 503 and json.loads(body)["ready_workers"] == 0
+    wait_for(lambda: events(sup.log(), "slot_failed"), timeout=30)
+    status, body = post(base + "/v1/chat/completions", json.dumps({"messages": chat(png())}).encode(),
+                        "application/json", key=None)
+    assert status == 503 and body["error"]["code"] == "worker_failed"
+    sup.remember_workers()
+
+
+def test_a_full_queue_answers_429(start_supervisor):
+    port = free_port()
+    sup = start_supervisor("--http", f"127.0.0.1:{port}", "--queue-size", "1", "--max-inflight", "1",
+                           env={"QVL_FAULTS": "slow_ms=1500"})
+    sup.wait_ready()
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: get(base + "/health")[0] == 200, timeout=30)
+    body = json.dumps({"messages": chat(png()), "max_tokens": 2}).encode()
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        post(base + "/v1/chat/completions", body, "application/json", key=None))) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    codes = sorted(status for status, _ in results)
+    assert len(codes) == 5 and 200 in codes and 429 in codes, codes
+    assert all(b["error"]["code"] == "overloaded" for status, b in results if status == 429)
     sup.remember_workers()
 
 
