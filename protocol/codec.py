@@ -25,6 +25,12 @@ HELLO, READY, HEARTBEAT, REPLY, BYE, STOP = "hello", "ready", "heartbeat", "repl
 CHUNK = "chunk"
 
 
+def worker_identity(slot: int, generation: int, heartbeat: bool = False) -> bytes:
+    """A worker's routing id on the supervisor's backend. Its heartbeats come from a socket of
+    their own, so they keep their time while the model holds the worker's main thread."""
+    return f"{slot}:{generation}{':beat' if heartbeat else ''}".encode()
+
+
 @dataclass(frozen=True)
 class Limits:
     """Bounds every decoder enforces. The defaults suit images of up to a few megapixels."""

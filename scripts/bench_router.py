@@ -10,6 +10,7 @@ outstanding, for both, and what qvl adds. Runs anywhere (CPU only):
 
 import argparse
 import multiprocessing
+import socket
 import statistics
 import subprocess
 import sys
@@ -21,6 +22,8 @@ import zmq
 from qvl.protocol import Client
 from qvl.protocol.codec import encode
 from qvl.protocol.messages import GenerationParams, build_generate
+
+WARM_UP = 200  # requests before measuring
 
 
 def echo_server(endpoint: str) -> None:
@@ -68,12 +71,25 @@ def measure(endpoint: str, n: int, window: int) -> dict:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
-    latencies(sock, 200)  # warm-up
+    latencies(sock, WARM_UP)
     lat = sorted(latencies(sock, n))
     result = {"p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[int(0.99 * len(lat))],
-              "rate": rate(sock, 5 * n, window)}
+              "rate": rate(sock, 5 * n, window), "sent": WARM_UP + 6 * n}
     sock.close()
     return result
+
+
+def check_answered(client: Client, sent: int) -> None:
+    """Figures of a broken path mean nothing: every request must have been answered, none failed."""
+    counters = client.status()["counters"]
+    if counters.get("answered") != sent:
+        sys.exit(f"qvl answered {counters.get('answered')} of {sent} requests: {counters}")
+
+
+def free_tcp_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 def main() -> None:
@@ -83,7 +99,7 @@ def main() -> None:
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="qvl-bench-")
 
-    echo_ep = "tcp://127.0.0.1:5601"
+    echo_ep = free_tcp_endpoint()
     echo = multiprocessing.get_context("spawn").Process(target=echo_server, args=(echo_ep,), daemon=True)
     echo.start()
     floor = measure(echo_ep, args.requests, args.window)
@@ -92,7 +108,7 @@ def main() -> None:
     stopper.send(b"")
     echo.join(5)
 
-    qvl_ep = "tcp://127.0.0.1:5602"
+    qvl_ep = free_tcp_endpoint()
     sup = subprocess.Popen(
         [sys.executable, "-m", "qvl.supervisor.cli", "start", "--frontend", qvl_ep, "--engine", "noop",
          "--model", "none", "--device", "cpu", "--max-inflight", str(args.window),
@@ -102,6 +118,8 @@ def main() -> None:
         with Client(qvl_ep, timeout=60) as c:
             c.wait_ready(timeout=120)
         served = measure(qvl_ep, args.requests, args.window)
+        with Client(qvl_ep, timeout=60) as c:
+            check_answered(c, served["sent"])
     finally:
         sup.terminate()
         sup.wait(30)

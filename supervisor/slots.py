@@ -16,6 +16,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from qvl.protocol.codec import worker_identity
+
 from .config import Config
 from .events import event
 from .policy import Verdict
@@ -51,8 +53,14 @@ class Worker:
     signals_sent: int = 0
 
     @property
+    def identities(self) -> tuple[bytes, bytes]:
+        """The routing ids of its request socket and of its heartbeat socket."""
+        return (worker_identity(self.slot, self.generation),
+                worker_identity(self.slot, self.generation, heartbeat=True))
+
+    @property
     def identity(self) -> bytes:
-        return f"{self.slot}:{self.generation}".encode()
+        return self.identities[0]
 
     @property
     def pid(self) -> int:

@@ -387,7 +387,8 @@ class Supervisor:
 
     def spawn(self, slot: Slot) -> Worker:
         worker = slot.spawn(self.config, self.backend_endpoint)
-        self.by_identity[worker.identity] = worker
+        for identity in worker.identities:
+            self.by_identity[identity] = worker
         return worker
 
     def manage_slots(self) -> None:
@@ -419,7 +420,8 @@ class Supervisor:
 
     def on_exit(self, slot: Slot, worker: Worker, code: int) -> None:
         expected = worker.state is WorkerState.STOPPING
-        self.by_identity.pop(worker.identity, None)
+        for identity in worker.identities:
+            self.by_identity.pop(identity, None)
         for request in worker.inflight.values():
             self.retry(request, worker)
         worker.inflight.clear()

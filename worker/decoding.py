@@ -171,7 +171,7 @@ class Decoder:
                 self._forward(bucket)
         torch.cuda.current_stream(self.device).wait_stream(side)
         bucket.graph = torch.cuda.CUDAGraph()
-        # thread_local: the worker's I/O thread reads memory telemetry while this thread captures
+        # thread_local: the worker's heartbeat thread reads memory telemetry while this one captures
         with torch.cuda.graph(bucket.graph, pool=self.graph_pool, capture_error_mode="thread_local"):
             bucket.logits = self._forward(bucket)
 

@@ -215,7 +215,8 @@ class NoopEngine:
     def warm_up(self) -> None:
         pass
 
-    def generate(self, prompts: list[Prompt], params: GenerationParams) -> list[Completion]:
+    def generate(self, prompts: list[Prompt], params: GenerationParams,
+                 progress: Progress | None = None) -> list[Completion]:
         return [Completion("", 0, 0, 0.0, 0.0) for _ in prompts]
 
 

@@ -4,7 +4,7 @@ Inert when the variable is unset. Its value is comma-separated `name=value` item
 
 - `crash_at_start=1`: exit with code 7 before loading the model;
 - `crash_after=N`: exit with code 7 when the N-th request arrives (abruptly, like a segfault);
-- `hang_at=N`: the N-th request never finishes (the compute thread sleeps; heartbeats go on);
+- `hang_at=N`: the N-th request never finishes (the worker sleeps; heartbeats go on);
 - `slow_ms=M`: every generate takes M ms longer (a slow but alive worker);
 - `step_ms=M`: decoding pauses M ms each time it reports progress (a slow stream);
 - `oom_at=N`: the N-th request raises a CUDA out-of-memory error;
@@ -44,12 +44,12 @@ class Faults:
             os._exit(7)
 
     def on_arrival(self, count: int) -> None:
-        """Called by the I/O thread as the `count`-th request arrives."""
+        """Called as the `count`-th request arrives."""
         if self.get("crash_after") and count >= self.get("crash_after"):
             os._exit(7)
 
     def before_generate(self, first: int, last: int) -> None:
-        """Called by the compute thread before a batch holding request numbers first..last."""
+        """Called before a batch holding request numbers first..last."""
         if self.get("hang_at") and first <= self.get("hang_at") <= last:
             while True:
                 time.sleep(3600)

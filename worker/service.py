@@ -1,10 +1,11 @@
-"""The worker's service loop: the supervisor link on one thread, the model on another.
+"""The worker's service loop: one thread takes requests, runs batches and sends replies.
 
-The main thread owns the DEALER socket to the supervisor: it takes requests, forwards replies and
-sends heartbeats on time even while a long `generate` runs. Images are decoded on a small pool
-as requests arrive, so decoding overlaps the model's work on earlier batches. The compute thread gathers waiting
-requests into batches of equal generation parameters, runs them, and hands replies back over an
-inproc socket (ZeroMQ sockets are never shared between threads).
+The main thread owns the DEALER socket to the supervisor. It reads every waiting request,
+gathers them into batches of equal generation parameters, runs each batch on the model and
+replies on the same socket, with no hand-off between threads on the request path. Between
+decoding steps it reads requests that arrived meanwhile, so their images decode on a small
+pool while the model works. Heartbeats come from a thread with a socket of its own
+(ZeroMQ sockets are never shared between threads), so they keep time during a long batch.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import collections
 import ctypes
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
@@ -25,17 +25,17 @@ import torch
 import zmq
 
 from qvl.protocol.codec import (BYE, CHUNK, GENERATE, HEARTBEAT, HELLO, PROTOCOL_VERSION, READY, REPLY,
-                                STOP, decode, encode, error_header)
+                                STOP, decode, encode, error_header, worker_identity)
 from qvl.protocol.errors import BadRequest, InternalError, OutOfMemory, QvlError
 from qvl.protocol.messages import GenerationParams
 
+from .decoding import Progress
 from .engine import Engine, ModelOptions, load_engine, prompt_from_request
 from .faults import Faults
 from .images import decode_image
 from .telemetry import Telemetry
 
 log = logging.getLogger("qvl.worker")
-_INPROC = "inproc://replies"
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,30 @@ def exit_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+class Heartbeat(threading.Thread):
+    """Sends this worker's telemetry every interval from its own socket until stopped."""
+
+    def __init__(self, service: "WorkerService"):
+        super().__init__(name="heartbeat", daemon=True)
+        self.service = service
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        opts = self.service.options
+        sock = self.service.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, worker_identity(opts.slot, opts.generation, heartbeat=True))
+        sock.connect(opts.backend)
+        while not self.stopped.is_set():
+            if os.getppid() != self.service.parent:
+                log.error("event=orphaned slot=%d", opts.slot)
+                os._exit(1)
+            sock.send_multipart(encode({"v": PROTOCOL_VERSION, "kind": HEARTBEAT,
+                                        "telemetry": self.service.read_telemetry()}))
+            self.stopped.wait(opts.heartbeat_interval_s)
+        sock.close()
+
+
 class WorkerService:
     def __init__(self, options: WorkerOptions):
         self.options = options
@@ -72,16 +96,14 @@ class WorkerService:
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 2000)
-        self.sock.setsockopt(zmq.ROUTING_ID, f"{options.slot}:{options.generation}".encode())
-        self.jobs: queue.Queue = queue.Queue()
-        self.replies = self.ctx.socket(zmq.PAIR)
-        self.replies.bind(_INPROC)
+        self.sock.setsockopt(zmq.ROUTING_ID, worker_identity(options.slot, options.generation))
         self.engine: Engine | None = None
         self.faults = Faults.from_env(options.slot, options.generation)
-        self.arrived = 0  # requests received (I/O thread)
-        self.done = 0     # requests answered (compute thread)
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.stopping = False  # the supervisor said stop: finish what is waiting, then exit
+        self.arrived = 0  # requests received
+        self.done = 0     # requests answered
         self.telemetry: Telemetry | None = None
-        self.loaded = threading.Event()
         self.decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
 
     def read_telemetry(self) -> dict:
@@ -96,64 +118,20 @@ class WorkerService:
         self._send(HELLO, slot=opts.slot, generation=opts.generation, pid=os.getpid())
         self.faults.at_start()
         started = time.monotonic()
-        compute = threading.Thread(target=self._compute_loop, name="compute", daemon=True)
-        compute.start()
-        self.loaded.wait()
+        self._load()
         load_s = time.monotonic() - started
         self._send(READY, load_s=load_s, device=str(self.engine.device),
                    telemetry=self.read_telemetry())
         log.info("event=ready slot=%d gen=%d load_s=%.2f", opts.slot, opts.generation, load_s)
+        heartbeat = Heartbeat(self)
+        heartbeat.start()
         self._serve()
-        compute.join()
-        self._flush_replies()
+        heartbeat.stopped.set()
+        heartbeat.join()
         self._send(BYE)
         return 0
 
-    def _serve(self) -> None:
-        """Relay until the supervisor says stop (or disappears)."""
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.replies, zmq.POLLIN)
-        interval = self.options.heartbeat_interval_s
-        next_beat = time.monotonic()
-        while True:
-            now = time.monotonic()
-            if now >= next_beat:
-                if os.getppid() != self.parent:
-                    log.error("event=orphaned slot=%d", self.options.slot)
-                    os._exit(1)
-                self._send(HEARTBEAT, telemetry=self.read_telemetry())
-                next_beat = now + interval
-            events = dict(poller.poll(max(0, int((next_beat - now) * 1000))))
-            if self.replies in events:
-                self._flush_replies()
-            if self.sock in events:
-                if not self._take_requests():
-                    self.jobs.put(None)
-                    return
-
-    def _flush_replies(self) -> None:
-        while self.replies.poll(0):
-            self.sock.send_multipart(self.replies.recv_multipart(copy=False), copy=False)
-
-    def _take_requests(self) -> bool:
-        """Queue every waiting request; False once the supervisor asked this worker to stop."""
-        while self.sock.poll(0):
-            header, frames = decode(self.sock.recv_multipart())
-            if header["kind"] == STOP:
-                return False
-            if header["kind"] == GENERATE:
-                self.arrived += 1
-                self.faults.on_arrival(self.arrived)
-                self.jobs.put(Job(header["id"], header["messages"], GenerationParams(**header["params"]),
-                                  self._images(frames), header.get("stream", False)))
-        return True
-
-    # --- compute thread -------------------------------------------------------------------
-
     def _load(self) -> None:
-        # Loading and warming up on the thread that generates: compiled CUDA graphs belong to
-        # the thread that captured them.
         try:
             self.engine = load_engine(self.options.model)
             self.engine.warm_up()
@@ -161,37 +139,32 @@ class WorkerService:
         except BaseException:
             log.exception("event=load_failed slot=%d", self.options.slot)
             os._exit(4)
-        self.loaded.set()
 
-    def _compute_loop(self) -> None:
-        self._load()
-        self.out = out = self.ctx.socket(zmq.PAIR)
-        out.connect(_INPROC)
-        waiting: collections.deque[Job] = collections.deque()
-        stopping = False
-        while waiting or not stopping:
-            stopping = self._gather(waiting, block=not waiting) or stopping
-            if not waiting:
-                continue
-            batch = self._next_batch(waiting)
-            for parts in self._run_batch(batch):
-                out.send_multipart(parts)
-        out.close()
+    def _serve(self) -> None:
+        """Batch and answer until the supervisor says stop and nothing is left waiting."""
+        while self.waiting or not self.stopping:
+            if not self.waiting:
+                self.sock.poll()  # idle: sleep until a request (or stop) comes
+            self._take_requests()
+            if self.waiting:
+                for parts in self._run_batch(self._next_batch()):
+                    self.sock.send_multipart(parts)
 
-    def _gather(self, waiting: collections.deque, block: bool) -> bool:
-        """Move queued jobs into `waiting`; True when the stop sentinel was among them."""
-        try:
-            job = self.jobs.get(block=block)
-            while True:
-                if job is None:
-                    return True
-                waiting.append(job)
-                job = self.jobs.get_nowait()
-        except queue.Empty:
-            return False
+    def _take_requests(self) -> None:
+        """Queue every request waiting on the socket, and start decoding its images."""
+        while self.sock.poll(0):
+            header, frames = decode(self.sock.recv_multipart())
+            if header["kind"] == STOP:
+                self.stopping = True
+            elif header["kind"] == GENERATE:
+                self.arrived += 1
+                self.faults.on_arrival(self.arrived)
+                self.waiting.append(Job(header["id"], header["messages"], GenerationParams(**header["params"]),
+                                        self._images(frames), header.get("stream", False)))
 
-    def _next_batch(self, waiting: collections.deque) -> list[Job]:
+    def _next_batch(self) -> list[Job]:
         """The oldest job and, up to the batch size, later ones with the same parameters."""
+        waiting = self.waiting
         first = waiting.popleft()
         batch, rest = [first], collections.deque()
         while waiting and len(batch) < self.options.max_batch_size:
@@ -208,14 +181,14 @@ class WorkerService:
             except BadRequest as exc:
                 replies.append(self._error(job, exc))
         if ready:
-            replies.extend(self._generate(ready))
+            replies.extend(self._generate(ready, streamed={}))
         return replies
 
-    def _generate(self, ready: list) -> list[list[bytes]]:
+    def _generate(self, ready: list, streamed: dict[int, str]) -> list[list[bytes]]:
         jobs = [job for job, _ in ready]
         try:
             self.faults.before_generate(self.done + 1, self.done + len(jobs))
-            progress = self._streamer(jobs) if any(job.stream for job in jobs) else None
+            progress = self._between_steps(jobs, streamed)
             completions = self.engine.generate([p for _, p in ready], jobs[0].params, progress)
         except torch.OutOfMemoryError as exc:
             self.telemetry.ooms += 1
@@ -229,7 +202,7 @@ class WorkerService:
                 log.exception("event=cuda_error slot=%d", self.options.slot)
                 os._exit(3)
             if len(ready) > 1:  # find the one request at fault; the others still get answers
-                return [parts for item in ready for parts in self._generate([item])]
+                return [parts for item in ready for parts in self._generate([item], streamed)]
             if isinstance(exc, QvlError):  # the request's own fault, named by the engine
                 return [self._error(jobs[0], exc)]
             log.exception("event=generate_failed key=%s", jobs[0].key)
@@ -244,19 +217,21 @@ class WorkerService:
             "telemetry": telemetry,
         }) for job, c in zip(jobs, completions)]
 
-    def _streamer(self, jobs: list[Job]):
-        """A progress callback that sends each streaming job's new text as a `chunk`."""
-        sent = [""] * len(jobs)
-
+    def _between_steps(self, jobs: list[Job], streamed: dict[int, str]) -> Progress:
+        """What runs every few decoding steps: take the requests that arrived meanwhile (their
+        images start decoding), and send each streaming job's new text as a `chunk`.
+        `streamed` holds the text sent so far per job, so a batch run again sends no text twice."""
         def progress(rows: list[list[int]]) -> None:
+            self._take_requests()
             self.faults.on_progress()
-            for i, (job, row) in enumerate(zip(jobs, rows)):
-                text = self.engine.detokenize(row) if job.stream and row else ""
+            for job, row in zip(jobs, rows):
+                if not (job.stream and row):
+                    continue
+                text, sent = self.engine.detokenize(row), streamed.get(job.key, "")
                 # a half-decoded multi-byte character shows as U+FFFD: wait for the rest of it
-                if len(text) > len(sent[i]) and text.startswith(sent[i]) and not text.endswith("\ufffd"):
-                    self.out.send_multipart(encode({"v": PROTOCOL_VERSION, "kind": CHUNK, "id": job.key,
-                                                    "text": text[len(sent[i]):]}))
-                    sent[i] = text
+                if len(text) > len(sent) and text.startswith(sent) and not text.endswith("\ufffd"):
+                    self._send(CHUNK, id=job.key, text=text[len(sent):])
+                    streamed[job.key] = text
         return progress
 
     def _images(self, frames: list[bytes]) -> Future:

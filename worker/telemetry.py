@@ -21,7 +21,7 @@ class Telemetry:
         self._process = psutil.Process(os.getpid())
         self._snapshot: dict = {}
         self._snapshot_at = float("-inf")
-        self._lock = threading.Lock()  # read from the I/O and the compute thread
+        self._lock = threading.Lock()  # read by the heartbeat and the main thread
 
     def read(self) -> dict:
         out = {"rss_bytes": self._process.memory_info().rss, "num_ooms": self.ooms}

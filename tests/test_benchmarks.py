@@ -1,0 +1,30 @@
+"""The serving-path benchmark and its no-op engine: they run, and every request is answered."""
+
+import subprocess
+import sys
+
+from harness import ROOT, RawLoad
+
+
+def test_noop_engine_answers_plain_and_streamed_requests(start_supervisor):
+    sup = start_supervisor("--engine", "noop")
+    sup.wait_ready()
+    load = RawLoad(sup.endpoint, sockets=2)
+    try:
+        load.send(20)
+        load.receive(timeout=20)
+        assert load.outcomes() == {"ok": 20}
+        assert all(len(replies) == 1 for replies in load.replies.values())
+    finally:
+        load.close()
+    with sup.client() as client:
+        chunks = list(client.stream([{"role": "user", "content": "hi"}], max_new_tokens=4))
+    assert [c.done for c in chunks] == [True] and chunks[0].text == ""
+
+
+def test_router_benchmark_prints_both_paths():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_router.py"), "--requests", "100",
+                             "--window", "8"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split("  ")[0] for line in result.stdout.splitlines()}
+    assert {"raw pyzmq DEALER echo (floor)", "qvl supervisor + no-op worker"} <= rows
