@@ -2,8 +2,11 @@
 """The serving path alone: qvl's supervisor with a no-op worker engine, beside the raw pyzmq
 floor (a DEALER client and a DEALER echo in another process), in one run.
 
-Prints per-request latency at concurrency 1 (p50/p99) and the request rate with many requests
-outstanding, for both, and what qvl adds. Runs anywhere (CPU only):
+Prints per-request latency at concurrency 1 (p50/p99), the request rate with many requests
+outstanding, and the CPU time each process spends per request during the rate run, for three
+paths: the floor; the same two hops qvl makes (ROUTER proxy, DEALER echo worker) written as
+bare Python loops with no qvl code, which bounds what any Python supervisor can reach here; and
+qvl. Every qvl request must be answered, or the run fails. Runs anywhere (CPU only):
 
     python scripts/bench_router.py [--requests 3000] [--window 64]
 """
@@ -17,6 +20,7 @@ import sys
 import tempfile
 import time
 
+import psutil
 import zmq
 
 from qvl.protocol import Client
@@ -30,10 +34,40 @@ def echo_server(endpoint: str) -> None:
     sock = zmq.Context().socket(zmq.DEALER)
     sock.bind(endpoint)
     while True:
-        parts = sock.recv_multipart(copy=False)
-        if len(parts[0]) == 0:
-            return
-        sock.send_multipart(parts, copy=False)
+        sock.send_multipart(sock.recv_multipart())
+
+
+def echo_worker(endpoint: str) -> None:
+    """A DEALER that connects to the proxy, says hello and echoes every message."""
+    sock = zmq.Context().socket(zmq.DEALER)
+    sock.connect(endpoint)
+    sock.send(b"hello")
+    while True:
+        sock.send_multipart(sock.recv_multipart())
+
+
+def bare_proxy(frontend: str, backend: str) -> None:
+    """Clients' requests to the one worker and its replies back: the two hops, nothing else."""
+    ctx = zmq.Context()
+    front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    front.bind(frontend)
+    back.bind(backend)
+    worker = back.recv_multipart()[0]
+    poller = zmq.Poller()
+    poller.register(front, zmq.POLLIN)
+    poller.register(back, zmq.POLLIN)
+    while True:
+        poller.poll()
+        try:
+            while True:
+                back.send_multipart([worker, *front.recv_multipart(zmq.NOBLOCK)])
+        except zmq.Again:
+            pass
+        try:
+            while True:
+                front.send_multipart(back.recv_multipart(zmq.NOBLOCK)[1:])
+        except zmq.Again:
+            pass
 
 
 def request(i: int) -> list[bytes]:
@@ -67,14 +101,27 @@ def rate(sock: zmq.Socket, n: int, window: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def measure(endpoint: str, n: int, window: int) -> dict:
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        times = psutil.Process(pid).cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def measure(endpoint: str, n: int, window: int, server_pids: list[int]) -> dict:
+    """Latency and rate through `endpoint`, with the CPU microseconds per request of this
+    client and of `server_pids` during the rate run."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     latencies(sock, WARM_UP)
     lat = sorted(latencies(sock, n))
+    client_cpu, server_cpu = cpu_seconds([psutil.Process().pid]), cpu_seconds(server_pids)
     result = {"p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[int(0.99 * len(lat))],
               "rate": rate(sock, 5 * n, window), "sent": WARM_UP + 6 * n}
+    result["client_us"] = (cpu_seconds([psutil.Process().pid]) - client_cpu) / (5 * n) * 1e6
+    result["server_us"] = (cpu_seconds(server_pids) - server_cpu) / (5 * n) * 1e6
     sock.close()
     return result
 
@@ -92,6 +139,40 @@ def free_tcp_endpoint() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
+def measure_in_processes(targets: list[tuple], endpoint: str, args) -> dict:
+    """Start `targets` (function, args) as processes, measure through `endpoint`, stop them."""
+    spawn = multiprocessing.get_context("spawn")
+    procs = [spawn.Process(target=fn, args=fn_args, daemon=True) for fn, fn_args in targets]
+    for p in procs:
+        p.start()
+    try:
+        return measure(endpoint, args.requests, args.window, [p.pid for p in procs])
+    finally:
+        for p in procs:
+            p.kill()
+            p.join()
+
+
+def measure_qvl(args, tmp: str) -> dict:
+    endpoint = free_tcp_endpoint()
+    sup = subprocess.Popen(
+        [sys.executable, "-m", "qvl.supervisor.cli", "start", "--frontend", endpoint, "--engine", "noop",
+         "--model", "none", "--device", "cpu", "--max-inflight", str(args.window),
+         "--max-batch-size", str(args.window), "--queue-size", str(4 * args.window),
+         "--log-level", "warning"], stderr=open(f"{tmp}/supervisor.log", "w"))
+    try:
+        with Client(endpoint, timeout=60) as c:
+            c.wait_ready(timeout=120)
+        pids = [sup.pid] + [child.pid for child in psutil.Process(sup.pid).children()]
+        served = measure(endpoint, args.requests, args.window, pids)
+        with Client(endpoint, timeout=60) as c:
+            check_answered(c, served["sent"])
+        return served
+    finally:
+        sup.terminate()
+        sup.wait(30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=3000)
@@ -100,35 +181,21 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="qvl-bench-")
 
     echo_ep = free_tcp_endpoint()
-    echo = multiprocessing.get_context("spawn").Process(target=echo_server, args=(echo_ep,), daemon=True)
-    echo.start()
-    floor = measure(echo_ep, args.requests, args.window)
-    stopper = zmq.Context.instance().socket(zmq.DEALER)
-    stopper.connect(echo_ep)
-    stopper.send(b"")
-    echo.join(5)
+    floor = measure_in_processes([(echo_server, (echo_ep,))], echo_ep, args)
+    front, back = free_tcp_endpoint(), f"ipc://{tmp}/backend"
+    bare = measure_in_processes([(bare_proxy, (front, back)), (echo_worker, (back,))], front, args)
+    served = measure_qvl(args, tmp)
 
-    qvl_ep = free_tcp_endpoint()
-    sup = subprocess.Popen(
-        [sys.executable, "-m", "qvl.supervisor.cli", "start", "--frontend", qvl_ep, "--engine", "noop",
-         "--model", "none", "--device", "cpu", "--max-inflight", str(args.window),
-         "--max-batch-size", str(args.window), "--queue-size", str(4 * args.window),
-         "--log-level", "warning"], stderr=open(f"{tmp}/supervisor.log", "w"))
-    try:
-        with Client(qvl_ep, timeout=60) as c:
-            c.wait_ready(timeout=120)
-        served = measure(qvl_ep, args.requests, args.window)
-        with Client(qvl_ep, timeout=60) as c:
-            check_answered(c, served["sent"])
-    finally:
-        sup.terminate()
-        sup.wait(30)
-
-    print(f"{'path':<34} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>10}")
-    print(f"{'raw pyzmq DEALER echo (floor)':<34} {floor['p50_ms']:>8.3f} {floor['p99_ms']:>8.3f} {floor['rate']:>10.0f}")
-    print(f"{'qvl supervisor + no-op worker':<34} {served['p50_ms']:>8.3f} {served['p99_ms']:>8.3f} {served['rate']:>10.0f}")
-    print(f"added p50 {served['p50_ms'] - floor['p50_ms']:.3f} ms; rate {served['rate'] / floor['rate']:.2f}x the floor "
-          f"(concurrency 1 for latency, {args.window} outstanding for rate, {args.requests} requests)")
+    print(f"{'path':<44} {'p50 ms':>7} {'p99 ms':>7} {'req/s':>8} {'x floor':>7} "
+          f"{'CPU us/req: client':>18} {'servers':>8}")
+    for name, r in (("raw pyzmq DEALER echo (floor)", floor),
+                    ("bare Python proxy + echo worker (no qvl code)", bare),
+                    ("qvl supervisor + no-op worker", served)):
+        print(f"{name:<44} {r['p50_ms']:>7.3f} {r['p99_ms']:>7.3f} {r['rate']:>8.0f} "
+              f"{r['rate'] / floor['rate']:>7.2f} {r['client_us']:>18.1f} {r['server_us']:>8.1f}")
+    print(f"qvl adds {served['p50_ms'] - floor['p50_ms']:.3f} ms p50 over the floor and reaches "
+          f"{served['rate'] / floor['rate']:.2f}x its rate ({served['rate'] / bare['rate']:.2f}x the bare "
+          f"proxy's); concurrency 1 for latency, {args.window} outstanding for rate, {args.requests} requests")
 
 
 if __name__ == "__main__":

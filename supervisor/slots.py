@@ -52,15 +52,9 @@ class Worker:
     stop_deadline: float = 0.0
     signals_sent: int = 0
 
-    @property
-    def identities(self) -> tuple[bytes, bytes]:
-        """The routing ids of its request socket and of its heartbeat socket."""
-        return (worker_identity(self.slot, self.generation),
-                worker_identity(self.slot, self.generation, heartbeat=True))
-
-    @property
-    def identity(self) -> bytes:
-        return self.identities[0]
+    def __post_init__(self) -> None:
+        self.identity = worker_identity(self.slot, self.generation)  # its request socket's routing id
+        self.identities = (self.identity, worker_identity(self.slot, self.generation, heartbeat=True))
 
     @property
     def pid(self) -> int:

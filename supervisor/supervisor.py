@@ -121,10 +121,10 @@ class Supervisor:
                 self.notifier.watchdog()
                 self.poll()
                 self.reap_workers()
-                self.check_liveness()
                 self.expire_deadlines()
+                self.dispatch()  # before the rest of the upkeep: it is on every request's path
+                self.check_liveness()
                 self.manage_slots()
-                self.dispatch()
                 self.finish_shutdown()
         finally:
             self._kill_all()

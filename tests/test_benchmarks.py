@@ -27,4 +27,5 @@ def test_router_benchmark_prints_both_paths():
                              "--window", "8"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {line.split("  ")[0] for line in result.stdout.splitlines()}
-    assert {"raw pyzmq DEALER echo (floor)", "qvl supervisor + no-op worker"} <= rows
+    assert {"raw pyzmq DEALER echo (floor)", "bare Python proxy + echo worker (no qvl code)",
+            "qvl supervisor + no-op worker"} <= rows
