@@ -3,7 +3,8 @@
 floor (a DEALER client and a DEALER echo in another process), in one run.
 
 Prints per-request latency at concurrency 1 (p50/p99), the request rate with many requests
-outstanding, and the CPU time each process spends per request during the rate run, for three
+outstanding, and the CPU time the client, the router and the worker each spend per request
+during the rate run (their ZeroMQ I/O threads included), for three
 paths: the floor; the same two hops qvl makes (ROUTER proxy, DEALER echo worker) written as
 bare Python loops with no qvl code, which bounds what any Python supervisor can reach here; and
 qvl. Every qvl request must be answered, or the run fails. Runs anywhere (CPU only):
@@ -109,19 +110,20 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def measure(endpoint: str, n: int, window: int, server_pids: list[int]) -> dict:
+def measure(endpoint: str, n: int, window: int, router: list[int], worker: list[int]) -> dict:
     """Latency and rate through `endpoint`, with the CPU microseconds per request of this
-    client and of `server_pids` during the rate run."""
+    client, of the `router` processes and of the `worker` processes during the rate run."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     latencies(sock, WARM_UP)
     lat = sorted(latencies(sock, n))
-    client_cpu, server_cpu = cpu_seconds([psutil.Process().pid]), cpu_seconds(server_pids)
+    groups = {"client_us": [psutil.Process().pid], "router_us": router, "worker_us": worker}
+    before = {name: cpu_seconds(pids) for name, pids in groups.items()}
     result = {"p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[int(0.99 * len(lat))],
               "rate": rate(sock, 5 * n, window), "sent": WARM_UP + 6 * n}
-    result["client_us"] = (cpu_seconds([psutil.Process().pid]) - client_cpu) / (5 * n) * 1e6
-    result["server_us"] = (cpu_seconds(server_pids) - server_cpu) / (5 * n) * 1e6
+    for name, pids in groups.items():
+        result[name] = (cpu_seconds(pids) - before[name]) / (5 * n) * 1e6
     sock.close()
     return result
 
@@ -139,14 +141,16 @@ def free_tcp_endpoint() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-def measure_in_processes(targets: list[tuple], endpoint: str, args) -> dict:
-    """Start `targets` (function, args) as processes, measure through `endpoint`, stop them."""
+def measure_in_processes(router: tuple | None, worker: tuple, endpoint: str, args) -> dict:
+    """Start the `router` and `worker` (function, args) as processes, measure through
+    `endpoint`, stop them."""
     spawn = multiprocessing.get_context("spawn")
-    procs = [spawn.Process(target=fn, args=fn_args, daemon=True) for fn, fn_args in targets]
+    procs = [spawn.Process(target=fn, args=fn_args, daemon=True)
+             for fn, fn_args in filter(None, (router, worker))]
     for p in procs:
         p.start()
     try:
-        return measure(endpoint, args.requests, args.window, [p.pid for p in procs])
+        return measure(endpoint, args.requests, args.window, [p.pid for p in procs[:-1]], [procs[-1].pid])
     finally:
         for p in procs:
             p.kill()
@@ -163,8 +167,8 @@ def measure_qvl(args, tmp: str) -> dict:
     try:
         with Client(endpoint, timeout=60) as c:
             c.wait_ready(timeout=120)
-        pids = [sup.pid] + [child.pid for child in psutil.Process(sup.pid).children()]
-        served = measure(endpoint, args.requests, args.window, pids)
+        workers = [child.pid for child in psutil.Process(sup.pid).children()]
+        served = measure(endpoint, args.requests, args.window, [sup.pid], workers)
         with Client(endpoint, timeout=60) as c:
             check_answered(c, served["sent"])
         return served
@@ -181,18 +185,18 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="qvl-bench-")
 
     echo_ep = free_tcp_endpoint()
-    floor = measure_in_processes([(echo_server, (echo_ep,))], echo_ep, args)
+    floor = measure_in_processes(None, (echo_server, (echo_ep,)), echo_ep, args)
     front, back = free_tcp_endpoint(), f"ipc://{tmp}/backend"
-    bare = measure_in_processes([(bare_proxy, (front, back)), (echo_worker, (back,))], front, args)
+    bare = measure_in_processes((bare_proxy, (front, back)), (echo_worker, (back,)), front, args)
     served = measure_qvl(args, tmp)
 
     print(f"{'path':<44} {'p50 ms':>7} {'p99 ms':>7} {'req/s':>8} {'x floor':>7} "
-          f"{'CPU us/req: client':>18} {'servers':>8}")
+          f"{'CPU us/req: client':>18} {'router':>7} {'worker':>7}")
     for name, r in (("raw pyzmq DEALER echo (floor)", floor),
                     ("bare Python proxy + echo worker (no qvl code)", bare),
                     ("qvl supervisor + no-op worker", served)):
         print(f"{name:<44} {r['p50_ms']:>7.3f} {r['p99_ms']:>7.3f} {r['rate']:>8.0f} "
-              f"{r['rate'] / floor['rate']:>7.2f} {r['client_us']:>18.1f} {r['server_us']:>8.1f}")
+              f"{r['rate'] / floor['rate']:>7.2f} {r['client_us']:>18.1f} {r['router_us']:>7.1f} {r['worker_us']:>7.1f}")
     print(f"qvl adds {served['p50_ms'] - floor['p50_ms']:.3f} ms p50 over the floor and reaches "
           f"{served['rate'] / floor['rate']:.2f}x its rate ({served['rate'] / bare['rate']:.2f}x the bare "
           f"proxy's); concurrency 1 for latency, {args.window} outstanding for rate, {args.requests} requests")

@@ -63,7 +63,8 @@ def test_batch_larger_than_the_pool_is_split(tiny_model, engines):
 @pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
 def test_progress_reports_what_the_answer_begins_with(engines, kv_cache):
     engine, seen = engines[kv_cache], []
-    answers = engine.generate(PROMPTS[:2], GenerationParams(max_new_tokens=12, min_new_tokens=12), seen.append)
+    answers = engine.generate(PROMPTS[:2], GenerationParams(max_new_tokens=12, min_new_tokens=12),
+                              lambda rows: seen.append(rows()))
     lengths = [len(rows[0]) for rows in seen]
     assert lengths[:2] == [4, 8] and all(n % 4 == 0 for n in lengths)  # every STOP_CHECK_EVERY steps
     for rows in seen:

@@ -30,7 +30,9 @@ from qvl.protocol.messages import GenerationParams
 LENGTH_BUCKET = 256
 STOP_CHECK_EVERY = 4  # steps between checks that every row has ended (each check waits for the GPU)
 
-Progress = Callable[[list[list[int]]], None]  # every row's new tokens so far, for streaming
+# Called every few decoding steps with a function that returns every row's new tokens so far;
+# they are copied from the device only if it is called (for streaming).
+Progress = Callable[[Callable[[], list[list[int]]]], None]
 
 
 def next_power_of_two(n: int) -> int:
@@ -104,7 +106,7 @@ class Decoder:
             if t:
                 if t % STOP_CHECK_EVERY == 0:
                     if progress is not None:
-                        progress(generated[:, :t].tolist())
+                        progress(lambda: generated[:, :t].tolist())
                     if bool(finished.all()):
                         break
                 logits = self._step(bucket)[:n]

@@ -74,7 +74,7 @@ class _Steps(BaseStreamer):
     def __init__(self, progress: Progress | None) -> None:
         self.progress = progress
         self.first_step_at: float | None = None
-        self.rows: list[list[int]] = []
+        self.steps: list[torch.Tensor] = []  # each step's new token per row, left where it is
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -85,10 +85,9 @@ class _Steps(BaseStreamer):
             self.first_step_at = time.perf_counter()
         if self.progress is None:
             return
-        tokens = value.view(-1).tolist()
-        self.rows = [row + [t] for row, t in zip(self.rows, tokens)] if self.rows else [[t] for t in tokens]
-        if len(self.rows[0]) % STOP_CHECK_EVERY == 0:
-            self.progress(self.rows)
+        self.steps.append(value.view(-1, 1))
+        if len(self.steps) % STOP_CHECK_EVERY == 0:
+            self.progress(lambda: torch.cat(self.steps, dim=1).tolist())
 
     def end(self) -> None:
         pass
@@ -141,7 +140,7 @@ class Engine:
             tokens, prefill_ms, decode_ms = decoded.tokens, decoded.prefill_ms, decoded.decode_ms
         elif n > 1:
             half = n // 2
-            later = None if progress is None else lambda rows: progress([[]] * half + rows)
+            later = None if progress is None else lambda rows: progress(lambda: [[]] * half + rows())
             return self.generate(prompts[:half], params, progress) + self.generate(prompts[half:], params, later)
         else:
             raise BadRequest(f"{length} prompt tokens plus max_new_tokens {params.max_new_tokens} do not fit "

@@ -20,6 +20,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import zmq
@@ -223,10 +224,12 @@ class WorkerService:
         """What runs every few decoding steps: take the requests that arrived meanwhile (their
         images start decoding), and send each streaming job's new text as a `chunk`.
         `streamed` holds the text sent so far per job, so a batch run again sends no text twice."""
-        def progress(rows: list[list[int]]) -> None:
+        def progress(rows: Callable[[], list[list[int]]]) -> None:
             self._take_requests()
             self.faults.on_progress()
-            for job, row in zip(jobs, rows):
+            if not any(job.stream for job in jobs):
+                return
+            for job, row in zip(jobs, rows()):
                 if not (job.stream and row):
                     continue
                 text, sent = self.engine.detokenize(row), streamed.get(job.key, "")
