@@ -68,6 +68,10 @@ def exit_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def send(sock: zmq.Socket, kind: str, **fields) -> None:
+    sock.send_multipart(encode({"v": PROTOCOL_VERSION, "kind": kind, **fields}))
+
+
 class Heartbeat(threading.Thread):
     """Sends this worker's telemetry every interval from its own socket until stopped."""
 
@@ -86,8 +90,7 @@ class Heartbeat(threading.Thread):
             if os.getppid() != self.service.parent:
                 log.error("event=orphaned slot=%d", opts.slot)
                 os._exit(1)
-            sock.send_multipart(encode({"v": PROTOCOL_VERSION, "kind": HEARTBEAT,
-                                        "telemetry": self.service.read_telemetry()}))
+            send(sock, HEARTBEAT, telemetry=self.service.read_telemetry())
             self.stopped.wait(opts.heartbeat_interval_s)
         sock.close()
 
@@ -113,7 +116,7 @@ class WorkerService:
         return self.faults.apply(self.telemetry.read(), self.done)
 
     def _send(self, kind: str, **fields) -> None:
-        self.sock.send_multipart(encode({"v": PROTOCOL_VERSION, "kind": kind, **fields}))
+        send(self.sock, kind, **fields)
 
     def run(self) -> int:
         opts = self.options
@@ -224,10 +227,12 @@ class WorkerService:
         """What runs every few decoding steps: take the requests that arrived meanwhile (their
         images start decoding), and send each streaming job's new text as a `chunk`.
         `streamed` holds the text sent so far per job, so a batch run again sends no text twice."""
+        streaming = any(job.stream for job in jobs)
+
         def progress(rows: Callable[[], list[list[int]]]) -> None:
             self._take_requests()
             self.faults.on_progress()
-            if not any(job.stream for job in jobs):
+            if not streaming:
                 return
             for job, row in zip(jobs, rows()):
                 if not (job.stream and row):
