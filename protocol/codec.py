@@ -37,6 +37,7 @@ class Limits:
 
     max_header_bytes: int = 1 << 20
     max_frame_bytes: int = 20 << 20
+    max_request_bytes: int = 64 << 20  # header and every frame of one message together
     max_images: int = 16
     max_messages: int = 64
     max_text_chars: int = 32_768
@@ -103,6 +104,9 @@ def decode(parts: Sequence[bytes], limits: Limits = DEFAULT_LIMITS) -> tuple[dic
         if len(frame) > limits.max_frame_bytes:
             raise BadRequest(
                 f"frame {i} of {len(frame)} bytes exceeds {limits.max_frame_bytes}", rid)
+    total = len(raw) + sum(len(f) for f in frames)
+    if total > limits.max_request_bytes:
+        raise BadRequest(f"message of {total} bytes exceeds {limits.max_request_bytes}", rid)
     return header, frames
 
 

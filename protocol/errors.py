@@ -71,5 +71,6 @@ def error_from_wire(error: object, request_id: object = None) -> QvlError:
     """The exception for a reply's `error` map; an unknown code becomes `InternalError`."""
     if not isinstance(error, dict):
         return InternalError(f"malformed error: {error!r}", request_id)
-    cls = ERROR_CLASSES.get(error.get("code"), InternalError)
+    code = error.get("code")
+    cls = ERROR_CLASSES.get(code, InternalError) if isinstance(code, str) else InternalError
     return cls(str(error.get("message", "")), request_id)

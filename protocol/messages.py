@@ -1,8 +1,12 @@
-"""The `generate` request: chat messages whose images refer to binary frames, and its parameters.
+"""Every message on the wire, declared once: its fields, how it is built and how it is read.
 
-`build_generate` turns a caller's messages (images as bytes, paths or PIL images) into a header
-and frames; `parse_generate` checks a received header against the limits and returns a frozen
-`GenerateRequest`. Both sides of every hop use these two functions, so the schema lives here only.
+Client to supervisor: the `generate` request (chat messages whose images refer to binary frames,
+and its parameters). `build_generate` turns a caller's messages (images as bytes, paths or PIL
+images) into a header and frames; `parse_generate` checks a received header against the limits
+and returns a frozen `GenerateRequest`, types first and values after, so no comparison of mixed
+types can happen. Supervisor and worker: `Hello`, `Ready`, `Heartbeat`, `Chunk`, `Reply`,
+`ErrorReply`, `Stop`, `Bye`, each with `header()` and `parse()`. No dict literal elsewhere
+builds a wire message.
 """
 
 from __future__ import annotations
@@ -10,12 +14,13 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from .codec import GENERATE, PROTOCOL_VERSION, Limits
-from .errors import BadRequest
+from .codec import BYE, CHUNK, GENERATE, HEARTBEAT, HELLO, PROTOCOL_VERSION, READY, REPLY, STOP, Limits
+from .errors import ERROR_CODES, BadRequest, QvlError, error_from_wire
 
 ROLES = frozenset({"system", "user", "assistant"})
+MAX_TIMEOUT_MS = 7 * 24 * 3600 * 1000  # a week: longer deadlines are surely a mistake
 
 
 @dataclass(frozen=True)
@@ -30,25 +35,30 @@ class GenerationParams:
 
     @classmethod
     def parse(cls, raw: object, limits: Limits) -> "GenerationParams":
+        """Check every field's type first, then its value against the others and `limits`."""
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
             raise BadRequest("`params` must be a map")
-        unknown = set(raw) - set(cls.__dataclass_fields__)
+        unknown = sorted(str(k) for k in set(raw) - set(cls.__dataclass_fields__))
         if unknown:
-            raise BadRequest(f"unknown generation parameters: {sorted(unknown)}")
+            raise BadRequest(f"unknown generation parameters: {unknown}")
+        for name, value in raw.items():
+            want = _is_int if cls.__dataclass_fields__[name].type == "int" else _is_number
+            if not want(value):
+                raise BadRequest(f"{name} must be {'an integer' if want is _is_int else 'a number'}, "
+                                 f"not {type(value).__name__}")
         params = cls(**raw)
         checks = [
-            (_is_int(params.max_new_tokens) and 1 <= params.max_new_tokens <= limits.max_new_tokens,
-             f"max_new_tokens must be an integer in 1..{limits.max_new_tokens}"),
-            (_is_int(params.min_new_tokens) and 0 <= params.min_new_tokens <= params.max_new_tokens,
-             "min_new_tokens must be an integer in 0..max_new_tokens"),
-            (_is_number(params.temperature) and 0 <= params.temperature <= 100,
-             "temperature must be a number in 0..100"),
-            (_is_number(params.top_p) and 0 < params.top_p <= 1, "top_p must be in (0, 1]"),
-            (_is_int(params.top_k) and params.top_k >= 0, "top_k must be a non-negative integer"),
+            (1 <= params.max_new_tokens <= limits.max_new_tokens,
+             f"max_new_tokens must be in 1..{limits.max_new_tokens}"),
+            (0 <= params.min_new_tokens <= params.max_new_tokens,
+             "min_new_tokens must be in 0..max_new_tokens"),
+            (0 <= params.temperature <= 100, "temperature must be in 0..100"),
+            (0 < params.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= params.top_k <= 1 << 31, "top_k must be in 0..2^31"),
         ]
-        for ok, message in checks:
+        for ok, message in checks:  # NaN fails every comparison, so it is refused here too
             if not ok:
                 raise BadRequest(message)
         return params
@@ -82,8 +92,8 @@ def parse_generate(header: dict, frames: Sequence[bytes], limits: Limits) -> Gen
         messages = _parse_messages(header.get("messages"), len(frames), limits)
         params = GenerationParams.parse(header.get("params"), limits)
         timeout_ms = header.get("timeout_ms")
-        if timeout_ms is not None and not (_is_number(timeout_ms) and timeout_ms > 0):
-            raise BadRequest("timeout_ms must be a positive number")
+        if timeout_ms is not None and not (_is_number(timeout_ms) and 0 < timeout_ms <= MAX_TIMEOUT_MS):
+            raise BadRequest(f"timeout_ms must be a number in (0, {MAX_TIMEOUT_MS}]")
         stream = header.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest("stream must be true or false")
@@ -98,9 +108,10 @@ def _parse_messages(messages: object, n_frames: int, limits: Limits) -> list:
     if len(messages) > limits.max_messages:
         raise BadRequest(f"{len(messages)} messages exceed the limit of {limits.max_messages}")
     used = set()
+    references = 0
     out = []
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
+        if not isinstance(message, dict) or not _is_role(message.get("role")):
             raise BadRequest(f"message {i} needs a role among {sorted(ROLES)}")
         content = message.get("content")
         if isinstance(content, str):
@@ -112,6 +123,9 @@ def _parse_messages(messages: object, n_frames: int, limits: Limits) -> list:
             parts.append(_parse_part(part, i, n_frames, limits))
             if parts[-1]["type"] == "image":
                 used.add(parts[-1]["frame"])
+                references += 1
+                if references > limits.max_images:  # each reference is processed: all of them count
+                    raise BadRequest(f"more than {limits.max_images} image references")
         out.append({"role": message["role"], "content": parts})
     if len(used) != n_frames:
         raise BadRequest(f"{n_frames} image frames sent but {len(used)} referenced")
@@ -170,9 +184,206 @@ def image_bytes(image: Any) -> bytes:
     raise TypeError(f"an image must be bytes, a path or a PIL image, not {type(image).__name__}")
 
 
+def _is_role(x: object) -> bool:
+    return isinstance(x, str) and x in ROLES
+
+
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# --- between the supervisor and its workers ---------------------------------------------------
+# Each message is a frozen dataclass with `header()` to build it and `parse(header)` to read it
+# back, raising `BadRequest` for a header that does not fit. The supervisor reads what a worker
+# sends through `parse_worker_message`, so a worker's mistake is a typed error, never a crash.
+
+MAX_TELEMETRY_KEYS = 64
+
+
+@dataclass(frozen=True)
+class Hello:
+    """A worker connected (before it loads the model)."""
+
+    slot: int
+    generation: int
+    pid: int
+
+    def header(self) -> dict:
+        return _header(HELLO, slot=self.slot, generation=self.generation, pid=self.pid)
+
+    @classmethod
+    def parse(cls, header: dict) -> "Hello":
+        return cls(*(_field(header, name, _is_int, "an integer") for name in ("slot", "generation", "pid")))
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A worker loaded its model and takes requests."""
+
+    load_s: float
+    device: str
+    telemetry: dict
+
+    def header(self) -> dict:
+        return _header(READY, load_s=self.load_s, device=self.device, telemetry=self.telemetry)
+
+    @classmethod
+    def parse(cls, header: dict) -> "Ready":
+        return cls(_field(header, "load_s", _is_number, "a number"),
+                   _field(header, "device", lambda x: isinstance(x, str), "a string"),
+                   parse_telemetry(header.get("telemetry")))
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A worker is alive; its latest memory telemetry."""
+
+    telemetry: dict
+
+    def header(self) -> dict:
+        return _header(HEARTBEAT, telemetry=self.telemetry)
+
+    @classmethod
+    def parse(cls, header: dict) -> "Heartbeat":
+        return cls(parse_telemetry(header.get("telemetry")))
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a streamed answer's text, sent before its reply (worker -> supervisor -> client)."""
+
+    id: Any
+    text: str
+
+    def header(self) -> dict:
+        return {**_header(CHUNK, id=self.id, text=self.text), "ok": True}
+
+    @classmethod
+    def parse(cls, header: dict) -> "Chunk":
+        return cls(_field(header, "id", _is_id, "a string or an integer"),
+                   _field(header, "text", lambda x: isinstance(x, str), "a string"))
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The answer to one request. `worker` (slot, generation, pid) is added by the supervisor."""
+
+    id: Any
+    text: str
+    usage: dict
+    timings: dict
+    telemetry: dict | None = None
+    worker: dict | None = None
+
+    def header(self) -> dict:
+        header = _header(REPLY, id=self.id, ok=True, text=self.text, usage=self.usage, timings=self.timings)
+        for name in ("telemetry", "worker"):
+            if getattr(self, name) is not None:
+                header[name] = getattr(self, name)
+        return header
+
+    @classmethod
+    def parse(cls, header: dict) -> "Reply":
+        return cls(_field(header, "id", _is_id, "a string or an integer"),
+                   _field(header, "text", lambda x: isinstance(x, str), "a string"),
+                   _numbers(header.get("usage"), "usage"), _numbers(header.get("timings"), "timings"),
+                   parse_telemetry(header.get("telemetry")) if "telemetry" in header else None)
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """A request that ended in a typed error; `error` is the `QvlError` it carries."""
+
+    id: Any
+    error: QvlError
+    telemetry: dict | None = None
+
+    def header(self) -> dict:
+        header = _header(REPLY, id=self.id, ok=False, error=self.error.to_wire())
+        if self.telemetry is not None:
+            header["telemetry"] = self.telemetry
+        return header
+
+    @classmethod
+    def parse(cls, header: dict) -> "ErrorReply":
+        error = header.get("error")
+        if not (isinstance(error, dict) and isinstance(error.get("code"), str)
+                and error["code"] in ERROR_CODES and isinstance(error.get("message"), str)):
+            raise BadRequest(f"an error reply needs an error with a code among {sorted(ERROR_CODES)}")
+        rid = _field(header, "id", _is_id, "a string or an integer")
+        return cls(rid, error_from_wire(error, rid),
+                   parse_telemetry(header.get("telemetry")) if "telemetry" in header else None)
+
+
+@dataclass(frozen=True)
+class Stop:
+    """The supervisor asks a worker to finish what it holds and exit."""
+
+    def header(self) -> dict:
+        return _header(STOP)
+
+    @classmethod
+    def parse(cls, header: dict) -> "Stop":
+        return cls()
+
+
+@dataclass(frozen=True)
+class Bye:
+    """A worker's last message before it exits cleanly."""
+
+    def header(self) -> dict:
+        return _header(BYE)
+
+    @classmethod
+    def parse(cls, header: dict) -> "Bye":
+        return cls()
+
+
+WorkerMessage = Hello | Ready | Heartbeat | Chunk | Reply | ErrorReply | Bye
+
+
+def parse_worker_message(header: dict) -> "WorkerMessage":
+    """What a worker sent, typed; `BadRequest` for anything that is not one of its messages."""
+    kind = header.get("kind")
+    if not isinstance(kind, str):
+        raise BadRequest("a worker message needs a string `kind`")
+    if kind == REPLY:
+        return (Reply if header.get("ok") is True else ErrorReply).parse(header)
+    parser = {HELLO: Hello, READY: Ready, HEARTBEAT: Heartbeat, CHUNK: Chunk, BYE: Bye}.get(kind)
+    if parser is None:
+        raise BadRequest(f"a worker does not send {kind!r}")
+    return parser.parse(header)
+
+
+def parse_telemetry(raw: object) -> dict:
+    """A telemetry map: at most `MAX_TELEMETRY_KEYS` string keys with number values."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or len(raw) > MAX_TELEMETRY_KEYS:
+        raise BadRequest(f"telemetry must be a map of at most {MAX_TELEMETRY_KEYS} entries")
+    return _numbers(raw, "telemetry")
+
+
+def _numbers(raw: object, name: str) -> dict:
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in raw.items()):
+        raise BadRequest(f"{name} must be a map of names to numbers")
+    return raw
+
+
+def _header(kind: str, **fields: Any) -> dict:
+    return {"v": PROTOCOL_VERSION, "kind": kind, **fields}
+
+
+def _field(header: dict, name: str, valid: Callable[[object], bool], what: str) -> Any:
+    value = header.get(name)
+    if not valid(value):
+        raise BadRequest(f"`{name}` must be {what}")
+    return value
+
+
+def _is_id(x: object) -> bool:
+    return isinstance(x, str) or _is_int(x)

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from qvl.protocol.messages import GenerationParams
-from qvl.worker.engine import Engine, ModelOptions, prompt_from_request
+from qvl.protocol.contract import ModelOptions
+from qvl.worker.engine import Engine, prompt_from_request
 
 
 def prompt():

@@ -47,7 +47,8 @@ def seed_style(model: str, n: int, tokens: int) -> str:
     import torch
 
     from qvl.protocol.messages import GenerationParams
-    from qvl.worker.engine import Engine, ModelOptions, prompt_from_request
+    from qvl.protocol.contract import ModelOptions
+    from qvl.worker.engine import Engine, prompt_from_request
     from qvl.worker.images import decode_image
 
     engine = Engine(ModelOptions(model, "cuda:0", kv_cache="dynamic"))  # plain eager generate

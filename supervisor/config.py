@@ -51,6 +51,10 @@ class Config:
     max_image_bytes: int = setting(20 << 20, "largest encoded image (one frame) in bytes")
     max_images: int = setting(16, "most images in one request")
     max_image_pixels: int = setting(40_000_000, "largest decoded image in pixels (decompression-bomb guard)")
+    max_prompt_tokens: int = setting(16384, "most prompt tokens in one request, text and image tokens together; image tokens are counted from width and height before the model sees them")
+    max_request_bytes: int = setting(64 << 20, "largest request message in bytes, header and every image frame together")
+    queue_bytes: int = setting(1 << 30, "byte budget of every request waiting in the queue together; past it requests get `overloaded`")
+    frontend_hwm: int = setting(1000, "messages the frontend holds per client in each direction; replies to a client that never reads are dropped past it")
     heartbeat_interval_s: float = setting(1.0, "seconds between worker heartbeats")
     heartbeat_liveness: int = setting(10, "missed heartbeats after which a worker is presumed hung and killed")
     start_timeout_s: float = setting(600.0, "seconds a worker may take from spawn to ready")
@@ -78,15 +82,18 @@ class Config:
     state_file: str = setting("", "JSON file where per-slot counters survive a supervisor restart (empty: none)")
     log_level: str = setting("info", "log level: debug, info, warning, error")
     log_format: str = setting("text", "log lines as text (`event=... key=value`) or json (one object per line)")
+    insecure: bool = setting(False, "allow a tcp:// frontend on a non-loopback address without CurveZMQ (anyone who reaches the port may send requests)")
     curve_dir: str = setting("", "folder from `qvl-supervisor keygen`: the frontend admits only CurveZMQ clients whose public key is in its allowed/ (empty: no encryption)")
     http: str = setting("", "host:port for the HTTP gateway, its own process (empty: no gateway)")
     http_api_key_file: str = setting("", "file holding the key HTTP clients must send as `Authorization: Bearer KEY` (empty: none)")
-    http_remote_images: bool = setting(False, "let the HTTP gateway fetch image URLs over http(s); otherwise only data URLs")
+    http_remote_images: bool = setting(False, "let the HTTP gateway fetch image URLs over http(s), public addresses only; otherwise only data URLs")
+    http_max_body_bytes: int = setting(64 << 20, "largest HTTP request body in bytes; larger ones get 413")
+    http_max_concurrent: int = setting(256, "most HTTP requests the gateway handles at once; more get 429")
 
     @property
     def limits(self) -> Limits:
         return Limits(max_frame_bytes=self.max_image_bytes, max_images=self.max_images,
-                      max_new_tokens=self.max_new_tokens)
+                      max_new_tokens=self.max_new_tokens, max_request_bytes=self.max_request_bytes)
 
     def validate(self) -> None:
         faults = []

@@ -41,7 +41,8 @@ def ping(sup, header: dict) -> dict:
 
 def recycle(sup, header: dict) -> dict:
     worker = header.get("worker")
-    if worker is not None and not (isinstance(worker, int) and 0 <= worker < len(sup.slots)):
+    if worker is not None and not (isinstance(worker, int) and not isinstance(worker, bool)
+                                   and 0 <= worker < len(sup.slots)):
         raise BadRequest(f"no worker slot {worker!r}; slots are 0..{len(sup.slots) - 1}")
     targets = sup.slots if worker is None else [sup.slots[worker]]
     return {"recycling": [s.index for s in targets if sup.request_recycle(s, "operator")]}

@@ -17,9 +17,10 @@ def _fmt(value: object) -> str:
     return f'"{text}"' if (" " in text or not text) else text
 
 
-def event(name: str, level: int = logging.INFO, **fields: object) -> None:
+def event(name: str, level: int = logging.INFO, exc_info: bool = False, **fields: object) -> None:
+    """Log one event; `exc_info` adds the traceback of the exception being handled."""
     log.log(level, "event=%s %s", name, " ".join(f"{k}={_fmt(v)}" for k, v in fields.items()),
-            extra={"qvl_event": name, "qvl_fields": fields})
+            extra={"qvl_event": name, "qvl_fields": fields}, exc_info=exc_info)
 
 
 def parse_event(line: str) -> dict:

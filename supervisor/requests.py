@@ -23,16 +23,22 @@ class Request:
     dispatched_at: float = 0.0
     streamed: bool = False   # text already went to the client: never run it again
 
+    @property
+    def size(self) -> int:
+        """Bytes it holds: the header and image frames it will send to a worker."""
+        return sum(len(part) for part in self.worker_parts)
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
 
 
 class RequestQueue:
-    """FIFO of requests waiting for a worker, bounded by `capacity`."""
+    """FIFO of requests waiting for a worker, bounded by `capacity` requests and `byte_budget` bytes."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, byte_budget: int):
         self.capacity = capacity
+        self.byte_budget = byte_budget
+        self.bytes = 0
         self._items: collections.deque[Request] = collections.deque()
 
     def __len__(self) -> int:
@@ -41,24 +47,34 @@ class RequestQueue:
     def __iter__(self) -> Iterator[Request]:
         return iter(self._items)
 
-    @property
-    def full(self) -> bool:
-        return len(self._items) >= self.capacity
+    def refusal(self, size: int) -> str | None:
+        """Why a new request of `size` bytes cannot wait here now, or None if it can."""
+        if len(self._items) >= self.capacity:
+            return f"queue is full ({self.capacity} waiting)"
+        if self.bytes + size > self.byte_budget:
+            return f"queue holds {self.bytes} bytes; {size} more exceed its budget of {self.byte_budget}"
+        return None
 
     def push(self, request: Request) -> None:
         self._items.append(request)
+        self.bytes += request.size
 
     def push_front(self, request: Request) -> None:
-        """Put back a request whose worker died: it has waited longest, so it goes first."""
+        """Put back a request whose worker died: it has waited longest, so it goes first.
+        Past the bounds if need be: an accepted request is never dropped."""
         self._items.appendleft(request)
+        self.bytes += request.size
 
     def pop(self) -> Request:
-        return self._items.popleft()
+        request = self._items.popleft()
+        self.bytes -= request.size
+        return request
 
     def remove_expired(self, now: float) -> list[Request]:
         expired = [r for r in self._items if r.expired(now)]
         if expired:
-            self._items = collections.deque(r for r in self._items if r not in expired)
+            self._items = collections.deque(r for r in self._items if not r.expired(now))
+            self.bytes -= sum(r.size for r in expired)
         return expired
 
     def next_deadline(self) -> float | None:
@@ -66,4 +82,5 @@ class RequestQueue:
 
     def drain(self) -> list[Request]:
         items, self._items = list(self._items), collections.deque()
+        self.bytes = 0
         return items

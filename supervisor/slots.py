@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from qvl.protocol.codec import worker_identity
+from qvl.protocol.contract import ModelOptions, WorkerSpec
 
 from .config import Config
 from .events import event
@@ -126,7 +127,8 @@ class Slot:
 
     def spawn(self, config: Config, backend: str) -> Worker:
         self.generation += 1
-        process = subprocess.Popen(worker_command(config, backend, self.index, self.generation),
+        spec = worker_spec(config, backend, self.index, self.generation)
+        process = subprocess.Popen(worker_command(spec),
                                    env=worker_env(config, self.gpu), stdin=subprocess.DEVNULL)
         worker = Worker(self.index, self.generation, process, state=WorkerState.EXITED,
                         requests_jitter=random.randint(0, config.recycle_requests_jitter))
@@ -165,18 +167,18 @@ def _telemetry_fields(t: dict) -> dict:
     return {k: t[k] for k in keys if k in t}
 
 
-def worker_command(config: Config, backend: str, slot: int, generation: int) -> list[str]:
-    device = "cuda:0" if config.device.startswith("cuda") else config.device
-    cmd = [sys.executable, "-m", "qvl.worker", "--backend", backend, "--slot", str(slot),
-           "--generation", str(generation), "--model", config.model, "--device", device,
-           "--dtype", config.dtype, "--attn-implementation", config.attn_implementation,
-           "--max-batch-size", str(config.max_batch_size),
-           "--max-image-pixels", str(config.max_image_pixels),
-           "--heartbeat-interval", str(config.heartbeat_interval_s), "--engine", config.engine,
-           "--kv-cache", config.kv_cache, "--kv-cache-tokens", str(config.kv_cache_tokens)]
-    if config.memory_fraction:
-        cmd += ["--memory-fraction", str(config.memory_fraction)]
-    return cmd
+def worker_spec(config: Config, backend: str, slot: int, generation: int) -> WorkerSpec:
+    """The whole contract of one worker incarnation, built from the supervisor's own settings."""
+    device = "cuda:0" if config.device.startswith("cuda") else config.device  # it sees only its GPU
+    model = ModelOptions(config.model, device, config.dtype, config.attn_implementation,
+                         config.memory_fraction or None, config.engine, config.kv_cache,
+                         config.kv_cache_tokens)
+    return WorkerSpec(backend, slot, generation, model, config.limits, config.max_batch_size,
+                      config.max_image_pixels, config.max_prompt_tokens, config.heartbeat_interval_s)
+
+
+def worker_command(spec: WorkerSpec) -> list[str]:
+    return [sys.executable, "-m", "qvl.worker", spec.to_json()]
 
 
 def gateway_command(config: Config) -> list[str]:

@@ -6,6 +6,7 @@ numbers arrive through the wakeup pipe and the loop acts on them in its own time
 """
 
 import collections
+import dataclasses
 import itertools
 import logging
 import os
@@ -17,12 +18,12 @@ import time
 
 import zmq
 
-from qvl.protocol.codec import (CHUNK, GENERATE, HELLO, PROTOCOL_VERSION, READY, REPLY, STOP, decode,
-                                encode, error_header)
+from qvl.protocol.codec import GENERATE, PROTOCOL_VERSION, decode, encode, error_header
 from qvl.protocol.curve import serve_securely
-from qvl.protocol.errors import (BadRequest, DeadlineExceeded, OutOfMemory, Overloaded, QvlError,
-                                 ShuttingDown, WorkerFailed)
-from qvl.protocol.messages import parse_generate
+from qvl.protocol.errors import (BadRequest, DeadlineExceeded, InternalError, OutOfMemory, Overloaded,
+                                 QvlError, ShuttingDown, WorkerFailed)
+from qvl.protocol.messages import (Chunk, ErrorReply, Hello, Ready, Reply, Stop, parse_generate,
+                                   parse_worker_message)
 
 from .config import Config, ConfigError
 from .control import COMMANDS
@@ -38,13 +39,14 @@ from .systemd import Notifier
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 _MAX_BATCH_READ = 512  # messages read from one socket before the loop moves on
 _ALIVE = (WorkerState.READY, WorkerState.DRAINING)
+_FRONTEND_HEARTBEAT_MS = 10_000
 
 
 class Supervisor:
     def __init__(self, config: Config):
         self.config = config
         self.limits = config.limits
-        self.queue = RequestQueue(config.queue_size)
+        self.queue = RequestQueue(config.queue_size, config.queue_bytes)
         self.devices = DeviceMonitor()
         self.slots = [Slot(i, gpu) for i, gpu in enumerate(slot_gpus(config, self.devices.gpu_count()))]
         if not self.slots:
@@ -67,12 +69,15 @@ class Supervisor:
         self.ctx = zmq.Context()
         self.run_dir = tempfile.mkdtemp(prefix="qvl-")  # private (0700): only our workers connect
         self.backend_endpoint = f"ipc://{self.run_dir}/backend"
-        self.frontend = self._router(self.limits.transport_cap)
+        self.frontend = self._router(self.limits.transport_cap, self.config.frontend_hwm)
+        # ZMTP heartbeats: a peer whose TCP connection died silently is dropped with its queued replies
+        self.frontend.setsockopt(zmq.HEARTBEAT_IVL, _FRONTEND_HEARTBEAT_MS)
+        self.frontend.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * _FRONTEND_HEARTBEAT_MS)
         self.auth = serve_securely(self.frontend, self.ctx, self.config.curve_dir) if self.config.curve_dir else None
         self.frontend.bind(self.config.frontend)
         if self.config.frontend.startswith("ipc://"):
             os.chmod(self.config.frontend[len("ipc://"):], 0o600)  # only this user's clients
-        self.backend = self._router(-1)
+        self.backend = self._router(-1, 0)  # our own workers, which read what they are sent
         self.backend.bind(self.backend_endpoint)
         self.wakeup_r, wakeup_w = os.pipe()
         os.set_blocking(self.wakeup_r, False)
@@ -85,12 +90,13 @@ class Supervisor:
             self.poller.register(sock, zmq.POLLIN)
         self.poller.register(self.wakeup_r, zmq.POLLIN)
 
-    def _router(self, max_msg_size: int) -> zmq.Socket:
+    def _router(self, max_msg_size: int, hwm: int) -> zmq.Socket:
+        """A ROUTER socket; past `hwm` messages for one peer (0: no bound) replies to it are dropped."""
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.MAXMSGSIZE, max_msg_size)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
         return sock
 
     def _close(self) -> None:
@@ -181,20 +187,30 @@ class Supervisor:
                     self.request_recycle(slot, "sighup")
 
     def on_client_message(self, client: bytes, parts: list[bytes]) -> None:
+        """Answer or queue what a client sent. Every failure becomes a typed reply: `bad_request`
+        and its kin for what the client sent, `internal` (logged once) for our own fault."""
+        rid = None
         try:
             header, frames = decode(parts, self.limits)
+            rid = header.get("id")
             kind = header["kind"]
             if kind == GENERATE:
                 self.accept(client, header, frames)
             elif kind in COMMANDS:
-                reply = {"v": PROTOCOL_VERSION, "id": header.get("id"), "ok": True}
+                reply = {"v": PROTOCOL_VERSION, "id": rid, "ok": True}
                 reply.update(COMMANDS[kind](self, header))
                 self.frontend.send_multipart([client, *encode(reply)])
             else:
-                raise BadRequest(f"unknown kind {kind!r}", header.get("id"))
+                raise BadRequest(f"unknown kind {kind!r}", rid)
         except QvlError as exc:
             self.counters[exc.code] += 1
-            self.frontend.send_multipart([client, *encode(error_header(exc))])
+            self.frontend.send_multipart([client, *encode(error_header(exc, rid))])
+        except Exception as exc:
+            event("client_message_failed", logging.ERROR, exc_info=True, id=rid,
+                  error=f"{type(exc).__name__}: {exc}")
+            self.counters[InternalError.code] += 1
+            self.frontend.send_multipart([client, *encode(error_header(InternalError(
+                "the supervisor failed on this message; it is logged", rid)))])
 
     def accept(self, client: bytes, header: dict, frames: list[bytes]) -> None:
         if self.shutting_down:
@@ -203,74 +219,80 @@ class Supervisor:
             raise WorkerFailed("every worker slot has failed; see `qvl-supervisor status`",
                                header.get("id"))
         request = parse_generate(header, frames, self.limits)
-        if self.queue.full:
-            raise Overloaded(f"queue is full ({self.queue.capacity} waiting)", request.id)
         key = next(self.keys)
-        worker_header = {"v": PROTOCOL_VERSION, "kind": GENERATE, "id": key,
-                         "messages": request.messages, "params": vars(request.params),
-                         "stream": request.stream}
+        forwarded = dataclasses.replace(request, id=key, timeout_ms=None)
+        worker_parts = encode(forwarded.header(), frames)
+        if len(worker_parts[0]) > self.limits.max_header_bytes:  # the worker decodes with these limits
+            raise BadRequest(f"header of {len(worker_parts[0])} bytes, as forwarded, exceeds "
+                             f"{self.limits.max_header_bytes}", request.id)
         now = time.monotonic()
         deadline = now + request.timeout_ms / 1000.0 if request.timeout_ms else None
-        self.queue.push(Request(key, client, request.id, encode(worker_header, frames),
-                                accepted_at=now, deadline=deadline))
+        queued = Request(key, client, request.id, worker_parts, accepted_at=now, deadline=deadline)
+        refusal = self.queue.refusal(queued.size)
+        if refusal:
+            raise Overloaded(refusal, request.id)
+        self.queue.push(queued)
         self.counters["accepted"] += 1
 
     def on_worker_message(self, identity: bytes, parts: list[bytes]) -> None:
+        """A worker's message, typed. One that cannot be read is logged and dropped: a worker's
+        mistake never ends the supervisor (a worker that stops making sense stops heartbeating)."""
         worker = self.by_identity.get(identity)
         if worker is None:
             return  # a former incarnation's last words
-        header, _ = decode(parts)
+        try:
+            header, _ = decode(parts, self.limits)
+            message = parse_worker_message(header)
+        except QvlError as exc:
+            self.counters["worker_bad_messages"] += 1
+            event("worker_bad_message", logging.WARNING, worker=worker.slot, gen=worker.generation,
+                  error=exc.message)
+            return
         worker.last_seen = time.monotonic()
-        kind = header["kind"]
-        if "telemetry" in header:
-            worker.telemetry = header["telemetry"]
-        if kind == REPLY:
-            self.on_reply(worker, header)
-        elif kind == CHUNK:
-            self.on_chunk(worker, header)
-        elif kind == HELLO and worker.state is WorkerState.SPAWNING:
+        if getattr(message, "telemetry", None) is not None:
+            worker.telemetry = message.telemetry
+        if isinstance(message, (Reply, ErrorReply)):
+            self.on_reply(worker, message)
+        elif isinstance(message, Chunk):
+            self.on_chunk(worker, message)
+        elif isinstance(message, Hello) and worker.state is WorkerState.SPAWNING:
             worker.set_state(WorkerState.LOADING, "hello")
-        elif kind == READY and worker.state in STARTING:
-            worker.set_state(WorkerState.READY, "loaded", load_s=header.get("load_s"))
+        elif isinstance(message, Ready) and worker.state in STARTING:
+            worker.set_state(WorkerState.READY, "loaded", load_s=message.load_s)
             self.on_ready(self.slots[worker.slot], worker)
         self.judge(worker)
 
-    def on_chunk(self, worker: Worker, header: dict) -> None:
-        request = worker.inflight.get(header["id"])
+    def on_chunk(self, worker: Worker, chunk: Chunk) -> None:
+        request = worker.inflight.get(chunk.id)
         if request is not None:
             request.streamed = True
-            self.frontend.send_multipart([request.client, *encode(
-                {"v": PROTOCOL_VERSION, "kind": CHUNK, "id": request.client_id, "ok": True,
-                 "text": header["text"]})])
+            self.frontend.send_multipart([request.client, *encode(Chunk(request.client_id, chunk.text).header())])
 
-    def on_reply(self, worker: Worker, header: dict) -> None:
-        request = worker.inflight.pop(header["id"], None)
+    def on_reply(self, worker: Worker, message: Reply | ErrorReply) -> None:
+        request = worker.inflight.pop(message.id, None)
         if request is None:
             return
         slot = self.slots[worker.slot]
         worker.served += 1
         slot.served_total += 1
-        error = header.get("error") or {}
-        if not header.get("ok") and error.get("code") == OutOfMemory.code \
-                and request.attempts < self.config.max_attempts and not request.streamed:
+        error = message.error if isinstance(message, ErrorReply) else None
+        if isinstance(error, OutOfMemory) and request.attempts < self.config.max_attempts \
+                and not request.streamed:
             self.counters["oom_retries"] += 1  # a fresh worker may well have the memory
             self.queue.push_front(request)
             return
         now = time.monotonic()
-        if header.get("ok"):
-            reply = {"v": PROTOCOL_VERSION, "id": request.client_id, "ok": True,
-                     "text": header["text"], "usage": header["usage"],
-                     "timings": {**header["timings"],
-                                 "queue_ms": (request.dispatched_at - request.accepted_at) * 1000,
-                                 "total_ms": (now - request.accepted_at) * 1000},
-                     "worker": {"slot": worker.slot, "generation": worker.generation,
-                                "pid": worker.pid}}
-            self.counters["answered"] += 1
-        else:
-            reply = {"v": PROTOCOL_VERSION, "id": request.client_id, "ok": False, "error": error}
-            self.counters[error.get("code", "internal")] += 1
         self.metrics.latency.observe(now - request.accepted_at)
-        self.frontend.send_multipart([request.client, *encode(reply)])
+        if error is not None:
+            self.counters[error.code] += 1
+            self.frontend.send_multipart([request.client, *encode(error_header(error, request.client_id))])
+            return
+        self.counters["answered"] += 1
+        timings = {**message.timings, "queue_ms": (request.dispatched_at - request.accepted_at) * 1000,
+                   "total_ms": (now - request.accepted_at) * 1000}
+        worker_info = {"slot": worker.slot, "generation": worker.generation, "pid": worker.pid}
+        reply = Reply(request.client_id, message.text, message.usage, timings, worker=worker_info)
+        self.frontend.send_multipart([request.client, *encode(reply.header())])
 
     def fail(self, request: Request, exc: QvlError) -> None:
         self.counters[exc.code] += 1
@@ -407,7 +429,7 @@ class Supervisor:
                     worker.escalate(now, self.config.kill_grace_s)
 
     def stop_worker(self, worker: Worker, reason: str) -> None:
-        self.backend.send_multipart([worker.identity, *encode({"v": PROTOCOL_VERSION, "kind": STOP})])
+        self.backend.send_multipart([worker.identity, *encode(Stop().header())])
         worker.signals_sent = 0
         worker.stop_deadline = time.monotonic() + self.config.kill_grace_s
         worker.set_state(WorkerState.STOPPING, reason)

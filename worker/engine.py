@@ -17,22 +17,11 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.generation.streamers import BaseStreamer
 
+from qvl.protocol.contract import ModelOptions
 from qvl.protocol.errors import BadRequest
 from qvl.protocol.messages import GenerationParams
 
 from .decoding import STOP_CHECK_EVERY, Decoder, Progress
-
-
-@dataclass(frozen=True)
-class ModelOptions:
-    model: str
-    device: str = "cpu"
-    dtype: str = "auto"
-    attn_implementation: str = "sdpa"
-    memory_fraction: float | None = None
-    engine: str = "hf"  # "noop" answers without a model: for measuring the serving path alone
-    kv_cache: str = "auto"  # static (KV pool, CUDA graphs), dynamic (`generate`), or auto: static on CUDA
-    kv_cache_tokens: int = 32768  # size of the static KV pool: rows x length of the largest batch
 
 
 @dataclass(frozen=True)

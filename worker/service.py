@@ -28,10 +28,11 @@ import zmq
 from qvl.protocol.codec import (BYE, CHUNK, GENERATE, HEARTBEAT, HELLO, PROTOCOL_VERSION, READY, REPLY,
                                 STOP, decode, encode, error_header, worker_identity)
 from qvl.protocol.errors import BadRequest, InternalError, OutOfMemory, QvlError
+from qvl.protocol.contract import WorkerSpec
 from qvl.protocol.messages import GenerationParams
 
 from .decoding import Progress
-from .engine import Engine, ModelOptions, load_engine, prompt_from_request
+from .engine import Engine, load_engine, prompt_from_request
 from .faults import Faults
 from .images import decode_image
 from .telemetry import Telemetry
@@ -39,17 +40,6 @@ from .telemetry import Telemetry
 log = logging.getLogger("qvl.worker")
 _NO_IMAGES: Future = Future()
 _NO_IMAGES.set_result(())
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    backend: str
-    slot: int
-    generation: int
-    model: ModelOptions
-    max_batch_size: int = 8
-    max_image_pixels: int = 40_000_000
-    heartbeat_interval_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -81,7 +71,7 @@ class Heartbeat(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        opts = self.service.options
+        opts = self.service.spec
         sock = self.service.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTING_ID, worker_identity(opts.slot, opts.generation, heartbeat=True))
@@ -96,15 +86,15 @@ class Heartbeat(threading.Thread):
 
 
 class WorkerService:
-    def __init__(self, options: WorkerOptions):
-        self.options = options
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
         self.parent = os.getppid()
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 2000)
-        self.sock.setsockopt(zmq.ROUTING_ID, worker_identity(options.slot, options.generation))
+        self.sock.setsockopt(zmq.ROUTING_ID, worker_identity(spec.slot, spec.generation))
         self.engine: Engine | None = None
-        self.faults = Faults.from_env(options.slot, options.generation)
+        self.faults = Faults.from_env(spec.slot, spec.generation)
         self.waiting: collections.deque[Job] = collections.deque()
         self.stopping = False  # the supervisor said stop: finish what is waiting, then exit
         self.arrived = 0  # requests received
@@ -119,7 +109,7 @@ class WorkerService:
         send(self.sock, kind, **fields)
 
     def run(self) -> int:
-        opts = self.options
+        opts = self.spec
         self.sock.connect(opts.backend)
         self._send(HELLO, slot=opts.slot, generation=opts.generation, pid=os.getpid())
         self.faults.at_start()
@@ -139,11 +129,11 @@ class WorkerService:
 
     def _load(self) -> None:
         try:
-            self.engine = load_engine(self.options.model)
+            self.engine = load_engine(self.spec.model)
             self.engine.warm_up()
             self.telemetry = Telemetry(self.engine.device)
         except BaseException:
-            log.exception("event=load_failed slot=%d", self.options.slot)
+            log.exception("event=load_failed slot=%d", self.spec.slot)
             os._exit(4)
 
     def _serve(self) -> None:
@@ -159,7 +149,7 @@ class WorkerService:
     def _take_requests(self) -> None:
         """Queue every request waiting on the socket, and start decoding its images."""
         while self.sock.get(zmq.EVENTS) & zmq.POLLIN:  # cheaper than poll(0), which builds a poller
-            header, frames = decode(self.sock.recv_multipart())
+            header, frames = decode(self.sock.recv_multipart(), self.spec.limits)
             if header["kind"] == STOP:
                 self.stopping = True
             elif header["kind"] == GENERATE:
@@ -173,7 +163,7 @@ class WorkerService:
         waiting = self.waiting
         first = waiting.popleft()
         batch, rest = [first], collections.deque()
-        while waiting and len(batch) < self.options.max_batch_size:
+        while waiting and len(batch) < self.spec.max_batch_size:
             job = waiting.popleft()
             (batch if job.params == first.params else rest).append(job)
         waiting.extendleft(reversed(rest))
@@ -205,7 +195,7 @@ class WorkerService:
         except Exception as exc:
             if self.engine.device.type == "cuda" and isinstance(exc, torch.AcceleratorError):
                 # The CUDA context is unusable now; the supervisor retries these elsewhere.
-                log.exception("event=cuda_error slot=%d", self.options.slot)
+                log.exception("event=cuda_error slot=%d", self.spec.slot)
                 os._exit(3)
             if len(ready) > 1:  # find the one request at fault; the others still get answers
                 return [parts for item in ready for parts in self._generate([item], streamed)]
@@ -250,7 +240,7 @@ class WorkerService:
         return _NO_IMAGES  # text only: no hop through the pool
 
     def _decode(self, frames: list[bytes]) -> list:
-        return [decode_image(f, self.options.max_image_pixels) for f in frames]
+        return [decode_image(f, self.spec.max_image_pixels) for f in frames]
 
     def _error(self, job: Job, exc: QvlError) -> list[bytes]:
         return encode({**error_header(exc, job.key), "kind": REPLY,

@@ -6,7 +6,8 @@ from PIL import Image
 
 from qvl.protocol.errors import BadRequest
 from qvl.protocol.messages import GenerationParams
-from qvl.worker.engine import Engine, ModelOptions, prompt_from_request
+from qvl.protocol.contract import ModelOptions
+from qvl.worker.engine import Engine, prompt_from_request
 
 
 def prompt(size, question, seed):

@@ -1,0 +1,125 @@
+"""Property-based tests of every parser on the wire: any bytes and any msgpack value give a
+valid message or a `QvlError`, never another exception; what parses keeps its promises."""
+
+import math
+
+import msgpack
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qvl.protocol.codec import PROTOCOL_VERSION, Limits, decode, encode
+from qvl.protocol.contract import WorkerSpec
+from qvl.protocol.errors import BadRequest, QvlError
+from qvl.protocol.messages import (ROLES, GenerationParams, build_generate, parse_generate,
+                                   parse_worker_message)
+
+LIMITS = Limits(max_header_bytes=4096, max_frame_bytes=256, max_images=3, max_messages=4,
+                max_text_chars=64, max_new_tokens=100, max_request_bytes=1024)
+SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+scalars = (st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1)
+           | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20))
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                      | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=20)
+# Values that look like the real thing, with any field swapped for any value
+params = st.dictionaries(st.sampled_from(["max_new_tokens", "min_new_tokens", "temperature", "top_p",
+                                          "top_k", "seed"]), values | st.integers(-5, 200), max_size=5)
+parts = st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": values | st.text(max_size=80)}),
+    st.fixed_dictionaries({"type": st.just("image"), "frame": values | st.integers(-2, 5)}),
+    st.dictionaries(st.text(max_size=8), values, max_size=3),
+    values,
+)
+messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(sorted(ROLES)) | values,
+                                           "content": st.lists(parts, max_size=5) | values}), max_size=5)
+generate_headers = st.fixed_dictionaries(
+    {"v": st.just(PROTOCOL_VERSION), "kind": st.just("generate"), "id": st.text(max_size=8) | values},
+    optional={"messages": messages | values, "params": params | values, "timeout_ms": values,
+              "stream": values})
+frames = st.lists(st.binary(max_size=300), max_size=5)
+
+
+def _pack(value) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+@SETTINGS
+@given(st.lists(st.binary(max_size=600), max_size=6))
+def test_decode_any_bytes(parts):
+    try:
+        header, _ = decode(parts, LIMITS)
+    except QvlError:
+        return
+    assert isinstance(header, dict) and header["v"] == PROTOCOL_VERSION and isinstance(header["kind"], str)
+
+
+@SETTINGS
+@given(values, frames)
+def test_decode_any_msgpack_value(value, extra):
+    try:
+        header, got = decode([_pack(value), *extra], LIMITS)
+    except QvlError:
+        return
+    assert isinstance(header, dict) and len(got) <= LIMITS.max_images
+
+
+@SETTINGS
+@given(params | values)
+def test_generation_params_any_value(raw):
+    try:
+        p = GenerationParams.parse(raw, LIMITS)
+    except BadRequest:
+        return
+    assert 1 <= p.max_new_tokens <= LIMITS.max_new_tokens and 0 <= p.min_new_tokens <= p.max_new_tokens
+    assert math.isfinite(p.temperature) and 0 <= p.temperature <= 100 and 0 < p.top_p <= 1
+    assert all(not isinstance(getattr(p, f), bool) for f in ("max_new_tokens", "min_new_tokens", "top_k"))
+
+
+@SETTINGS
+@given(generate_headers, frames)
+def test_parse_generate_any_header(header, images):
+    """Through the codec, as the supervisor reads a message: a request or a typed error."""
+    try:
+        decoded, got = decode(encode(header, images), LIMITS)
+        request = parse_generate(decoded, got, LIMITS)
+    except QvlError:
+        return
+    references = [p["frame"] for m in request.messages for p in m["content"] if p["type"] == "image"]
+    assert len(references) <= LIMITS.max_images
+    assert set(references) == set(range(len(request.images)))
+    assert all(m["role"] in ROLES for m in request.messages)
+    # what was accepted encodes again and reads back the same
+    again = parse_generate(*decode(encode(request.header(), request.images), LIMITS), LIMITS)
+    assert again == request
+
+
+@SETTINGS
+@given(st.fixed_dictionaries({"v": st.just(PROTOCOL_VERSION),
+                              "kind": st.sampled_from(["hello", "ready", "heartbeat", "chunk", "reply",
+                                                       "bye", "stop", "generate"]) | values},
+                             optional={"id": values, "ok": values, "text": values, "usage": values,
+                                       "timings": values, "telemetry": values, "error": values,
+                                       "slot": values, "generation": values, "pid": values,
+                                       "load_s": values, "device": values}))
+def test_parse_worker_message_any_header(header):
+    try:
+        message = parse_worker_message(header)
+    except BadRequest:
+        return
+    assert parse_worker_message(message.header()) == message
+
+
+@SETTINGS
+@given(st.text(max_size=200) | values.map(lambda v: __import__("json").dumps(v, default=str)))
+def test_worker_spec_any_text(text):
+    try:
+        WorkerSpec.from_json(text)
+    except ValueError:
+        return
+
+
+def test_generate_round_trip_keeps_every_field():
+    request = build_generate("a", [{"role": "user", "content": [{"type": "image", "image": b"x"},
+                                                                {"type": "text", "text": "hi"}]}],
+                             GenerationParams(max_new_tokens=5), timeout_ms=10.0, stream=True)
+    assert parse_generate(*decode(encode(request.header(), request.images), LIMITS), LIMITS) == request
