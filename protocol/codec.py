@@ -90,7 +90,8 @@ def decode(parts: Sequence[bytes], limits: Limits = DEFAULT_LIMITS) -> tuple[dic
     rid = request_id_of(header)
     if not isinstance(header, dict):
         raise BadRequest("header must be a map")
-    if header.get("v") != PROTOCOL_VERSION:
+    version = header.get("v")
+    if not (isinstance(version, int) and not isinstance(version, bool) and version == PROTOCOL_VERSION):
         raise UnsupportedVersion(
             f"protocol version {header.get('v')!r} is not supported; this server speaks "
             f"{PROTOCOL_VERSION}", rid)

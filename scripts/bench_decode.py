@@ -13,14 +13,14 @@ from PIL import Image
 
 from qvl.protocol.messages import GenerationParams
 from qvl.protocol.contract import ModelOptions
-from qvl.worker.engine import Engine, prompt_from_request
+from qvl.worker.engine import Engine
 
 
-def prompt():
+def prompt(engine, params):
     img = Image.effect_noise((448, 448), 50).convert("RGB")
     msgs = [{"role": "user", "content": [{"type": "image", "frame": 0},
                                          {"type": "text", "text": "Describe this picture in detail."}]}]
-    return prompt_from_request(msgs, [img])
+    return engine.prepare(msgs, [img], params)
 
 
 def tpot(engine, tokens, runs=3):
@@ -28,7 +28,7 @@ def tpot(engine, tokens, runs=3):
     out = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        c = engine.generate([prompt()], params)[0]
+        c = engine.generate([prompt(engine, params)], params)[0]
         out.append((time.perf_counter() - t0, c.decode_ms / (c.completion_tokens - 1), c.prefill_ms))
     return out
 
@@ -40,17 +40,17 @@ def main():
     args = ap.parse_args()
     engine = Engine(ModelOptions(args.model, "cuda:0", kv_cache="static"))
     engine.warm_up()
-    decoders = {"dynamic": None, "static": engine.decoder}
+    kv_pools = {"dynamic": None, "static": engine.kv_pool}
     greedy = GenerationParams(max_new_tokens=16)
     answers = {}
-    for name, decoder in decoders.items():
-        engine.decoder = decoder
-        answers[name] = engine.generate([prompt()], greedy)[0].text
+    for name, kv_pool in kv_pools.items():
+        engine.kv_pool = kv_pool
+        answers[name] = engine.generate([prompt(engine, greedy)], greedy)[0].text
         for i, (wall, t, prefill) in enumerate(tpot(engine, args.tokens)):
             print(f"{name:<8} run {i}: wall {wall:7.2f}s  TPOT {t:6.1f} ms  prefill {prefill:7.1f} ms", flush=True)
     print(f"greedy 16 tokens, static equals dynamic: {answers['static'] == answers['dynamic']}")
-    for name, decoder in decoders.items():
-        engine.decoder = decoder
+    for name, kv_pool in kv_pools.items():
+        engine.kv_pool = kv_pool
         profile(engine, name)
 
 
@@ -60,7 +60,7 @@ def profile(engine, name, tokens=8):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        engine.generate([prompt()], params)
+        engine.generate([prompt(engine, params)], params)
         wall = time.perf_counter() - t0
     events = prof.key_averages()
     print(events.table(sort_by="self_cpu_time_total", row_limit=8))

@@ -48,8 +48,8 @@ def seed_style(model: str, n: int, tokens: int) -> str:
 
     from qvl.protocol.messages import GenerationParams
     from qvl.protocol.contract import ModelOptions
-    from qvl.worker.engine import Engine, prompt_from_request
-    from qvl.worker.images import decode_image
+    from qvl.worker.engine import Engine
+    from qvl.worker.images import open_image
 
     engine = Engine(ModelOptions(model, "cuda:0", kv_cache="dynamic"))  # plain eager generate
     engine.warm_up()
@@ -61,7 +61,7 @@ def seed_style(model: str, n: int, tokens: int) -> str:
         t0 = time.perf_counter()
         with lock:
             msgs = [{"role": "user", "content": [{"type": "image", "frame": 0}, {"type": "text", "text": QUESTION}]}]
-            c = engine.generate([prompt_from_request(msgs, [decode_image(picture(i), 10**8)])], params)[0]
+            c = engine.generate([engine.prepare(msgs, [open_image(picture(i), 10**8)], params)], params)[0]
             if i % 5 == 4:
                 torch.cuda.empty_cache()
         lat.append(time.perf_counter() - t0)

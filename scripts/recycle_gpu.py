@@ -1,13 +1,12 @@
 #!/usr/bin/env python3
-"""A real recycle on a GPU: mixed image sizes under a memory-fraction cap until a real allocator
-threshold trips, once with overlap and once without; prints telemetry and recycle times.
+"""A real recycle on a GPU under load, with the default configuration (static KV pool and CUDA
+graphs), once with overlap and once without: what clients see.
 
-    python scripts/recycle_gpu.py --model DIR [--memory-fraction 0.2] [--reserved-gib 10]
+    python scripts/recycle_gpu.py --model DIR [--concurrency 16] [--tokens 32] [--warm-s 20]
 
-Thresholds on: reserved bytes (set above a ready 4B worker's 8.4 GiB, so only the workload's own
-allocations reach it), allocator retries and fragmentation; whichever trips first recycles.
-The workers decode with transformers' `generate` (`--kv-cache dynamic`): the static KV pool is
-reserved whole at load, so the growth this run provokes comes from the dynamic path.
+A steady load of mixed image sizes runs; after `--warm-s` an operator `recycle` starts. Printed
+per mode: trigger to the first answer from the replacement, the longest request latency before
+the trigger and during the recycle, and how every request ended (none may fail).
 """
 
 import argparse
@@ -23,10 +22,8 @@ from pathlib import Path
 from PIL import Image
 
 from qvl.protocol import AsyncClient, Client, QvlError
-from qvl.supervisor.events import parse_event
 
 SIZES = [(224, 224), (448, 448), (896, 672), (1344, 896), (640, 1280)]
-GIB = 1 << 30
 
 
 def image(size, seed) -> bytes:
@@ -37,96 +34,92 @@ def image(size, seed) -> bytes:
     return buf.getvalue()
 
 
-def logged(path: Path, name: str) -> list[dict]:
-    return [parse_event(l) for l in path.read_text().splitlines() if f"event={name} " in l]
+async def load(endpoint: str, args) -> dict:
+    """Run the load, trigger a recycle after the warm-up, stop a few seconds after the replacement
+    answers. Returns each request's (start, end, generation or error code) and the trigger time."""
+    images = [image(SIZES[i % len(SIZES)], i) for i in range(64)]  # made before any timing
+    done: list[tuple[float, float, object]] = []
+    state = {"trigger": None, "old_gen": None, "served_new": None}
 
+    async with AsyncClient(endpoint, timeout=600) as client:
+        def finished() -> bool:
+            return state["served_new"] is not None and time.monotonic() - state["served_new"] > args.after_s
 
-def mem(t: dict) -> str:
-    return (f"alloc {t.get('allocated_bytes', 0) / GIB:.2f} GiB, reserved {t.get('reserved_bytes', 0) / GIB:.2f} GiB, "
-            f"frag {t.get('fragmentation', 0):.3f}, retries {t.get('num_alloc_retries', 0)}, "
-            f"ooms {t.get('num_ooms', 0)}, largest free block {t.get('largest_free_block_bytes', 0) / 2**20:.0f} MiB")
-
-
-async def load(endpoint: str, stop, concurrency: int, tokens: int) -> dict:
-    outcome = {"ok": 0}
-    async with AsyncClient(endpoint, timeout=300) as client:
-        async def one(i):
-            while not stop():
+        async def one(i: int) -> None:
+            while not finished():
+                start = time.monotonic()
                 try:
-                    await client.ask(image(SIZES[i % len(SIZES)], i), "Describe the picture.",
-                                     max_new_tokens=tokens, min_new_tokens=tokens)
-                    outcome["ok"] += 1
+                    r = await client.ask(images[i % len(images)], "Describe the picture.",
+                                         max_new_tokens=args.tokens, min_new_tokens=args.tokens)
+                    end, outcome = time.monotonic(), r.worker["generation"]
+                    if state["trigger"] is not None and outcome != state["old_gen"] and state["served_new"] is None:
+                        state["served_new"] = end
                 except QvlError as exc:
-                    outcome[exc.code] = outcome.get(exc.code, 0) + 1
-                i += concurrency
-        await asyncio.gather(*(one(i) for i in range(concurrency)))
-    return outcome
+                    end, outcome = time.monotonic(), exc.code
+                done.append((start, end, outcome))
+                i += args.concurrency
+
+        async def trigger() -> None:
+            await asyncio.sleep(args.warm_s)
+            status = await client.status()
+            state["old_gen"] = status["workers"][0]["generation"]
+            state["trigger"] = time.monotonic()
+            await client.recycle(0)
+
+        await asyncio.gather(trigger(), *(one(i) for i in range(args.concurrency)))
+    return {"requests": done, **state}
 
 
 def run(args, overlap: str) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="qvl-recycle-"))
     endpoint, log = f"ipc://{run_dir}/frontend", run_dir / "supervisor.log"
-    base = [sys.executable, "-m", "qvl.supervisor.cli", "start", "--model", args.model,
-            "--device", args.device, "--frontend", endpoint, "--memory-fraction", str(args.memory_fraction),
-            "--max-batch-size", str(args.batch), "--max-inflight", str(args.batch),
-            "--recycle-overlap", overlap, "--recycle-soft-wait-s", "2",
-            "--recycle-alloc-retries", "1", "--recycle-fragmentation", str(args.fragmentation),
-            "--recycle-reserved-bytes", str(int(args.reserved_gib * GIB)), "--kv-cache", "dynamic"]
+    cmd = [sys.executable, "-m", "qvl.supervisor.cli", "start", "--model", args.model,
+           "--device", args.device, "--frontend", endpoint, "--recycle-overlap", overlap]
     with open(log, "w") as f:
-        sup = subprocess.Popen(base, stdout=f, stderr=subprocess.STDOUT)
+        sup = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
     try:
         with Client(endpoint, timeout=30) as c:
-            before = c.wait_ready(timeout=300)["workers"][0]["telemetry"]
-        t0 = time.monotonic()
-        done = lambda: bool(logged(log, "recycle_done")) and time.monotonic() - done.at > 5
-        done.at = float("inf")
-
-        def stop():
-            if logged(log, "recycle_done") and done.at == float("inf"):
-                done.at = time.monotonic()
-            return done() or time.monotonic() - t0 > args.max_seconds
-
-        outcome = asyncio.run(load(endpoint, stop, args.concurrency, args.tokens))
+            c.wait_ready(timeout=300)
+        result = asyncio.run(load(endpoint, args))
         with Client(endpoint, timeout=30) as c:
-            after = c.status()["workers"][0]
-    except QvlError:
+            result["telemetry"] = c.status()["workers"][0]["telemetry"]
+    except (QvlError, KeyError):
         print(log.read_text()[-3000:], file=sys.stderr)
         raise
     finally:
         sup.terminate()
         sup.wait(timeout=120)
-    wanted = logged(log, "recycle_wanted")
-    return {"overlap": overlap, "before": before, "wanted": wanted[0] if wanted else None,
-            "done": (logged(log, "recycle_done") or [None])[0], "after": after, "outcome": outcome}
+    return result
+
+
+def report(overlap: str, r: dict) -> str:
+    t, new = r["trigger"], r["served_new"]
+    before = [end - start for start, end, _ in r["requests"] if end < t]
+    during = [end - start for start, end, _ in r["requests"] if end >= t and start <= new]
+    outcomes: dict = {}
+    for _, _, outcome in r["requests"]:
+        key = "ok" if isinstance(outcome, int) else outcome
+        outcomes[key] = outcomes.get(key, 0) + 1
+    return (f"| {overlap} | {new - t:.1f} s | {max(before):.2f} s | {max(during):.2f} s | "
+            f"{len(r['requests'])} | {outcomes} | {r['telemetry'].get('reserved_bytes', 0) / 2**30:.1f} GiB |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--device", default="cuda:0")
-    ap.add_argument("--memory-fraction", type=float, default=0.2)
-    ap.add_argument("--reserved-gib", type=float, default=10.0)
-    ap.add_argument("--fragmentation", type=float, default=0.2)
-    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--max-seconds", type=float, default=120)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--warm-s", type=float, default=20.0, help="load before the recycle starts")
+    ap.add_argument("--after-s", type=float, default=5.0, help="load after the replacement answers")
+    ap.add_argument("--modes", default="always,never", help="recycle_overlap values to run")
     args = ap.parse_args()
-    for overlap in ("always", "never"):
-        r = run(args, overlap)
-        print(f"\n== overlap={overlap}")
-        print(f"ready:            {mem(r['before'])}")
-        if r["wanted"]:
-            w = r["wanted"]
-            print(f"tripped:          reason={w['reason']} value={w['value']} threshold={w['threshold']} "
-                  f"(reserved {int(w.get('reserved_bytes', 0)) / GIB:.2f} GiB, frag {w.get('fragmentation')}, "
-                  f"retries {w.get('num_alloc_retries')})")
-        if r["done"]:
-            d = r["done"]
-            print(f"recycle:          waited {float(d['waited_s']):.2f}s for idle/turn, then "
-                  f"{float(d['took_s']):.2f}s from start to the replacement serving (overlap={d['overlap']})")
-        print(f"replacement:      gen {r['after']['generation']}: {mem(r['after']['telemetry'])}")
-        print(f"requests:         {r['outcome']}")
+    rows = ["| overlap | trigger to replacement answering | longest latency before | longest latency during | "
+            "requests | outcomes | replacement reserved |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for overlap in args.modes.split(","):
+        rows.append(report(overlap, run(args, overlap)))
+        print(rows[-1], flush=True)
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

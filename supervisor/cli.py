@@ -103,7 +103,9 @@ def format_status(status: dict) -> str:
             f"{w['served']:>7} {w['inflight']:>4} {w['restarts']:>8} {w['recycles']:>8} "
             f"{_mib(t.get('allocated_bytes')):>9} {_mib(t.get('reserved_bytes')):>9} "
             f"{'-' if frag is None else f'{frag:.2f}':>5} "
-            f"{_mib(w.get('host_rss_bytes') or t.get('rss_bytes')):>8}  {w['last_reason']}")
+            f"{_mib(w.get('host_rss_bytes') or t.get('rss_bytes')):>8}  {w['last_reason']}"
+            + (f" (retry in {w['failed']['retry_in_s']:.0f}s)" if w.get("failed") else "")
+            + (f" (at start above: {', '.join(w['thresholds_at_start'])})" if w.get("thresholds_at_start") else ""))
     return "\n".join(lines)
 
 
@@ -112,9 +114,10 @@ def _mib(n: int | None) -> str:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    paths = keygen(args.directory, args.client)
+    paths = keygen(args.directory, args.client, args.admin)
+    folders = "allowed/ and admin/" if paths["admin"] else "allowed/"
     print(f"server public key: {paths['server']}\nclient key pair: {paths['client_secret']} "
-          f"(allowed: {args.directory}/allowed/{paths['client_public'].name})")
+          f"(public key {paths['client_public'].name} in {args.directory}/{folders})")
     return 0
 
 
@@ -152,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keygen", help="write CurveZMQ key pairs for a supervisor and its clients")
     keys.add_argument("directory")
     keys.add_argument("--client", default="client", help="name of the client key pair to add")
+    keys.add_argument("--admin", action=argparse.BooleanOptionalAction, default=None,
+                      help="let this client send control commands such as recycle (default: only "
+                           "the folder's first client); --no-admin adds a plain client")
     keys.set_defaults(func=cmd_keygen)
     return ap
 

@@ -7,6 +7,8 @@ fields of `Config`. `load_config` parses once and validates everything, naming e
 
 import argparse
 import dataclasses
+import ipaddress
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,8 @@ else:  # pragma: no cover
 
 from qvl.protocol.client import DEFAULT_ENDPOINT
 from qvl.protocol.codec import Limits
+
+from .footprint import baseline_faults
 
 
 class ConfigError(ValueError):
@@ -60,22 +64,24 @@ class Config:
     start_timeout_s: float = setting(600.0, "seconds a worker may take from spawn to ready")
     stop_grace_s: float = setting(30.0, "seconds to finish accepted requests on shutdown")
     kill_grace_s: float = setting(10.0, "seconds between asking a worker to exit, SIGTERM and SIGKILL")
-    restart_backoff_s: float = setting(0.5, "first delay before restarting a crashed worker; doubles per crash")
+    restart_backoff_s: float = setting(0.5, "first delay before restarting a crashed worker; doubles per crash (0: at once)")
     restart_backoff_max_s: float = setting(30.0, "longest delay between restarts")
     restart_intensity: int = setting(5, "crashes within restart_period_s that mark a slot failed")
     restart_period_s: float = setting(60.0, "window for restart_intensity, in seconds")
+    restart_failed_backoff_s: float = setting(10.0, "a failed slot (too many crashes, or a model that cannot load) tries again after this many seconds; doubles per failure in a row")
+    restart_failed_backoff_max_s: float = setting(300.0, "longest wait of a failed slot before it tries again")
     request_hang_timeout_s: float = setting(600.0, "seconds a dispatched request may run before its worker is presumed hung and killed")
     recycle_fragmentation: float = setting(0.0, "soft: recycle when (reserved - allocated) / reserved reaches this (0: off)")
-    recycle_fragmentation_min_reserved_bytes: int = setting(1 << 30, "fragmentation counts only above this reserved size, so an idle worker never trips it")
-    recycle_reserved_bytes: int = setting(0, "soft: recycle when the allocator has reserved this many bytes (0: off)")
+    recycle_fragmentation_min_reserved_bytes: int = setting(1 << 30, "fragmentation counts only above this reserved size, so an idle worker never trips it (0: at any size)")
+    recycle_reserved_bytes: int = setting(0, "soft: recycle when the allocator has reserved this many bytes (0: off); must exceed a fresh worker's weights plus static KV pool, checked at start")
     recycle_alloc_retries: int = setting(0, "soft: recycle after this many allocator retries since start (0: off)")
     recycle_rss_bytes: int = setting(0, "soft: recycle when host RSS reaches this many bytes (0: off)")
     recycle_requests: int = setting(0, "soft: recycle after this many requests (0: off)")
-    recycle_requests_jitter: int = setting(0, "up to this many extra requests, drawn per worker, so slots never recycle together")
+    recycle_requests_jitter: int = setting(0, "up to this many extra requests, drawn per worker, so slots never recycle together (0: none)")
     recycle_age_s: float = setting(0.0, "soft: recycle a worker this many seconds old (0: off)")
     recycle_device_used_fraction: float = setting(0.0, "hard: recycle when NVML shows this fraction of device memory used (0: off)")
     recycle_ooms: int = setting(1, "hard: recycle after this many CUDA out-of-memory errors (0: off)")
-    recycle_soft_wait_s: float = setting(30.0, "a soft recycle waits this long for the worker to be idle, then drains anyway")
+    recycle_soft_wait_s: float = setting(30.0, "a soft recycle waits this long for the worker to be idle, then drains anyway (0: drains at once)")
     recycle_overlap: str = setting("auto", "start the replacement before retiring the old worker: auto (when memory has room), always, never")
     recycle_overlap_margin: float = setting(0.15, "auto overlap needs free memory of the worker's footprint times (1 + margin)")
     max_concurrent_recycles: int = setting(1, "slots recycling at the same time")
@@ -107,7 +113,8 @@ class Config:
             faults.append(f"device must be cpu or cuda:N (got {self.device!r})")
         for name in ("workers", "max_batch_size", "max_inflight", "queue_size", "max_attempts",
                      "max_new_tokens", "max_images", "heartbeat_liveness", "restart_intensity",
-                     "max_concurrent_recycles"):
+                     "max_concurrent_recycles", "frontend_hwm", "queue_bytes", "max_request_bytes",
+                     "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 faults.append(f"{name} must be at least 1")
         if not 0 <= self.memory_fraction <= 1:
@@ -132,10 +139,54 @@ class Config:
             faults.append(f"log_format must be text or json (got {self.log_format!r})")
         if self.log_level not in ("debug", "info", "warning", "error"):
             faults.append(f"log_level must be debug, info, warning or error (got {self.log_level!r})")
-        if self.heartbeat_interval_s <= 0:
-            faults.append("heartbeat_interval_s must be positive")
+        for name in ("heartbeat_interval_s", "start_timeout_s", "request_hang_timeout_s"):
+            if getattr(self, name) <= 0:
+                faults.append(f"{name} must be positive (0 is not `off` here)")
+        faults += _state_file_faults(self.state_file)
+        faults += baseline_faults(self)
+        if not (_on_loopback(self.frontend) or self.curve_dir or self.insecure):
+            faults.append(f"frontend {self.frontend} can be reached from other hosts without CurveZMQ: set "
+                          "curve_dir (see `qvl-supervisor keygen`), or insecure = true to let anyone who "
+                          "reaches the port send requests")
+        if self.http_api_key_file:
+            try:
+                if not Path(self.http_api_key_file).read_text().strip():
+                    faults.append(f"http_api_key_file {self.http_api_key_file} is empty: HTTP clients would "
+                                  "need no key; write a key into it, or leave http_api_key_file unset")
+            except (OSError, UnicodeDecodeError) as exc:
+                faults.append(f"http_api_key_file cannot be read: {exc}")
+        for name in ("http_max_body_bytes", "http_max_concurrent"):
+            if getattr(self, name) < 1:
+                faults.append(f"{name} must be at least 1")
+        if self.http and not self.http.rpartition(":")[2].isdigit():
+            faults.append(f"http must be host:port (got {self.http!r})")
         if faults:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(faults))
+
+
+def _on_loopback(endpoint: str) -> bool:
+    """Whether only this host can reach `endpoint`: ipc://, or tcp:// on a loopback address."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # `*`, an interface name, a public host name
+        return False
+
+
+def _state_file_faults(path: str) -> list[str]:
+    """The state file is written while the loop runs: its folder must exist and take new files."""
+    if not path:
+        return []
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return [f"state_file {path!r}: its folder {folder} does not exist"]
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return [f"state_file {path!r}: its folder {folder} is not writable by this user"]
+    if os.path.isdir(path):
+        return [f"state_file {path!r} is a folder; name a file"]
+    return []
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}

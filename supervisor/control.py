@@ -19,7 +19,7 @@ def status(sup, header: dict) -> dict:
     gpu_pids = {i: sup.devices.gpu_process_memory(i) for i in indices}
     workers = []
     for slot in sup.slots:
-        info = slot.status()
+        info = slot.status(time.monotonic())
         info["host_rss_bytes"] = sup.devices.rss(info["pid"])
         info["gpu_bytes"] = gpu_pids.get(slot.gpu, {}).get(info["pid"])
         workers.append(info)
@@ -31,6 +31,7 @@ def status(sup, header: dict) -> dict:
         "inflight": sum(len(w.inflight) for w in sup.workers()),
         "shutting_down": sup.shutting_down, "counters": dict(sup.counters), "gpus": gpus,
         "metrics": sup.metrics.snapshot(),
+        "gateway": sup.gateway.status() if sup.gateway else None,
         "workers": workers,
     }
 
@@ -49,3 +50,4 @@ def recycle(sup, header: dict) -> dict:
 
 
 COMMANDS = {STATUS: status, PING: ping, RECYCLE: recycle}
+ADMIN_COMMANDS = frozenset({RECYCLE})  # under CurveZMQ, only keys in the admin/ folder may send these

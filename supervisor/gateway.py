@@ -1,48 +1,58 @@
 """The HTTP gateway: OpenAI-style chat completions, a simple ask form, health and Prometheus metrics.
 
-Its own process (`python -m qvl.supervisor.gateway`, started by `qvl-supervisor start --http`),
-and a plain client of the supervisor's frontend: it holds no queue or state of its own. Needs the
-`http` extra (FastAPI, uvicorn, prometheus-client, python-multipart).
+Its own process (`python -m qvl.supervisor.gateway SPEC`, started and restarted by the supervisor
+with a `GatewaySpec`), and a plain client of the supervisor's frontend: it holds no queue or state
+of its own. Every request passes one guard first (in-flight limit 429, API key 401, body size
+413); chat bodies become messages only through `openai_chat.parse_chat`'s whitelist; any failure
+in a handler becomes a typed JSON error and the server goes on. Needs the `http` extra (FastAPI,
+uvicorn, prometheus-client, python-multipart).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import base64
-import binascii
+import functools
 import json
+import logging
 import os
 import secrets
+import sys
 import time
-import urllib.request
 import uuid
 from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from starlette.exceptions import HTTPException
 
-from qvl.protocol import AsyncClient, BadRequest, QvlError
+from qvl.protocol import AsyncClient, QvlError
 from qvl.protocol.curve import client_keys
 from qvl.protocol.errors import ERROR_CODES
 
+from .gateway_process import GatewaySpec
+from .image_fetch import fetch_image
+from .openai_chat import parse_chat, parse_json
 
 HTTP_STATUS = {"bad_request": 400, "unsupported_version": 400, "overloaded": 429, "worker_failed": 503,
                "shutting_down": 503, "out_of_memory": 503, "deadline_exceeded": 504, "timeout": 504,
                "internal": 500}
 OPEN_PATHS = ("/health", "/metrics")  # for load balancers and scrapers; everything else needs the key
+log = logging.getLogger("qvl.gateway")
 
 
-def create_app(frontend: str, api_key: str = "", remote_images: bool = False, model_name: str = "qvl",
-               curve_dir: str = "", parent: int = 0, timeout: float = 600.0) -> FastAPI:
-    state: dict = {}
+def create_app(spec: GatewaySpec, api_key: str = "", client: AsyncClient | None = None,
+               timeout: float = 600.0) -> FastAPI:
+    """The application; `client` stands in for the supervisor connection (made on first use)."""
+    state: dict = {} if client is None else {"client": client}
+    fetch = functools.partial(fetch_image, max_bytes=spec.limits.max_frame_bytes) if spec.remote_images else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        watcher = asyncio.ensure_future(_exit_with_parent(parent)) if parent else None
+        watcher = asyncio.ensure_future(_exit_with_parent(spec.parent)) if spec.parent else None
         yield
         if watcher:
             watcher.cancel()
@@ -50,36 +60,45 @@ def create_app(frontend: str, api_key: str = "", remote_images: bool = False, mo
             await state["client"].close()
 
     app = FastAPI(title="qvl gateway", lifespan=lifespan)
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=spec.max_body_bytes,
+                       max_concurrent=spec.max_concurrent)
 
-    def client() -> AsyncClient:
+    def supervisor() -> AsyncClient:
         if "client" not in state:
-            state["client"] = AsyncClient(frontend, timeout=timeout, **client_keys(curve_dir))
+            state["client"] = AsyncClient(spec.frontend, timeout=timeout, limits=spec.limits,
+                                          **client_keys(spec.curve_dir))
         return state["client"]
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        given = request.headers.get("authorization", "")
-        if api_key and request.url.path not in OPEN_PATHS \
-                and not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            return _error(401, "unauthorized", "a valid `Authorization: Bearer <key>` header is required")
-        try:
-            return await call_next(request)
-        except QvlError as exc:
-            return _error(HTTP_STATUS.get(exc.code, 500), exc.code, exc.message)
+    @app.exception_handler(QvlError)
+    async def qvl_error(request: Request, exc: QvlError):
+        return _error(HTTP_STATUS.get(exc.code, 500), exc.code, exc.message)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return _error(exc.status_code, "bad_request" if exc.status_code < 500 else "internal", str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_form(request: Request, exc: RequestValidationError):
+        fields = ", ".join(".".join(map(str, e.get("loc", ()))) for e in exc.errors())
+        return _error(400, "bad_request", f"invalid or missing fields: {fields}")
+
+    @app.exception_handler(Exception)
+    async def our_fault(request: Request, exc: Exception):
+        log.error("event=gateway_error path=%s error=%r", request.url.path, exc)
+        return _error(500, "internal", "the gateway failed on this request; it is logged")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await _json(request)
-        messages = [await _message(m, remote_images) for m in _field(body, "messages", list)]
-        params = _params(body)
+        chat = await asyncio.to_thread(parse_chat, parse_json(await request.body()), spec.limits, fetch)
+        params = chat.params
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": reply_id, "created": created, "model": body.get("model") or model_name}
-        if body.get("stream"):
-            usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            stream = client().stream(messages, **params)
+        head = {"id": reply_id, "created": created, "model": chat.model or spec.model_name}
+        if chat.stream:
+            stream = supervisor().stream(chat.messages, **params)
             first = await anext(stream)  # errors before any text become an HTTP status
-            return StreamingResponse(_events(head, first, stream, params, usage), media_type="text/event-stream")
-        result = await client().generate(messages, **params)
+            return StreamingResponse(_events(head, first, stream, params, chat.include_usage),
+                                     media_type="text/event-stream")
+        result = await supervisor().generate(chat.messages, **params)
         return {**head, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                              "finish_reason": _finish(result.usage, params)}],
@@ -87,30 +106,81 @@ def create_app(frontend: str, api_key: str = "", remote_images: bool = False, mo
 
     @app.post("/api/ask")
     async def ask(image: UploadFile = File(...), question: str = Form(...), max_new_tokens: int = Form(128)):
-        result = await client().ask(await image.read(), question, max_new_tokens=max_new_tokens)
+        result = await supervisor().ask(await image.read(), question, max_new_tokens=max_new_tokens)
         return {"answer": result.text, "usage": result.usage, "timings": result.timings, "worker": result.worker}
 
     @app.get("/api/status")
     async def status():
-        return await client().status(timeout=10)
+        return await supervisor().status(timeout=10)
 
     @app.get("/health")
     async def health():
         try:
-            status = await client().status(timeout=5)
+            status = await supervisor().status(timeout=5)
         except QvlError as exc:
             return JSONResponse({"status": "unavailable", "reason": exc.message}, status_code=503)
         ready = sum(w["state"] == "ready" for w in status["workers"])
-        body = {"status": "ok" if ready else "unavailable", "ready_workers": ready}
+        body = {"status": "ok" if ready else "unavailable", "ready_workers": ready,
+                "gateway": status.get("gateway")}
         return JSONResponse(body, status_code=200 if ready and not status["shutting_down"] else 503)
 
     @app.get("/metrics")
     async def metrics():
         registry = CollectorRegistry()
-        registry.register(_Snapshot(await client().status(timeout=10)))
+        registry.register(_Snapshot(await supervisor().status(timeout=10)))
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+class _Guard:
+    """Before any route: at most `max_concurrent` requests in flight (429), the API key (401), and a
+    body of at most `max_body_bytes` (413), by its Content-Length and by the bytes that arrive."""
+
+    def __init__(self, app, api_key: str, max_body_bytes: int, max_concurrent: int):
+        self.app, self.api_key = app, api_key
+        self.max_body_bytes, self.max_concurrent = max_body_bytes, max_concurrent
+        self.inflight = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        self.inflight += 1
+        try:
+            await self.app(scope, self._limited(receive), send)
+        finally:
+            self.inflight -= 1
+
+    def _refusal(self, scope) -> JSONResponse | None:
+        if self.inflight >= self.max_concurrent:
+            return _error(429, "overloaded", f"the gateway already handles {self.max_concurrent} requests")
+        headers = dict(scope["headers"])
+        given = headers.get(b"authorization", b"")
+        if self.api_key and scope["path"] not in OPEN_PATHS \
+                and not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
+            return _error(401, "unauthorized", "a valid `Authorization: Bearer <key>` header is required")
+        declared = headers.get(b"content-length", b"0")
+        if not declared.isdigit():
+            return _error(400, "bad_request", "Content-Length must be a number")
+        if int(declared) > self.max_body_bytes:
+            return _error(413, "bad_request", f"the body exceeds {self.max_body_bytes} bytes")
+        return None
+
+    def _limited(self, receive):
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise HTTPException(413, f"the body exceeds {self.max_body_bytes} bytes")
+            return message
+
+        return limited_receive
 
 
 async def _events(head: dict, first, stream, params: dict, usage: bool):
@@ -135,77 +205,14 @@ async def _events(head: dict, first, stream, params: dict, usage: bool):
             chunk = await anext(stream)
     except QvlError as exc:  # headers are sent: the error travels as an event
         yield _sse(_error_body(exc.code, exc.message))
+    except Exception as exc:
+        log.error("event=gateway_error path=stream error=%r", exc)
+        yield _sse(_error_body("internal", "the gateway failed on this stream; it is logged"))
     yield "data: [DONE]\n\n"
 
 
 def _sse(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
-
-
-async def _json(request: Request) -> dict:
-    try:
-        body = await request.json()
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("the body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    return body
-
-
-def _field(body: dict, name: str, kind: type):
-    value = body.get(name)
-    if not isinstance(value, kind):
-        raise BadRequest(f"`{name}` must be a {kind.__name__}")
-    return value
-
-
-def _params(body: dict) -> dict:
-    params = {"max_new_tokens": body.get("max_completion_tokens") or body.get("max_tokens") or 256}
-    if body.get("temperature") is not None:
-        params["temperature"] = body["temperature"]
-    if body.get("top_p") is not None:
-        params["top_p"] = body["top_p"]
-    return params
-
-
-async def _message(message: object, remote_images: bool) -> dict:
-    if not isinstance(message, dict):
-        raise BadRequest("each message must be an object")
-    content = message.get("content")
-    if isinstance(content, list):
-        content = [await _part(part, remote_images) for part in content]
-    return {"role": message.get("role"), "content": content}
-
-
-async def _part(part: object, remote_images: bool) -> object:
-    if not isinstance(part, dict) or part.get("type") != "image_url":
-        return part
-    url = (part.get("image_url") or {}).get("url", "") if isinstance(part.get("image_url"), dict) else ""
-    if url.startswith("data:"):
-        try:
-            meta, data = url.split(",", 1)
-            if not meta.endswith(";base64"):
-                raise ValueError
-            return {"type": "image", "image": base64.b64decode(data, validate=True)}
-        except (ValueError, binascii.Error):
-            raise BadRequest("an image data URL must be `data:<type>;base64,<data>`") from None
-    if url.startswith(("http://", "https://")):
-        if not remote_images:
-            raise BadRequest("image URLs over http are refused; send a data URL, or start the gateway "
-                             "with http_remote_images = true")
-        return {"type": "image", "image": await asyncio.to_thread(_fetch, url)}
-    raise BadRequest("an image_url must be a data URL or an http(s) URL")
-
-
-def _fetch(url: str, limit: int = 20 << 20) -> bytes:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            data = response.read(limit + 1)
-    except OSError as exc:
-        raise BadRequest(f"cannot fetch {url}: {exc}") from None
-    if len(data) > limit:
-        raise BadRequest(f"image at {url} exceeds {limit} bytes")
-    return data
 
 
 def _finish(usage: dict, params: dict) -> str:
@@ -279,19 +286,21 @@ async def _exit_with_parent(parent: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m qvl.supervisor.gateway", description=__doc__.splitlines()[0])
-    ap.add_argument("--frontend", required=True, help="the supervisor's ZeroMQ endpoint")
-    ap.add_argument("--listen", default="127.0.0.1:8000", help="host:port to serve HTTP on")
-    ap.add_argument("--api-key-file", default="", help="file holding the API key clients must send")
-    ap.add_argument("--remote-images", action="store_true", help="fetch image URLs over http(s)")
-    ap.add_argument("--curve-dir", default="", help="folder of `qvl-supervisor keygen` keys")
-    ap.add_argument("--model-name", default="qvl")
-    ap.add_argument("--parent", type=int, default=0, help="exit when this process is gone")
-    a = ap.parse_args(argv)
-    api_key = open(a.api_key_file).read().strip() if a.api_key_file else ""
-    app = create_app(a.frontend, api_key, a.remote_images, a.model_name, a.curve_dir, a.parent)
-    host, _, port = a.listen.rpartition(":")
-    uvicorn.run(app, host=host or "127.0.0.1", port=int(port), log_level="warning")
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        spec = GatewaySpec.from_json(args[0])
+        api_key = open(spec.api_key_file).read().strip() if spec.api_key_file else ""
+    except (IndexError, ValueError, TypeError, OSError) as exc:
+        print(f"qvl.gateway: usage: python -m qvl.supervisor.gateway SPEC_JSON ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
+        return 2
+    if spec.api_key_file and not api_key:
+        print(f"qvl.gateway: the API key file {spec.api_key_file} is empty; refusing to serve without a key",
+              file=sys.stderr)
+        return 2
+    host, _, port = spec.listen.rpartition(":")
+    uvicorn.run(create_app(spec, api_key), host=host.strip("[]") or "127.0.0.1", port=int(port),
+                log_level="warning")
     return 0
 
 

@@ -1,8 +1,10 @@
 """The recycle policy: a pure function of one worker's telemetry and counters.
 
 Each threshold is a `Config` setting and is off at 0. A verdict is `hard` when the worker must
-drain at once (it is out of memory, or the device is nearly full); a soft verdict waits for the
-worker to be idle, for at most `recycle_soft_wait_s`.
+take no new request at once (it is out of memory, or the device is nearly full); a soft verdict
+waits for the worker to be idle, for at most `recycle_soft_wait_s`. A soft threshold that a worker
+already trips when it becomes ready (`tripped_at_start`) is ignored for that worker: replacing it
+would give a worker that trips it again.
 """
 
 from dataclasses import dataclass
@@ -19,8 +21,9 @@ class Verdict:
 
 
 def recycle_verdict(telemetry: dict, served: int, age_s: float, config: Config,
-                    requests_jitter: int = 0) -> Verdict | None:
-    """Why this worker should be replaced, or None. Hard reasons are checked first."""
+                    requests_jitter: int = 0, ignore: tuple[str, ...] = ()) -> Verdict | None:
+    """Why this worker should be replaced, or None. Hard reasons are checked first; soft reasons
+    in `ignore` are not checked."""
     t = telemetry
     total = t.get("device_total_bytes") or 0
     used_fraction = t.get("device_used_bytes", 0) / total if total else 0.0
@@ -38,6 +41,15 @@ def recycle_verdict(telemetry: dict, served: int, age_s: float, config: Config,
         ("age", False, age_s, config.recycle_age_s, True),
     ]
     for reason, hard, value, threshold, applies in checks:
-        if threshold and applies and value >= threshold:
+        if threshold and applies and value >= threshold and (hard or reason not in ignore):
             return Verdict(reason, hard, value, threshold)
     return None
+
+
+def tripped_at_start(telemetry: dict, config: Config) -> list[Verdict]:
+    """The soft thresholds a worker trips as it becomes ready, before serving anything."""
+    tripped: list[Verdict] = []
+    while (verdict := recycle_verdict(telemetry, 0, 0.0, config,
+                                      ignore=tuple(v.reason for v in tripped))) and not verdict.hard:
+        tripped.append(verdict)
+    return tripped

@@ -22,6 +22,7 @@ class Request:
     attempts: int = 0
     dispatched_at: float = 0.0
     streamed: bool = False   # text already went to the client: never run it again
+    failed_on: bytes | None = None  # the worker whose out-of-memory error sent it back: try another
 
     @property
     def size(self) -> int:

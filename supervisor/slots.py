@@ -1,13 +1,13 @@
-"""Workers and slots: the state machine of one worker process, and the position it fills.
+"""Worker slots: the positions that serve, and the two halves of one worker incarnation.
 
-A `Worker` is one incarnation: `spawning -> loading -> ready -> draining -> stopping -> exited`.
-A `Slot` is a position that always wants one ready worker. During an overlapped recycle it holds
-two: the old one still serving and its `successor` warming up. A slot that crashes too often is
-`failed` and left empty. Every change of state goes through `Worker.set_state`, which logs it.
+`WorkerProcess` is the OS process: Popen, signals, and a stop's escalation to SIGTERM and SIGKILL.
+`Worker` is the protocol peer: routing identity, requests in flight, telemetry and counters, and
+`life`, its `Incarnation` in the slot's lifecycle (read here, changed only by the lifecycle).
+A `Slot` is a position that always wants one serving worker: its GPU, its `SlotLifecycle`
+(phase, current, successor, retiring, recycle, backoff: `lifecycle.py`) and the peers of its live
+workers by generation. Nothing here decides what happens next.
 """
 
-import collections
-import enum
 import os
 import random
 import signal
@@ -20,148 +20,156 @@ from qvl.protocol.codec import worker_identity
 from qvl.protocol.contract import ModelOptions, WorkerSpec
 
 from .config import Config
-from .events import event
-from .policy import Verdict
+from .lifecycle import Incarnation, Phase, SlotLifecycle, WorkerState
 from .requests import Request
 
-
-class WorkerState(enum.Enum):
-    SPAWNING = "spawning"  # process started, not yet connected
-    LOADING = "loading"    # connected (hello), loading the model
-    READY = "ready"        # serving
-    DRAINING = "draining"  # finishing its in-flight requests, takes no new ones
-    STOPPING = "stopping"  # asked to exit; escalating to signals after grace periods
-    EXITED = "exited"
+SAVED_FIELDS = ("generation", "restarts", "recycles", "last_reason")  # lifecycle counters kept across runs
 
 
-STARTING = (WorkerState.SPAWNING, WorkerState.LOADING)
+class WorkerProcess:
+    """One worker's OS process: it can be polled, signalled, and stopped with escalation."""
+
+    def __init__(self, popen: subprocess.Popen):
+        self.popen = popen
+        self.stop_deadline = 0.0
+        self.signals_sent = 0
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def signal(self, signum: int) -> None:
+        if self.popen.poll() is None:
+            try:
+                os.kill(self.popen.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.signals_sent = 2
+
+    def begin_stop(self, now: float, grace: float) -> None:
+        """It was asked to exit: signals follow if it overstays `grace`."""
+        self.stop_deadline, self.signals_sent = now + grace, 0
+
+    def escalate(self, now: float, grace: float) -> str | None:
+        """SIGTERM once the grace is over, SIGKILL after another; the name of a signal sent."""
+        if now < self.stop_deadline or self.signals_sent >= 2:
+            return None
+        signum = signal.SIGTERM if self.signals_sent == 0 else signal.SIGKILL
+        self.signal(signum)
+        self.signals_sent += 1
+        self.stop_deadline = now + grace
+        return signal.Signals(signum).name
+
+    def wait(self) -> int:
+        return self.popen.wait()
 
 
 @dataclass(eq=False)
 class Worker:
+    """The protocol peer of one incarnation: who it is to the backend and what it holds."""
+
     slot: int
-    generation: int
-    process: subprocess.Popen
+    life: Incarnation
+    process: WorkerProcess
     requests_jitter: int = 0
-    state: WorkerState = WorkerState.SPAWNING
+    accepting: bool = False  # set only by the lifecycle's `Accept` actions
     inflight: dict[int, Request] = field(default_factory=dict)
     telemetry: dict = field(default_factory=dict)
     served: int = 0
     started_at: float = field(default_factory=time.monotonic)
-    state_since: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
-    stop_deadline: float = 0.0
-    signals_sent: int = 0
+    exempt: tuple[str, ...] = ()  # soft thresholds its telemetry already tripped when it became ready
 
     def __post_init__(self) -> None:
         self.identity = worker_identity(self.slot, self.generation)  # its request socket's routing id
         self.identities = (self.identity, worker_identity(self.slot, self.generation, heartbeat=True))
 
     @property
+    def generation(self) -> int:
+        return self.life.generation
+
+    @property
+    def state(self) -> WorkerState:
+        return self.life.state
+
+    @property
     def pid(self) -> int:
         return self.process.pid
-
-    def set_state(self, state: WorkerState, reason: str, **fields: object) -> None:
-        event("worker_state", worker=self.slot, gen=self.generation, pid=self.pid,
-              old=self.state.value, new=state.value, reason=reason, **fields)
-        self.state, self.state_since = state, time.monotonic()
-
-    def signal(self, signum: int) -> None:
-        if self.process.poll() is None:
-            try:
-                os.kill(self.process.pid, signum)
-            except ProcessLookupError:
-                pass
-
-    def escalate(self, now: float, grace: float) -> None:
-        """A stopping worker that overstays its grace gets SIGTERM, then SIGKILL."""
-        if now < self.stop_deadline or self.signals_sent >= 2:
-            return
-        signum = signal.SIGTERM if self.signals_sent == 0 else signal.SIGKILL
-        event("worker_signal", worker=self.slot, gen=self.generation, pid=self.pid,
-              signal=signal.Signals(signum).name)
-        self.signal(signum)
-        self.signals_sent += 1
-        self.stop_deadline = now + grace
 
     def oldest_dispatch(self) -> float | None:
         return min((r.dispatched_at for r in self.inflight.values()), default=None)
 
 
-@dataclass
-class PendingRecycle:
-    reason: str
-    hard: bool        # stop dispatching to the old worker at once
-    wait_idle: bool   # a soft policy reason: start when the worker is idle (or waited long enough)
-    since: float = field(default_factory=time.monotonic)
-    started_at: float = 0.0
-    started: bool = False
-    overlap: bool = False
-
-
 @dataclass(eq=False)
 class Slot:
     index: int
+    lifecycle: SlotLifecycle
     gpu: int | None = None  # the GPU (NVML index) its workers run on; None on CPU
-    generation: int = 0
-    current: Worker | None = None
-    successor: Worker | None = None
-    retiring: list[Worker] = field(default_factory=list)
-    failed: bool = False
-    respawn_at: float = 0.0
-    crashes: collections.deque = field(default_factory=collections.deque)
-    restarts: int = 0
-    recycles: int = 0
+    peers: dict[int, Worker] = field(default_factory=dict)  # live workers by generation
     served_total: int = 0
-    last_reason: str = ""
-    recycle: PendingRecycle | None = None
-
-    def workers(self) -> list[Worker]:
-        return [w for w in (self.current, self.successor, *self.retiring) if w is not None]
 
     @property
-    def state(self) -> str:
-        if self.failed:
-            return "failed"
-        return self.current.state.value if self.current else "exited"
+    def failed(self) -> bool:
+        return self.lifecycle.phase is Phase.FAILED
 
-    def spawn(self, config: Config, backend: str) -> Worker:
-        self.generation += 1
-        spec = worker_spec(config, backend, self.index, self.generation)
-        process = subprocess.Popen(worker_command(spec),
-                                   env=worker_env(config, self.gpu), stdin=subprocess.DEVNULL)
-        worker = Worker(self.index, self.generation, process, state=WorkerState.EXITED,
+    @property
+    def current(self) -> Worker | None:
+        life = self.lifecycle.current
+        return self.peers.get(life.generation) if life else None
+
+    def workers(self) -> list[Worker]:
+        return list(self.peers.values())
+
+    def spawn(self, life: Incarnation, config: Config, backend: str) -> Worker:
+        spec = worker_spec(config, backend, self.index, life.generation)
+        popen = subprocess.Popen(worker_command(spec), env=worker_env(config, self.gpu),
+                                 stdin=subprocess.DEVNULL)
+        worker = Worker(self.index, life, WorkerProcess(popen),
                         requests_jitter=random.randint(0, config.recycle_requests_jitter))
-        worker.set_state(WorkerState.SPAWNING, self.last_reason or "start")
+        self.peers[life.generation] = worker
         return worker
 
-    def ask_recycle(self, verdict: Verdict, wait_idle: bool) -> bool:
-        """Note that this slot should recycle; False if it is already doing so."""
-        if self.recycle is not None or self.failed or self.current is None:
-            return False
-        self.recycle = PendingRecycle(verdict.reason, verdict.hard, wait_idle and not verdict.hard)
-        event("recycle_wanted", worker=self.index, gen=self.current.generation,
-              reason=verdict.reason, hard=verdict.hard, value=verdict.value,
-              threshold=verdict.threshold, **_telemetry_fields(self.current.telemetry))
-        return True
+    def saved(self) -> dict:
+        return {"served_total": self.served_total,
+                **{f: getattr(self.lifecycle, f) for f in SAVED_FIELDS}}
 
-    def status(self) -> dict:
-        w = self.current
+    def restore(self, saved: dict) -> None:
+        if isinstance(saved.get("served_total"), int):
+            self.served_total = saved["served_total"]
+        for f in SAVED_FIELDS:
+            if f in saved and isinstance(saved[f], type(getattr(self.lifecycle, f))):
+                setattr(self.lifecycle, f, saved[f])
+
+    def status(self, now: float) -> dict:
+        life, w = self.lifecycle, self.current
+        successor = self.peers.get(life.successor.generation) if life.successor else None
+        state = "failed" if self.failed else (w.state.value if w else "exited")
         return {
-            "slot": self.index, "gpu": self.gpu, "state": self.state, "pid": w.pid if w else None,
-            "generation": w.generation if w else self.generation,
+            "slot": self.index, "gpu": self.gpu, "state": state, "phase": life.phase.value,
+            "pid": w.pid if w else None, "generation": w.generation if w else life.generation,
+            "accepting": bool(w and w.accepting),
             "inflight": sum(len(x.inflight) for x in self.workers()),
             "served": w.served if w else 0, "served_total": self.served_total,
-            "restarts": self.restarts, "recycles": self.recycles, "last_reason": self.last_reason,
-            "recycling": self.recycle.reason if self.recycle else None,
-            "successor_pid": self.successor.pid if self.successor else None,
-            "retiring_pids": [x.pid for x in self.retiring],
-            "age_s": round(time.monotonic() - w.started_at, 3) if w else None,
+            "restarts": life.restarts, "recycles": life.recycles, "last_reason": life.last_reason,
+            "recycling": life.recycle.reason if life.recycle else None,
+            "failed": {"reason": life.failed_reason, "failures": life.failures,
+                       "retry_in_s": round(max(0.0, life.retry_at - now), 3)} if self.failed else None,
+            "thresholds_at_start": list(w.exempt) if w else [],
+            "successor_pid": successor.pid if successor else None,
+            "retiring_pids": [x.pid for x in self.workers() if x.life in life.retiring],
+            "age_s": round(now - w.started_at, 3) if w else None,
             "telemetry": w.telemetry if w else {},
         }
 
 
-def _telemetry_fields(t: dict) -> dict:
+def telemetry_fields(t: dict) -> dict:
+    """The telemetry worth logging beside a recycle verdict."""
     keys = ("fragmentation", "reserved_bytes", "allocated_bytes", "num_alloc_retries",
             "num_ooms", "device_used_bytes", "rss_bytes")
     return {k: t[k] for k in keys if k in t}
@@ -179,20 +187,6 @@ def worker_spec(config: Config, backend: str, slot: int, generation: int) -> Wor
 
 def worker_command(spec: WorkerSpec) -> list[str]:
     return [sys.executable, "-m", "qvl.worker", spec.to_json()]
-
-
-def gateway_command(config: Config) -> list[str]:
-    """The HTTP gateway, a client of this supervisor's frontend that exits with it."""
-    cmd = [sys.executable, "-m", "qvl.supervisor.gateway", "--frontend", config.frontend,
-           "--listen", config.http, "--model-name", os.path.basename(config.model.rstrip("/")),
-           "--parent", str(os.getpid())]
-    if config.http_api_key_file:
-        cmd += ["--api-key-file", config.http_api_key_file]
-    if config.http_remote_images:
-        cmd.append("--remote-images")
-    if config.curve_dir:
-        cmd += ["--curve-dir", config.curve_dir]
-    return cmd
 
 
 def worker_env(config: Config, gpu: int | None) -> dict:
@@ -213,10 +207,3 @@ def slot_gpus(config: Config, gpu_count: int) -> list[int | None]:
     if config.device.startswith("cuda"):
         return [int(config.device.partition(":")[2] or 0)] * config.workers
     return [None] * config.workers
-
-
-def restart_delay(recent_crashes: int, config: Config) -> float:
-    """Exponential backoff: the first restart waits `restart_backoff_s`, each further one twice as long."""
-    if recent_crashes <= 0:
-        return 0.0
-    return min(config.restart_backoff_s * 2 ** (recent_crashes - 1), config.restart_backoff_max_s)

@@ -7,38 +7,41 @@ numbers arrive through the wakeup pipe and the loop acts on them in its own time
 
 import collections
 import dataclasses
+import functools
 import itertools
 import logging
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
+from typing import Iterator
 
 import zmq
 
 from qvl.protocol.codec import GENERATE, PROTOCOL_VERSION, decode, encode, error_header
-from qvl.protocol.curve import serve_securely
+from qvl.protocol.curve import admin_keys, serve_securely
 from qvl.protocol.errors import (BadRequest, DeadlineExceeded, InternalError, OutOfMemory, Overloaded,
                                  QvlError, ShuttingDown, WorkerFailed)
 from qvl.protocol.messages import (Chunk, ErrorReply, Hello, Ready, Reply, Stop, parse_generate,
                                    parse_worker_message)
 
 from .config import Config, ConfigError
-from .control import COMMANDS
+from .control import ADMIN_COMMANDS, COMMANDS
 from .devices import DeviceMonitor
 from .events import event
+from .gateway_process import GatewayProcess
 from .metrics import Metrics
-from .policy import Verdict, recycle_verdict
+from .lifecycle import (Accept, Action, Count, Incarnation, KillWorker, Log, RecycleStarted, Save,
+                        SlotLifecycle, Spawn, StopWorker, WorkerState)
+from .policy import recycle_verdict, tripped_at_start
 from .requests import Request, RequestQueue
-from .slots import STARTING, Slot, Worker, WorkerState, gateway_command, restart_delay, slot_gpus
+from .slots import Slot, Worker, slot_gpus, telemetry_fields
 from .state import load_state, restore, save_state
 from .systemd import Notifier
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 _MAX_BATCH_READ = 512  # messages read from one socket before the loop moves on
-_ALIVE = (WorkerState.READY, WorkerState.DRAINING)
 _FRONTEND_HEARTBEAT_MS = 10_000
 
 
@@ -48,7 +51,8 @@ class Supervisor:
         self.limits = config.limits
         self.queue = RequestQueue(config.queue_size, config.queue_bytes)
         self.devices = DeviceMonitor()
-        self.slots = [Slot(i, gpu) for i, gpu in enumerate(slot_gpus(config, self.devices.gpu_count()))]
+        self.slots = [Slot(i, SlotLifecycle(i, config, time.monotonic()), gpu)
+                      for i, gpu in enumerate(slot_gpus(config, self.devices.gpu_count()))]
         if not self.slots:
             raise ConfigError("gpus = all, but NVML sees no GPU")
         self.by_identity: dict[bytes, Worker] = {}
@@ -60,7 +64,7 @@ class Supervisor:
         self.shutting_down = False
         self.shutdown_deadline = 0.0
         self.done = False
-        self.gateway: subprocess.Popen | None = None
+        self.gateway = GatewayProcess(config) if config.http else None
         self.notifier = Notifier()
 
     # --- setup and teardown ---------------------------------------------------------------
@@ -74,6 +78,7 @@ class Supervisor:
         self.frontend.setsockopt(zmq.HEARTBEAT_IVL, _FRONTEND_HEARTBEAT_MS)
         self.frontend.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * _FRONTEND_HEARTBEAT_MS)
         self.auth = serve_securely(self.frontend, self.ctx, self.config.curve_dir) if self.config.curve_dir else None
+        self.admins = admin_keys(self.config.curve_dir) if self.config.curve_dir else None
         self.frontend.bind(self.config.frontend)
         if self.config.frontend.startswith("ipc://"):
             os.chmod(self.config.frontend[len("ipc://"):], 0o600)  # only this user's clients
@@ -101,8 +106,7 @@ class Supervisor:
 
     def _close(self) -> None:
         if self.gateway is not None:
-            self.gateway.terminate()
-            self.gateway.wait()
+            self.gateway.stop()
         if self.auth is not None:
             self.auth.stop()
         self.frontend.close()
@@ -119,9 +123,6 @@ class Supervisor:
         self._open()
         event("supervisor_start", pid=os.getpid(), frontend=self.config.frontend,
               workers=self.config.workers, model=self.config.model, device=self.config.device)
-        if self.config.http:
-            self.gateway = subprocess.Popen(gateway_command(self.config), stdin=subprocess.DEVNULL)
-            event("gateway_start", pid=self.gateway.pid, listen=self.config.http)
         try:
             while not self.done:
                 self.notifier.watchdog()
@@ -132,6 +133,8 @@ class Supervisor:
                 self.check_liveness()
                 self.manage_slots()
                 self.finish_shutdown()
+                if self.gateway is not None:
+                    self.gateway.tick(time.monotonic())
         finally:
             self._kill_all()
             save_state(self.config.state_file, self.slots, self.counters)
@@ -148,22 +151,32 @@ class Supervisor:
         events = dict(self.poller.poll(self._poll_timeout_ms()))
         if self.wakeup_r in events:
             self.handle_signals()
-        for sock, handler in ((self.backend, self.on_worker_message),
-                              (self.frontend, self.on_client_message)):
-            if sock not in events:
-                continue
-            for _ in range(_MAX_BATCH_READ):
-                try:
-                    parts = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                handler(parts[0], parts[1:])
+        if self.backend in events:
+            for parts in self._receive(self.backend):
+                self.on_worker_message(parts[0], parts[1:])
+        if self.frontend in events:
+            if self.admins is None:  # no CurveZMQ: whoever reaches the frontend is trusted
+                for parts in self._receive(self.frontend):
+                    self.on_client_message(parts[0], parts[1:])
+                return
+            for frames in self._receive(self.frontend, copy=False):  # frames carry the client's key
+                admin = frames[-1].get("User-Id").encode() in self.admins
+                self.on_client_message(frames[0].bytes, [f.bytes for f in frames[1:]], admin)
+
+    def _receive(self, sock: zmq.Socket, copy: bool = True) -> Iterator[list]:
+        """The messages waiting on `sock`, at most `_MAX_BATCH_READ` before the loop moves on."""
+        for _ in range(_MAX_BATCH_READ):
+            try:
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=copy)
+            except zmq.Again:
+                return
+            yield parts
 
     def _poll_timeout_ms(self) -> int:
         now = time.monotonic()
         due = [now + min(self.config.heartbeat_interval_s, 1.0)]
-        due += [s.respawn_at for s in self.slots if s.current is None and not s.failed]
-        due += [w.stop_deadline for w in self.workers() if w.state is WorkerState.STOPPING]
+        due += [t for s in self.slots if (t := s.lifecycle.next_due(now)) is not None]
+        due += [w.process.stop_deadline for w in self.workers() if w.state is WorkerState.STOPPING]
         deadline = self.queue.next_deadline()
         if deadline is not None:
             due.append(deadline)
@@ -186,9 +199,10 @@ class Supervisor:
                 for slot in self.slots:
                     self.request_recycle(slot, "sighup")
 
-    def on_client_message(self, client: bytes, parts: list[bytes]) -> None:
+    def on_client_message(self, client: bytes, parts: list[bytes], admin: bool = True) -> None:
         """Answer or queue what a client sent. Every failure becomes a typed reply: `bad_request`
-        and its kin for what the client sent, `internal` (logged once) for our own fault."""
+        and its kin for what the client sent, `internal` (logged once) for our own fault.
+        `admin`: the client may send control commands that change the service (`recycle`)."""
         rid = None
         try:
             header, frames = decode(parts, self.limits)
@@ -197,6 +211,8 @@ class Supervisor:
             if kind == GENERATE:
                 self.accept(client, header, frames)
             elif kind in COMMANDS:
+                if kind in ADMIN_COMMANDS and not admin:
+                    raise BadRequest(f"`{kind}` needs an admin client key (the curve folder's admin/)", rid)
                 reply = {"v": PROTOCOL_VERSION, "id": rid, "ok": True}
                 reply.update(COMMANDS[kind](self, header))
                 self.frontend.send_multipart([client, *encode(reply)])
@@ -255,11 +271,11 @@ class Supervisor:
             self.on_reply(worker, message)
         elif isinstance(message, Chunk):
             self.on_chunk(worker, message)
-        elif isinstance(message, Hello) and worker.state is WorkerState.SPAWNING:
-            worker.set_state(WorkerState.LOADING, "hello")
-        elif isinstance(message, Ready) and worker.state in STARTING:
-            worker.set_state(WorkerState.READY, "loaded", load_s=message.load_s)
-            self.on_ready(self.slots[worker.slot], worker)
+        elif isinstance(message, Hello):
+            slot = self.slots[worker.slot]
+            self.apply(slot, slot.lifecycle.hello(worker.generation, time.monotonic()))
+        elif isinstance(message, Ready):
+            self.on_ready(self.slots[worker.slot], worker, message)
         self.judge(worker)
 
     def on_chunk(self, worker: Worker, chunk: Chunk) -> None:
@@ -279,6 +295,7 @@ class Supervisor:
         if isinstance(error, OutOfMemory) and request.attempts < self.config.max_attempts \
                 and not request.streamed:
             self.counters["oom_retries"] += 1  # a fresh worker may well have the memory
+            request.failed_on = worker.identity
             self.queue.push_front(request)
             return
         now = time.monotonic()
@@ -308,13 +325,13 @@ class Supervisor:
                 self.fail(request, WorkerFailed("every worker slot has failed", request.client_id))
             return
         while len(self.queue):
-            ready = [s.current for s in self.slots
-                     if s.current and s.current.state is WorkerState.READY
-                     and len(s.current.inflight) < self.config.max_inflight]
+            ready = [w for w in self.workers()
+                     if w.accepting and len(w.inflight) < self.config.max_inflight]
             if not ready:
                 return
-            worker = min(ready, key=lambda w: len(w.inflight))
             request = self.queue.pop()
+            others = [w for w in ready if w.identity != request.failed_on]  # after an OOM: elsewhere
+            worker = min(others or ready, key=lambda w: len(w.inflight))
             request.attempts += 1
             request.dispatched_at = time.monotonic()
             if request.attempts == 1:
@@ -326,160 +343,116 @@ class Supervisor:
         for request in self.queue.remove_expired(time.monotonic()):
             self.fail(request, DeadlineExceeded("deadline passed while queued", request.client_id))
 
-    # --- recycling ------------------------------------------------------------------------
+    # --- the slots' lifecycles: events in, actions carried out --------------------------
+
+    def apply(self, slot: Slot, actions: list[Action]) -> None:
+        """Carry out what a slot's lifecycle decided."""
+        for action in actions:
+            match action:
+                case Spawn(worker=life):
+                    self.spawn(slot, life)
+                case Accept(generation=gen, on=on):
+                    slot.peers[gen].accepting = on
+                case StopWorker(generation=gen, reason=reason):
+                    self.stop_worker(slot.peers[gen], reason)
+                case KillWorker(generation=gen, reason=reason):
+                    self.kill(slot.peers[gen], reason)
+                case Log(name=name, fields=fields, level=level):
+                    event(name, level, **fields)
+                case Count(key=key):
+                    self.counters[key] += 1
+                case RecycleStarted(reason=reason):
+                    self.metrics.recycles[reason] += 1
+                case Save():
+                    save_state(self.config.state_file, self.slots, self.counters)
 
     def judge(self, worker: Worker) -> None:
-        """Apply the recycle policy to the latest telemetry of a slot's serving worker."""
-        slot = self.slots[worker.slot]
-        if worker is not slot.current or worker.state is not WorkerState.READY or slot.recycle:
-            return
+        """Apply the recycle policy to a worker's latest telemetry; its lifecycle decides what follows."""
         verdict = recycle_verdict(worker.telemetry, worker.served,
                                   time.monotonic() - worker.started_at, self.config,
-                                  worker.requests_jitter)
-        if verdict and slot.ask_recycle(verdict, wait_idle=True):
-            self.counters[f"recycle_{verdict.reason}"] += 1
+                                  worker.requests_jitter, ignore=worker.exempt)
+        if verdict:
+            slot = self.slots[worker.slot]
+            self.apply(slot, slot.lifecycle.verdict(worker.generation, verdict, time.monotonic(),
+                                                    telemetry_fields(worker.telemetry)))
 
     def request_recycle(self, slot: Slot, reason: str) -> bool:
-        if self.shutting_down or slot.current is None or slot.current.state is not WorkerState.READY:
-            return False
-        if slot.ask_recycle(Verdict(reason, hard=False, value=1, threshold=1), wait_idle=False):
-            self.counters[f"recycle_{reason}"] += 1
-            return True
-        return False
+        """An operator's recycle (or SIGHUP's); False when the slot cannot recycle now."""
+        actions = slot.lifecycle.operator_recycle(reason, time.monotonic())
+        self.apply(slot, actions)
+        return bool(actions)
 
-    def advance_recycle(self, slot: Slot, now: float) -> None:
-        """Start a wanted recycle when its turn has come: overlapped when memory has room."""
-        r, current = slot.recycle, slot.current
-        if r is None or r.started or current is None or current.state is not WorkerState.READY:
-            return
-        if now < slot.respawn_at:
-            return
-        if sum(1 for s in self.slots if s.recycle and s.recycle.started) >= self.config.max_concurrent_recycles:
-            return
-        if r.wait_idle and current.inflight and now - r.since < self.config.recycle_soft_wait_s:
-            return
-        r.started, r.started_at, r.overlap = True, now, self.has_room(current)
-        event("recycle", worker=slot.index, gen=current.generation, reason=r.reason, hard=r.hard,
-              overlap=r.overlap)
-        self.metrics.recycles[r.reason] += 1
-        slot.last_reason = f"recycle: {r.reason}"
-        if r.overlap and not r.hard:
-            slot.successor = self.spawn(slot)  # the old worker serves until this one is ready
-            return
-        self.retire(slot, current, f"recycle: {r.reason}")
-        slot.current = self.spawn(slot) if r.overlap else None  # else: once the old one is gone
-
-    def has_room(self, worker: Worker) -> bool:
-        """Whether a second copy of this worker fits beside it now."""
+    def has_room(self, slot: Slot) -> bool:
+        """Whether a second copy of the slot's current worker fits beside it now."""
         mode = self.config.recycle_overlap
         if mode != "auto":
             return mode == "always"
+        worker = slot.current
+        if worker is None:
+            return False
         margin = 1 + self.config.recycle_overlap_margin
-        gpu = self.slots[worker.slot].gpu
-        if gpu is None:
+        if slot.gpu is None:
             rss = self.devices.rss(worker.pid) or 0
             return self.devices.host_available() >= rss * margin
-        memory = self.devices.gpu_memory(gpu)  # the slot's own device
+        memory = self.devices.gpu_memory(slot.gpu)  # the slot's own device
         if memory is None:
             return False
-        footprint = self.devices.gpu_process_memory(gpu).get(worker.pid) \
+        footprint = self.devices.gpu_process_memory(slot.gpu).get(worker.pid) \
             or worker.telemetry.get("reserved_bytes", 0) + (1 << 30)  # + context, if NVML can't see pids
         return memory["free_bytes"] >= footprint * margin
 
-    def on_ready(self, slot: Slot, worker: Worker) -> None:
-        ready = sum(1 for s in self.slots if s.current and s.current.state is WorkerState.READY)
+    def on_ready(self, slot: Slot, worker: Worker, message: Ready) -> None:
+        self.apply(slot, slot.lifecycle.ready(worker.generation, time.monotonic(), message.load_s))
+        tripped = tripped_at_start(worker.telemetry, self.config)
+        worker.exempt = tuple(v.reason for v in tripped)
+        for v in tripped:  # recycling it would give a worker that trips it again, forever
+            event("threshold_at_start", logging.WARNING, worker=slot.index, gen=worker.generation,
+                  reason=v.reason, value=v.value, threshold=v.threshold, action="ignored for this worker")
+        ready = sum(1 for w in self.workers() if w.accepting)
         self.notifier.ready(f"{ready} of {len(self.slots)} workers ready")
-        if worker is slot.successor:
-            self.retire(slot, slot.current, f"replaced by gen {worker.generation}")
-            slot.current, slot.successor = worker, None
-        if worker is slot.current and slot.recycle and slot.recycle.started:
-            r = slot.recycle
-            slot.recycles += 1
-            event("recycle_done", worker=slot.index, gen=worker.generation, reason=r.reason,
-                  overlap=r.overlap, waited_s=r.started_at - r.since,
-                  took_s=time.monotonic() - r.started_at)
-            slot.recycle = None
-            save_state(self.config.state_file, self.slots, self.counters)
-
-    def retire(self, slot: Slot, worker: Worker, reason: str) -> None:
-        worker.set_state(WorkerState.DRAINING, reason)
-        slot.retiring.append(worker)
 
     # --- workers --------------------------------------------------------------------------
 
-    def spawn(self, slot: Slot) -> Worker:
-        worker = slot.spawn(self.config, self.backend_endpoint)
+    def spawn(self, slot: Slot, life: Incarnation) -> Worker:
+        worker = slot.spawn(life, self.config, self.backend_endpoint)
         for identity in worker.identities:
             self.by_identity[identity] = worker
+        self.apply(slot, slot.lifecycle.spawned(life.generation, worker.pid))
         return worker
 
     def manage_slots(self) -> None:
-        """Fill empty slots whose backoff has passed, advance recycles, stop drained workers."""
+        """Let each slot's lifecycle act on the clock; escalate stops that overstay their grace."""
         now = time.monotonic()
         for slot in self.slots:
-            if (slot.current is None and not slot.failed and not self.shutting_down
-                    and not slot.retiring and now >= slot.respawn_at):
-                slot.current = self.spawn(slot)
-            if not self.shutting_down:
-                self.advance_recycle(slot, now)
-            for worker in slot.retiring:
-                if worker.state is WorkerState.DRAINING and not worker.inflight:
-                    self.stop_worker(worker, "drained")
-                elif worker.state is WorkerState.STOPPING:
-                    worker.escalate(now, self.config.kill_grace_s)
+            turn = sum(s.lifecycle.recycling for s in self.slots) < self.config.max_concurrent_recycles
+            busy = {w.generation for w in slot.workers() if w.inflight}
+            self.apply(slot, slot.lifecycle.tick(now, busy, functools.partial(self.has_room, slot), turn))
+            for worker in slot.workers():
+                if worker.state is WorkerState.STOPPING:
+                    sent = worker.process.escalate(now, self.config.kill_grace_s)
+                    if sent:
+                        event("worker_signal", worker=slot.index, gen=worker.generation,
+                              pid=worker.pid, signal=sent)
 
     def stop_worker(self, worker: Worker, reason: str) -> None:
         self.backend.send_multipart([worker.identity, *encode(Stop().header())])
-        worker.signals_sent = 0
-        worker.stop_deadline = time.monotonic() + self.config.kill_grace_s
-        worker.set_state(WorkerState.STOPPING, reason)
+        worker.process.begin_stop(time.monotonic(), self.config.kill_grace_s)
 
     def reap_workers(self) -> None:
         for slot in self.slots:
             for worker in slot.workers():
-                if worker.process.poll() is not None:
-                    self.on_exit(slot, worker, worker.process.returncode)
+                code = worker.process.poll()
+                if code is not None:
+                    self.on_exit(slot, worker, code)
 
     def on_exit(self, slot: Slot, worker: Worker, code: int) -> None:
-        expected = worker.state is WorkerState.STOPPING
         for identity in worker.identities:
             self.by_identity.pop(identity, None)
+        del slot.peers[worker.generation]
         for request in worker.inflight.values():
             self.retry(request, worker)
         worker.inflight.clear()
-        how = f"signal {-code}" if code < 0 else f"exit code {code}"
-        worker.set_state(WorkerState.EXITED, how if expected else f"crashed ({how})")
-        if worker in slot.retiring:
-            slot.retiring.remove(worker)
-        elif worker is slot.successor:
-            slot.successor = None
-            if slot.recycle:
-                slot.recycle.started = False  # try again after the backoff
-        elif worker is slot.current:
-            slot.current = None
-            slot.recycle = None  # the replacement that follows is fresh anyway
-        if not expected:
-            self.on_crash(slot, f"crashed ({how})")
-
-    def on_crash(self, slot: Slot, reason: str) -> None:
-        now = time.monotonic()
-        slot.crashes.append(now)
-        while slot.crashes and slot.crashes[0] < now - self.config.restart_period_s:
-            slot.crashes.popleft()
-        self.counters["worker_crashes"] += 1
-        slot.last_reason = reason
-        if len(slot.crashes) >= self.config.restart_intensity:
-            slot.failed = True
-            slot.recycle = None
-            event("slot_failed", logging.ERROR, worker=slot.index, reason=reason,
-                  crashes=len(slot.crashes), period_s=self.config.restart_period_s)
-        else:
-            slot.restarts += 1
-            delay = restart_delay(len(slot.crashes), self.config)
-            slot.respawn_at = now + delay
-            event("worker_restart", logging.WARNING, worker=slot.index, reason=reason,
-                  backoff_s=delay, crashes=len(slot.crashes))
-        save_state(self.config.state_file, self.slots, self.counters)
+        self.apply(slot, slot.lifecycle.exited(worker.generation, code, time.monotonic()))
 
     def retry(self, request: Request, worker: Worker) -> None:
         if request.streamed:
@@ -495,24 +468,21 @@ class Supervisor:
             self.queue.push_front(request)
 
     def check_liveness(self) -> None:
+        """Tell each lifecycle of silent workers and of requests running past the hang timeout."""
         now = time.monotonic()
         silence = self.config.heartbeat_interval_s * self.config.heartbeat_liveness
-        for worker in self.workers():
-            oldest = worker.oldest_dispatch()
-            if worker.state in STARTING and now - worker.state_since > self.config.start_timeout_s:
-                self.kill(worker, "start timeout")
-            elif worker.state in _ALIVE and now - worker.last_seen > silence:
-                self.kill(worker, f"no heartbeat for {now - worker.last_seen:.1f}s")
-            elif oldest is not None and now - oldest > self.config.request_hang_timeout_s:
-                self.kill(worker, f"request running for {now - oldest:.1f}s")
+        for slot in self.slots:
+            for worker in slot.workers():
+                if now - worker.last_seen > silence:
+                    self.apply(slot, slot.lifecycle.heartbeat_missed(worker.generation, now - worker.last_seen))
+                oldest = worker.oldest_dispatch()
+                if oldest is not None and now - oldest > self.config.request_hang_timeout_s:
+                    self.apply(slot, slot.lifecycle.hang(worker.generation, now - oldest))
 
     def kill(self, worker: Worker, reason: str) -> None:
-        if worker.signals_sent >= 2:
-            return  # already killed; reaping follows the exit
         event("worker_kill", logging.WARNING, worker=worker.slot, gen=worker.generation,
               pid=worker.pid, reason=reason)
-        worker.signal(signal.SIGKILL)
-        worker.signals_sent = 2
+        worker.process.kill()
 
     # --- shutdown -------------------------------------------------------------------------
 
@@ -523,6 +493,8 @@ class Supervisor:
               inflight=sum(len(w.inflight) for w in self.workers()))
         self.shutting_down = True
         self.shutdown_deadline = time.monotonic() + self.config.stop_grace_s
+        for slot in self.slots:
+            self.apply(slot, slot.lifecycle.shutdown(time.monotonic()))
         self.notifier.stopping()
 
     def finish_shutdown(self) -> None:
@@ -538,14 +510,12 @@ class Supervisor:
             for request in worker.inflight.values():
                 self.fail(request, ShuttingDown("shut down before it finished", request.client_id))
             worker.inflight.clear()
-            if worker.state is not WorkerState.STOPPING:
-                self.stop_worker(worker, "shutdown")
-            else:
-                worker.escalate(time.monotonic(), self.config.kill_grace_s)
+        for slot in self.slots:
+            self.apply(slot, slot.lifecycle.stop_all(time.monotonic()))
         self.done = not self.workers()
 
     def _kill_all(self) -> None:
         """Last resort on the way out: no worker outlives the supervisor."""
         for worker in self.workers():
-            worker.signal(signal.SIGKILL)
+            worker.process.kill()
             worker.process.wait()

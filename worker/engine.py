@@ -2,34 +2,47 @@
 
 Owns everything that touches torch and transformers. Requests in one batch share their
 generation parameters (the service groups them); prompts are left-padded so every row's new
-tokens start at the same column. Two ways to decode: `generate` from transformers with its
+tokens start at the same column. Two ways to generate: `generate` from transformers with its
 dynamic cache (the reference, and the default on CPU), or the static KV pool and CUDA graphs of
-`decoding.py` (the default on CUDA). A batch too large for the pool is split in halves.
+`kv_pool.py` (the default on CUDA). A batch too large for the pool is split in halves.
+
+`prepare` turns one request into a `Prompt` and refuses it with `BadRequest`, naming the numbers,
+when its tokens exceed the per-request cap or the KV pool: image tokens are counted from image
+sizes before the image processor runs, and each frame is processed once however often it is
+referenced.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from qvl.protocol.contract import ModelOptions, WorkerSpec
+from qvl.protocol.errors import BadRequest, InternalError
+from qvl.protocol.messages import GenerationParams
+from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature
 from transformers.generation.streamers import BaseStreamer
 
-from qvl.protocol.contract import ModelOptions
-from qvl.protocol.errors import BadRequest
-from qvl.protocol.messages import GenerationParams
-
-from .decoding import STOP_CHECK_EVERY, Decoder, Progress
+from .image_tokens import ImageTokens
+from .kv_pool import STOP_CHECK_EVERY, KVPool, Progress
+from .prompts import PromptTokenizer
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """One request made ready for the model: chat messages in processor form and their images."""
+    """One request made ready for the model: its prompt token ids, image placeholders expanded, and
+    the pixels of each image reference in prompt order (a frame referenced twice appears twice)."""
 
-    messages: list
-    images: list[Image.Image]
+    ids: list[int]
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None  # (t, h, w) patches per image reference
+
+    @property
+    def images(self) -> int:
+        return 0 if self.image_grid_thw is None else len(self.image_grid_thw)
 
 
 @dataclass(frozen=True)
@@ -39,22 +52,6 @@ class Completion:
     completion_tokens: int
     prefill_ms: float
     decode_ms: float
-
-
-def prompt_from_request(messages: list, images: list[Image.Image]) -> Prompt:
-    """Processor-form messages: image parts lose their frame index, images follow text order."""
-    ordered = []
-    chat = []
-    for message in messages:
-        parts = []
-        for part in message["content"]:
-            if part["type"] == "image":
-                ordered.append(images[part["frame"]])
-                parts.append({"type": "image"})
-            else:
-                parts.append(part)
-        chat.append({"role": message["role"], "content": parts})
-    return Prompt(chat, ordered)
 
 
 class _Steps(BaseStreamer):
@@ -85,7 +82,7 @@ class _Steps(BaseStreamer):
 class Engine:
     """A loaded processor and model on one device."""
 
-    def __init__(self, options: ModelOptions):
+    def __init__(self, options: ModelOptions, max_prompt_tokens: int = WorkerSpec.max_prompt_tokens):
         self.options = options
         self.device = torch.device(options.device)
         if self.device.type == "cuda":
@@ -101,7 +98,13 @@ class Engine:
         self.eos_ids = set(_as_list(self.model.generation_config.eos_token_id)) | {tokenizer.eos_token_id}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         static = options.kv_cache == "static" or (options.kv_cache == "auto" and self.device.type == "cuda")
-        self.decoder = Decoder(self.model, options.kv_cache_tokens, self.eos_ids, self.pad_id) if static else None
+        self.kv_pool = KVPool(self.model, options.kv_cache_tokens, self.eos_ids, self.pad_id) if static else None
+        self.max_prompt_tokens = max_prompt_tokens
+        self.prompt_tokenizer = PromptTokenizer(self.processor)
+        self.image_tokens = ImageTokens.of(self.processor.image_processor)
+        self.image_token_id = self.processor.image_token_id
+        # transformers 5 computes multimodal RoPE from these; earlier releases take no such input
+        self.marks_image_tokens = "mm_token_type_ids" in self.processor.model_input_names
 
     def _dtype(self) -> torch.dtype:
         if self.options.dtype == "auto":
@@ -111,33 +114,53 @@ class Engine:
     def warm_up(self) -> None:
         """One small request, so the first real one does not pay for lazy initialisation."""
         image = Image.new("RGB", (64, 64), (127, 127, 127))
-        prompt = Prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
-                        [image])
-        self.generate([prompt], GenerationParams(max_new_tokens=2))
+        messages = [{"role": "user", "content": [{"type": "image", "frame": 0}, {"type": "text", "text": "hi"}]}]
+        params = GenerationParams(max_new_tokens=2)
+        self.generate([self.prepare(messages, [image], params)], params)
+
+    def prepare(self, messages: list, frames: Sequence[Image.Image], params: GenerationParams) -> Prompt:
+        """The prompt of a request whose image parts are `{"type": "image", "frame": i}` into `frames`."""
+        references = [part["frame"] for m in messages for part in m["content"] if part["type"] == "image"]
+        per_frame = [self.image_tokens.count(*image.size) for image in frames]
+        image_tokens = [per_frame[frame] for frame in references]
+        self._check_length(sum(image_tokens), "image tokens", params)  # before any pixel is processed
+        ids = self.prompt_tokenizer.ids(messages, image_tokens)
+        self._check_length(len(ids), "prompt tokens", params)
+        if not references:
+            return Prompt(ids)
+        pixels = self.processor.image_processor(images=list(frames), return_tensors="pt")
+        grids = pixels["image_grid_thw"]
+        patches = grids.prod(dim=1)
+        if (patches // self.image_tokens.merge_size ** 2).tolist() != per_frame:
+            raise InternalError(f"image token counts {per_frame} differ from the processor's grids {grids.tolist()}")
+        frame_pixels = pixels["pixel_values"].split(patches.tolist())
+        return Prompt(ids, torch.cat([frame_pixels[f] for f in references]), grids[references])
+
+    def _check_length(self, tokens: int, what: str, params: GenerationParams) -> None:
+        if tokens > self.max_prompt_tokens:
+            raise BadRequest(f"{tokens} {what} exceed the limit of {self.max_prompt_tokens} prompt tokens")
+        if self.kv_pool is not None and not self.kv_pool.fits(1, tokens, params.max_new_tokens):
+            raise BadRequest(f"{tokens} {what} plus max_new_tokens {params.max_new_tokens} do not fit "
+                             f"the KV cache of {self.options.kv_cache_tokens} tokens")
 
     def generate(self, prompts: list[Prompt], params: GenerationParams,
                  progress: Progress | None = None) -> list[Completion]:
         """A completion per prompt, in order. `progress`, if given, gets every row's new tokens
         every few steps (streaming); rows are numbered within `prompts`."""
-        inputs = self._inputs(prompts)
+        inputs = self._batch(prompts)
         n, length = inputs["input_ids"].shape
-        if self.decoder is None:
+        if self.kv_pool is None:
             tokens, prefill_ms, decode_ms = self._generate(inputs.to(self.device), params, progress)
-        elif self.decoder.fits(n, length, params.max_new_tokens):
-            decoded = self.decoder.decode(inputs.to(self.device), [len(p.images) for p in prompts], params,
-                                          progress)
-            tokens, prefill_ms, decode_ms = decoded.tokens, decoded.prefill_ms, decoded.decode_ms
-        elif n > 1:
+        elif n > 1 and not self.kv_pool.fits(n, length, params.max_new_tokens):
             half = n // 2
             later = None if progress is None else lambda rows: progress(lambda: [[]] * half + rows())
             return self.generate(prompts[:half], params, progress) + self.generate(prompts[half:], params, later)
         else:
-            raise BadRequest(f"{length} prompt tokens plus max_new_tokens {params.max_new_tokens} do not fit "
-                             f"the KV cache of {self.options.kv_cache_tokens} tokens")
-        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+            generated = self.kv_pool.generate(inputs.to(self.device), [p.images for p in prompts], params, progress)
+            tokens, prefill_ms, decode_ms = generated.tokens, generated.prefill_ms, generated.decode_ms
         kept = [self._until_eos(row) for row in tokens]
-        return [Completion(self._text(row), int(n_prompt), len(row), prefill_ms, decode_ms)
-                for row, n_prompt in zip(kept, prompt_tokens)]
+        return [Completion(self._text(row), len(p.ids), len(row), prefill_ms, decode_ms)
+                for row, p in zip(kept, prompts)]
 
     def detokenize(self, row: list[int]) -> str:
         """The text of a row of new tokens, up to and without its stop token."""
@@ -146,11 +169,22 @@ class Engine:
     def _text(self, row: list[int]) -> str:
         return self.processor.tokenizer.decode(row, skip_special_tokens=True)
 
-    def _inputs(self, prompts: list[Prompt]):
-        texts = [self.processor.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True)
-                 for p in prompts]
-        images = [image for p in prompts for image in p.images] or None
-        return self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+    def _batch(self, prompts: list[Prompt]) -> BatchFeature:
+        """The model's inputs for `prompts`: ids left-padded to the longest, images in row order."""
+        width = max(len(p.ids) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p.ids):] = torch.tensor(p.ids, dtype=torch.long)
+            mask[row, width - len(p.ids):] = 1
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if self.marks_image_tokens:
+            inputs["mm_token_type_ids"] = (ids == self.image_token_id).long()
+        with_images = [p for p in prompts if p.images]
+        if with_images:
+            inputs["pixel_values"] = torch.cat([p.pixel_values for p in with_images])
+            inputs["image_grid_thw"] = torch.cat([p.image_grid_thw for p in with_images])
+        return BatchFeature(inputs)
 
     @torch.inference_mode()
     def _generate(self, inputs, params: GenerationParams,
@@ -196,17 +230,20 @@ class NoopEngine:
     For benchmarks of the supervisor path (`scripts/bench_router.py`), never for serving.
     """
 
-    def __init__(self, options: ModelOptions):
+    def __init__(self, options: ModelOptions, max_prompt_tokens: int):
         self.options = options
         self.device = torch.device("cpu")
 
     def warm_up(self) -> None:
         pass
 
+    def prepare(self, messages: list, frames: Sequence[Image.Image], params: GenerationParams) -> Prompt:
+        return Prompt([])
+
     def generate(self, prompts: list[Prompt], params: GenerationParams,
                  progress: Progress | None = None) -> list[Completion]:
         return [Completion("", 0, 0, 0.0, 0.0) for _ in prompts]
 
 
-def load_engine(options: ModelOptions) -> Engine | NoopEngine:
-    return NoopEngine(options) if options.engine == "noop" else Engine(options)
+def load_engine(options: ModelOptions, max_prompt_tokens: int) -> Engine | NoopEngine:
+    return (NoopEngine if options.engine == "noop" else Engine)(options, max_prompt_tokens)

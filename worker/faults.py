@@ -2,12 +2,13 @@
 
 Inert when the variable is unset. Its value is comma-separated `name=value` items:
 
-- `crash_at_start=1`: exit with code 7 before loading the model;
-- `crash_after=N`: exit with code 7 when the N-th request arrives (abruptly, like a segfault);
+- `crash_at_start=1`: exit with `WorkerExit.INJECTED` before loading the model;
+- `crash_after=N`: exit with `WorkerExit.INJECTED` when the N-th request arrives (abruptly, like a segfault);
 - `hang_at=N`: the N-th request never finishes (the worker sleeps; heartbeats go on);
 - `slow_ms=M`: every generate takes M ms longer (a slow but alive worker);
-- `step_ms=M`: decoding pauses M ms each time it reports progress (a slow stream);
-- `oom_at=N`: the N-th request raises a CUDA out-of-memory error;
+- `step_ms=M`: generation pauses M ms each time it reports progress (a slow stream);
+- `oom_at=N`: every generate call holding the N-th request raises a CUDA out-of-memory error;
+- `oom_rows_over=R`: every generate call of more than R rows raises it (a batch too big, rows fine alone);
 - `telemetry.KEY=VALUE`: report VALUE for telemetry KEY, once `telemetry_after=N` requests are done;
 - `generation=G`, `slot=S`: only incarnations with that generation number / slot misbehave.
 
@@ -18,6 +19,7 @@ import os
 import time
 
 import torch
+from qvl.protocol.exits import WorkerExit
 
 ENV = "QVL_FAULTS"
 
@@ -41,19 +43,21 @@ class Faults:
 
     def at_start(self) -> None:
         if self.get("crash_at_start"):
-            os._exit(7)
+            os._exit(WorkerExit.INJECTED)
 
     def on_arrival(self, count: int) -> None:
         """Called as the `count`-th request arrives."""
         if self.get("crash_after") and count >= self.get("crash_after"):
-            os._exit(7)
+            os._exit(WorkerExit.INJECTED)
 
-    def before_generate(self, first: int, last: int) -> None:
-        """Called before a batch holding request numbers first..last."""
-        if self.get("hang_at") and first <= self.get("hang_at") <= last:
+    def before_generate(self, numbers: list[int]) -> None:
+        """Called before a generate call whose rows are the requests that arrived `numbers`-th
+        (counted from 1, so an unset fault, 0, names none)."""
+        if self.get("hang_at") in numbers:
             while True:
                 time.sleep(3600)
-        if self.get("oom_at") and first <= self.get("oom_at") <= last:
+        rows_over = self.get("oom_rows_over")
+        if self.get("oom_at") in numbers or (rows_over and len(numbers) > rows_over):
             raise torch.OutOfMemoryError("CUDA out of memory (injected by QVL_FAULTS)")
         if self.get("slow_ms"):
             time.sleep(self.get("slow_ms") / 1000.0)

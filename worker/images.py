@@ -1,6 +1,10 @@
-"""Decoding of request images with limits: formats, bytes, pixel count, decompression bombs.
+"""Opening request images with limits: formats, bytes, pixel count, decompression bombs.
 
-A bad image raises `BadRequest`, which fails only the request that carried it.
+`open_image` reads the size from the header first and refuses an image over the pixel limit
+before reading a pixel; then it reads the first frame (of an animated GIF, say) and turns
+every mode Pillow reads into 8-bit RGB: CMYK, 16-bit grey, palettes, and
+transparency composited onto white as transformers' own `convert_to_rgb` does.
+A bad image raises `BadRequest`, which fails only the request that carried it. Never imports torch.
 """
 
 from __future__ import annotations
@@ -8,14 +12,14 @@ from __future__ import annotations
 import io
 import warnings
 
+import numpy as np
 from PIL import Image
-
 from qvl.protocol.errors import BadRequest
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """An RGB image from encoded bytes; refuses unsupported formats and images over `max_pixels`."""
     try:
         with warnings.catch_warnings():
@@ -28,10 +32,23 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             width, height = image.size
             if width * height > max_pixels:
                 raise BadRequest(f"image of {width}x{height} pixels exceeds {max_pixels}")
-            return image.convert("RGB")
+            image.load()
+            return to_rgb(image)
     except BadRequest:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadRequest(f"image refused as a decompression bomb: {exc}") from None
     except Exception as exc:  # Pillow raises many types for corrupt or truncated data
-        raise BadRequest(f"image could not be decoded: {type(exc).__name__}: {exc}") from None
+        raise BadRequest(f"image could not be read: {type(exc).__name__}: {exc}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16"):  # 16-bit grey: Pillow's own conversion clips at 255
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")

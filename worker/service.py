@@ -3,9 +3,14 @@
 The main thread owns the DEALER socket to the supervisor. It reads every waiting request,
 gathers them into batches of equal generation parameters, runs each batch on the model and
 replies on the same socket, with no hand-off between threads on the request path. Between
-decoding steps it reads requests that arrived meanwhile, so their images decode on a small
+generation steps it reads requests that arrived meanwhile, so their images open on a small
 pool while the model works. Heartbeats come from a thread with a socket of its own
 (ZeroMQ sockets are never shared between threads), so they keep time during a long batch.
+
+No request ends the worker: a message that cannot be read is answered `bad_request` (or dropped
+when it names no key), a request that fails is answered with its own error, and a batch that
+fails is split until the failing row is found, so the other rows still get answers. Only a
+CUDA error that leaves the context unusable ends the process (`WorkerExit.CUDA_FATAL`).
 """
 
 from __future__ import annotations
@@ -24,17 +29,27 @@ from typing import Callable
 
 import torch
 import zmq
-
-from qvl.protocol.codec import (BYE, CHUNK, GENERATE, HEARTBEAT, HELLO, PROTOCOL_VERSION, READY, REPLY,
-                                STOP, decode, encode, error_header, worker_identity)
-from qvl.protocol.errors import BadRequest, InternalError, OutOfMemory, QvlError
+from qvl.protocol.codec import encode, worker_identity
 from qvl.protocol.contract import WorkerSpec
-from qvl.protocol.messages import GenerationParams
+from qvl.protocol.errors import InternalError, OutOfMemory, QvlError
+from qvl.protocol.exits import WorkerExit
+from qvl.protocol.messages import (
+    Bye,
+    Chunk,
+    ErrorReply,
+    GenerationParams,
+    Heartbeat,
+    Hello,
+    Ready,
+    Reply,
+    Stop,
+)
 
-from .decoding import Progress
-from .engine import Engine, load_engine, prompt_from_request
+from .engine import Engine, Prompt, load_engine
 from .faults import Faults
-from .images import decode_image
+from .images import open_image
+from .inbox import read_message
+from .kv_pool import Progress
 from .telemetry import Telemetry
 
 log = logging.getLogger("qvl.worker")
@@ -45,9 +60,10 @@ _NO_IMAGES.set_result(())
 @dataclass(frozen=True)
 class Job:
     key: int
+    number: int  # the how-many-th request this worker received (fault injection names requests by it)
     messages: list
     params: GenerationParams
-    images: Future  # decoded on the decode pool while the model runs earlier batches
+    images: Future  # opened on the image pool while the model runs earlier batches
     stream: bool = False
 
 
@@ -58,11 +74,7 @@ def exit_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def send(sock: zmq.Socket, kind: str, **fields) -> None:
-    sock.send_multipart(encode({"v": PROTOCOL_VERSION, "kind": kind, **fields}))
-
-
-class Heartbeat(threading.Thread):
+class HeartbeatSender(threading.Thread):
     """Sends this worker's telemetry every interval from its own socket until stopped."""
 
     def __init__(self, service: "WorkerService"):
@@ -71,17 +83,17 @@ class Heartbeat(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        opts = self.service.spec
+        spec = self.service.spec
         sock = self.service.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTING_ID, worker_identity(opts.slot, opts.generation, heartbeat=True))
-        sock.connect(opts.backend)
+        sock.setsockopt(zmq.ROUTING_ID, worker_identity(spec.slot, spec.generation, heartbeat=True))
+        sock.connect(spec.backend)
         while not self.stopped.is_set():
             if os.getppid() != self.service.parent:
-                log.error("event=orphaned slot=%d", opts.slot)
-                os._exit(1)
-            send(sock, HEARTBEAT, telemetry=self.service.read_telemetry())
-            self.stopped.wait(opts.heartbeat_interval_s)
+                log.error("event=orphaned slot=%d", spec.slot)
+                os._exit(WorkerExit.ORPHANED)
+            sock.send_multipart(encode(Heartbeat(self.service.read_telemetry()).header()))
+            self.stopped.wait(spec.heartbeat_interval_s)
         sock.close()
 
 
@@ -100,41 +112,40 @@ class WorkerService:
         self.arrived = 0  # requests received
         self.done = 0     # requests answered
         self.telemetry: Telemetry | None = None
-        self.decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
+        self.image_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="images")
 
     def read_telemetry(self) -> dict:
         return self.faults.apply(self.telemetry.read(), self.done)
 
-    def _send(self, kind: str, **fields) -> None:
-        send(self.sock, kind, **fields)
+    def _send(self, header: dict) -> None:
+        self.sock.send_multipart(encode(header))
 
     def run(self) -> int:
-        opts = self.spec
-        self.sock.connect(opts.backend)
-        self._send(HELLO, slot=opts.slot, generation=opts.generation, pid=os.getpid())
+        spec = self.spec
+        self.sock.connect(spec.backend)
+        self._send(Hello(spec.slot, spec.generation, os.getpid()).header())
         self.faults.at_start()
         started = time.monotonic()
         self._load()
         load_s = time.monotonic() - started
-        self._send(READY, load_s=load_s, device=str(self.engine.device),
-                   telemetry=self.read_telemetry())
-        log.info("event=ready slot=%d gen=%d load_s=%.2f", opts.slot, opts.generation, load_s)
-        heartbeat = Heartbeat(self)
+        self._send(Ready(load_s, str(self.engine.device), self.read_telemetry()).header())
+        log.info("event=ready slot=%d gen=%d load_s=%.2f", spec.slot, spec.generation, load_s)
+        heartbeat = HeartbeatSender(self)
         heartbeat.start()
         self._serve()
         heartbeat.stopped.set()
         heartbeat.join()
-        self._send(BYE)
-        return 0
+        self._send(Bye().header())
+        return WorkerExit.OK
 
     def _load(self) -> None:
         try:
-            self.engine = load_engine(self.spec.model)
+            self.engine = load_engine(self.spec.model, self.spec.max_prompt_tokens)
             self.engine.warm_up()
             self.telemetry = Telemetry(self.engine.device)
         except BaseException:
             log.exception("event=load_failed slot=%d", self.spec.slot)
-            os._exit(4)
+            os._exit(WorkerExit.LOAD_FAILED)
 
     def _serve(self) -> None:
         """Batch and answer until the supervisor says stop and nothing is left waiting."""
@@ -147,16 +158,31 @@ class WorkerService:
                     self.sock.send_multipart(parts)
 
     def _take_requests(self) -> None:
-        """Queue every request waiting on the socket, and start decoding its images."""
+        """Queue every request waiting on the socket, and start opening its images."""
         while self.sock.get(zmq.EVENTS) & zmq.POLLIN:  # cheaper than poll(0), which builds a poller
-            header, frames = decode(self.sock.recv_multipart(), self.spec.limits)
-            if header["kind"] == STOP:
-                self.stopping = True
-            elif header["kind"] == GENERATE:
-                self.arrived += 1
-                self.faults.on_arrival(self.arrived)
-                self.waiting.append(Job(header["id"], header["messages"], GenerationParams(**header["params"]),
-                                        self._images(frames), header.get("stream", False)))
+            self._take(self.sock.recv_multipart())
+
+    def _take(self, parts: list[bytes]) -> None:
+        try:
+            message = read_message(parts, self.spec.limits)
+        except Exception as exc:  # also called mid-batch: what fails here must not reach the batch
+            self._refuse(exc)
+            return
+        if isinstance(message, Stop):
+            self.stopping = True
+            return
+        self.arrived += 1
+        self.faults.on_arrival(self.arrived)
+        self.waiting.append(Job(message.id, self.arrived, message.messages, message.params,
+                                self._open_images(message.images), message.stream))
+
+    def _refuse(self, exc: Exception) -> None:
+        """Answer a message that could not be read, or drop it when it names no key."""
+        error = exc if isinstance(exc, QvlError) else InternalError(f"{type(exc).__name__}: {exc}")
+        log.warning("event=bad_message key=%s code=%s error=%s", error.request_id, error.code, error.message,
+                    exc_info=not isinstance(exc, QvlError))
+        if error.request_id is not None:
+            self._send(ErrorReply(error.request_id, error, self.read_telemetry()).header())
 
     def _next_batch(self) -> list[Job]:
         """The oldest job and, up to the batch size, later ones with the same parameters."""
@@ -173,49 +199,59 @@ class WorkerService:
         replies, ready = [], []
         for job in batch:
             try:
-                ready.append((job, prompt_from_request(job.messages, job.images.result())))
-            except BadRequest as exc:
-                replies.append(self._error(job, exc))
+                ready.append((job, self.engine.prepare(job.messages, job.images.result(), job.params)))
+            except Exception as exc:
+                replies.append(self._failed(job, exc))
         if ready:
             replies.extend(self._generate(ready, streamed={}))
         return replies
 
-    def _generate(self, ready: list, streamed: dict[int, str]) -> list[list[bytes]]:
+    def _generate(self, ready: list[tuple[Job, Prompt]], streamed: dict[int, str]) -> list[list[bytes]]:
+        """Replies for a batch. One that fails is split in halves and each run again, down to the
+        row at fault: only a row that fails alone is answered with the error, so only such an
+        out-of-memory error counts towards recycling."""
         jobs = [job for job, _ in ready]
         try:
-            self.faults.before_generate(self.done + 1, self.done + len(jobs))
+            self.faults.before_generate([job.number for job in jobs])
             progress = self._between_steps(jobs, streamed)
-            completions = self.engine.generate([p for _, p in ready], jobs[0].params, progress)
-        except torch.OutOfMemoryError as exc:
-            self.telemetry.ooms += 1
-            self.done += len(jobs)
-            if self.engine.device.type == "cuda":
-                torch.cuda.empty_cache()
-            return [self._error(job, OutOfMemory(str(exc).splitlines()[0])) for job in jobs]
+            completions = self.engine.generate([prompt for _, prompt in ready], jobs[0].params, progress)
         except Exception as exc:
-            if self.engine.device.type == "cuda" and isinstance(exc, torch.AcceleratorError):
+            cuda = self.engine.device.type == "cuda"
+            if cuda and isinstance(exc, torch.AcceleratorError):
                 # The CUDA context is unusable now; the supervisor retries these elsewhere.
                 log.exception("event=cuda_error slot=%d", self.spec.slot)
-                os._exit(3)
-            if len(ready) > 1:  # find the one request at fault; the others still get answers
-                return [parts for item in ready for parts in self._generate([item], streamed)]
-            if isinstance(exc, QvlError):  # the request's own fault, named by the engine
-                return [self._error(jobs[0], exc)]
-            log.exception("event=generate_failed key=%s", jobs[0].key)
-            return [self._error(jobs[0], InternalError(f"{type(exc).__name__}: {exc}"))]
+                os._exit(WorkerExit.CUDA_FATAL)
+            oom = isinstance(exc, torch.OutOfMemoryError)
+            if oom and cuda:
+                torch.cuda.empty_cache()
+            if len(ready) > 1:
+                log.warning("event=batch_split rows=%d error=%s", len(ready), type(exc).__name__)
+                half = len(ready) // 2
+                return self._generate(ready[:half], streamed) + self._generate(ready[half:], streamed)
+            if oom:
+                self.telemetry.ooms += 1
+                log.warning("event=out_of_memory key=%d slot=%d", jobs[0].key, self.spec.slot)
+                exc = OutOfMemory(str(exc).splitlines()[0])
+            return [self._failed(jobs[0], exc)]
         self.done += len(jobs)
         telemetry = self.read_telemetry()
-        return [encode({
-            "v": PROTOCOL_VERSION, "kind": REPLY, "id": job.key, "ok": True, "text": c.text,
-            "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
-            "timings": {"prefill_ms": c.prefill_ms, "decode_ms": c.decode_ms,
-                        "batch_size": len(jobs)},
-            "telemetry": telemetry,
-        }) for job, c in zip(jobs, completions)]
+        return [encode(Reply(job.key, c.text,
+                             {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
+                             {"prefill_ms": c.prefill_ms, "decode_ms": c.decode_ms, "batch_size": len(jobs)},
+                             telemetry).header())
+                for job, c in zip(jobs, completions)]
+
+    def _failed(self, job: Job, exc: Exception) -> list[bytes]:
+        """The error reply of a request: its own `QvlError`, or `internal` (logged) for ours."""
+        if not isinstance(exc, QvlError):
+            log.error("event=request_failed key=%d error=%s", job.key, type(exc).__name__, exc_info=exc)
+            exc = InternalError(f"{type(exc).__name__}: {exc}")
+        self.done += 1
+        return encode(ErrorReply(job.key, exc, self.read_telemetry()).header())
 
     def _between_steps(self, jobs: list[Job], streamed: dict[int, str]) -> Progress:
-        """What runs every few decoding steps: take the requests that arrived meanwhile (their
-        images start decoding), and send each streaming job's new text as a `chunk`.
+        """What runs every few generation steps: take the requests that arrived meanwhile (their
+        images start opening), and send each streaming job's new text as a `chunk`.
         `streamed` holds the text sent so far per job, so a batch run again sends no text twice."""
         streaming = any(job.stream for job in jobs)
 
@@ -228,20 +264,16 @@ class WorkerService:
                 if not (job.stream and row):
                     continue
                 text, sent = self.engine.detokenize(row), streamed.get(job.key, "")
-                # a half-decoded multi-byte character shows as U+FFFD: wait for the rest of it
+                # a half-detokenized multi-byte character shows as U+FFFD: wait for the rest of it
                 if len(text) > len(sent) and text.startswith(sent) and not text.endswith("\ufffd"):
-                    self._send(CHUNK, id=job.key, text=text[len(sent):])
+                    self._send(Chunk(job.key, text[len(sent):]).header())
                     streamed[job.key] = text
         return progress
 
-    def _images(self, frames: list[bytes]) -> Future:
+    def _open_images(self, frames: tuple[bytes, ...]) -> Future:
         if frames:
-            return self.decoder.submit(self._decode, frames)
+            return self.image_pool.submit(self._open_all, frames)
         return _NO_IMAGES  # text only: no hop through the pool
 
-    def _decode(self, frames: list[bytes]) -> list:
-        return [decode_image(f, self.spec.max_image_pixels) for f in frames]
-
-    def _error(self, job: Job, exc: QvlError) -> list[bytes]:
-        return encode({**error_header(exc, job.key), "kind": REPLY,
-                       "telemetry": self.read_telemetry()})
+    def _open_all(self, frames: tuple[bytes, ...]) -> list:
+        return [open_image(f, self.spec.max_image_pixels) for f in frames]

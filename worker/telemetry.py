@@ -17,7 +17,8 @@ class Telemetry:
     def __init__(self, device: torch.device, snapshot_interval_s: float = 30.0):
         self.device = device
         self.snapshot_interval_s = snapshot_interval_s
-        self.ooms = 0  # out-of-memory errors this worker caught (CPU has no allocator to count them)
+        # out-of-memory errors blamed on a single request: what the recycle policy reads as `num_ooms`
+        self.ooms = 0
         self._process = psutil.Process(os.getpid())
         self._snapshot: dict = {}
         self._snapshot_at = float("-inf")
@@ -39,7 +40,7 @@ class Telemetry:
             inactive_split_bytes=inactive_split,
             peak_reserved_bytes=stats.get("reserved_bytes.all.peak", 0),
             num_alloc_retries=stats.get("num_alloc_retries", 0),
-            num_ooms=max(stats.get("num_ooms", 0), self.ooms),
+            allocator_ooms=stats.get("num_ooms", 0),  # every OOM, also those a batch split recovered from
             fragmentation=(reserved - allocated) / reserved if reserved else 0.0,
             inactive_split_ratio=inactive_split / reserved if reserved else 0.0,
             device_used_bytes=total - free,

@@ -1,27 +1,28 @@
 """Batched answers equal unbatched ones for greedy decoding, images of different sizes in one
-batch, with both decoders; the static KV pool's own decode step gives `generate`'s tokens."""
+batch, with both ways to generate; the static KV pool's own step gives `generate`'s tokens."""
 
 import pytest
 from PIL import Image
 
+from qvl.protocol.contract import ModelOptions
 from qvl.protocol.errors import BadRequest
 from qvl.protocol.messages import GenerationParams
-from qvl.protocol.contract import ModelOptions
-from qvl.worker.engine import Engine, prompt_from_request
+from qvl.worker.engine import Engine
+
+PARAMS = GenerationParams(max_new_tokens=24)
 
 
-def prompt(size, question, seed):
+def image_request(size, question, seed):
     image = Image.effect_noise(size, 30 + seed).convert("RGB")
-    return prompt_from_request([{"role": "user", "content": [
-        {"type": "image", "frame": 0}, {"type": "text", "text": question}]}], [image])
+    return [{"role": "user", "content": [{"type": "image", "frame": 0}, {"type": "text", "text": question}]}], [image]
 
 
-def text_prompt(question):
-    return prompt_from_request([{"role": "user", "content": [{"type": "text", "text": question}]}], [])
+def text_request(question):
+    return [{"role": "user", "content": [{"type": "text", "text": question}]}], []
 
 
-PROMPTS = [prompt((96, 64), "What is it?", 1), prompt((200, 120), "Describe the whole picture.", 2),
-           prompt((64, 300), "Colour?", 3)]
+REQUESTS = [image_request((96, 64), "What is it?", 1), image_request((200, 120), "Describe the whole picture.", 2),
+            image_request((64, 300), "Colour?", 3)]
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +30,16 @@ def engines(tiny_model):
     return {kind: Engine(ModelOptions(str(tiny_model), "cpu", kv_cache=kind)) for kind in ("dynamic", "static")}
 
 
+def prompts(engine, requests=REQUESTS):
+    return [engine.prepare(messages, images, PARAMS) for messages, images in requests]
+
+
 @pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
 def test_batched_equals_unbatched(engines, kv_cache):
     engine = engines[kv_cache]
     params = GenerationParams(max_new_tokens=10)
-    batched = engine.generate(PROMPTS, params)
-    alone = [engine.generate([p], params)[0] for p in PROMPTS]
+    batched = engine.generate(prompts(engine), params)
+    alone = [engine.generate([p], params)[0] for p in prompts(engine)]
     assert [c.text for c in batched] == [c.text for c in alone]
     assert [c.prompt_tokens for c in batched] == [c.prompt_tokens for c in alone]
     assert len({c.text for c in alone}) == 3  # different inputs, different answers: the check can fail
@@ -42,10 +47,10 @@ def test_batched_equals_unbatched(engines, kv_cache):
 
 
 def test_static_decoder_gives_the_tokens_of_generate(engines):
-    prompts = PROMPTS + [text_prompt("A question without any image, longer than the others are.")]
+    requests = REQUESTS + [text_request("A question without any image, longer than the others are.")]
     params = GenerationParams(max_new_tokens=24, min_new_tokens=4)
-    static = engines["static"].generate(prompts, params)
-    reference = engines["dynamic"].generate(prompts, params)
+    static = engines["static"].generate(prompts(engines["static"], requests), params)
+    reference = engines["dynamic"].generate(prompts(engines["dynamic"], requests), params)
     assert [c.text for c in static] == [c.text for c in reference]
     assert [c.completion_tokens for c in static] == [c.completion_tokens for c in reference]
     assert all(c.completion_tokens >= 4 for c in static)
@@ -54,17 +59,18 @@ def test_static_decoder_gives_the_tokens_of_generate(engines):
 def test_batch_larger_than_the_pool_is_split(tiny_model, engines):
     small = Engine(ModelOptions(str(tiny_model), "cpu", kv_cache="static", kv_cache_tokens=512))
     params = GenerationParams(max_new_tokens=10)
-    assert not small.decoder.fits(len(PROMPTS), 100, params.max_new_tokens)
-    assert [c.text for c in small.generate(PROMPTS, params)] == \
-        [c.text for c in engines["static"].generate(PROMPTS, params)]
-    with pytest.raises(BadRequest, match="do not fit the KV cache of 512 tokens"):
-        small.generate(PROMPTS[:1], GenerationParams(max_new_tokens=500))
+    assert not small.kv_pool.fits(len(REQUESTS), 100, params.max_new_tokens)
+    assert [c.text for c in small.generate(prompts(small), params)] == \
+        [c.text for c in engines["static"].generate(prompts(engines["static"]), params)]
+    messages, images = REQUESTS[0]
+    with pytest.raises(BadRequest, match=r"^\d+ prompt tokens plus max_new_tokens 500 do not fit the KV cache of 512"):
+        small.prepare(messages, images, GenerationParams(max_new_tokens=500))
 
 
 @pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
 def test_progress_reports_what_the_answer_begins_with(engines, kv_cache):
     engine, seen = engines[kv_cache], []
-    answers = engine.generate(PROMPTS[:2], GenerationParams(max_new_tokens=12, min_new_tokens=12),
+    answers = engine.generate(prompts(engine)[:2], GenerationParams(max_new_tokens=12, min_new_tokens=12),
                               lambda rows: seen.append(rows()))
     lengths = [len(rows[0]) for rows in seen]
     assert lengths[:2] == [4, 8] and all(n % 4 == 0 for n in lengths)  # every STOP_CHECK_EVERY steps

@@ -182,3 +182,106 @@ def test_sigkill_of_the_supervisor_leaves_no_worker(start_supervisor):
     sup.proc.kill()
     sup.proc.wait()
     assert wait_gone(workers, timeout=5) == set()
+
+
+def slot_status(sup, index: int = 0) -> dict:
+    with sup.client() as client:
+        return client.status()["workers"][index]
+
+
+@pytest.mark.timeout(180)
+def test_old_worker_crashing_while_its_successor_loads_hands_over_to_the_successor(start_supervisor):
+    """Fault a: the successor of an overlapped recycle is loading when the old worker dies and the
+    slot would wait out a long restart backoff. The successor takes over; nothing more starts."""
+    sup = start_supervisor("--recycle-overlap", "always", "--restart-backoff-s", "60")
+    sup.wait_ready()
+    with sup.client() as client:
+        old = client.status()["workers"][0]["pid"]
+        assert client.recycle(0)["recycling"] == [0]
+    spawned = wait_for(lambda: [e for e in events(sup.log(), "worker_state")
+                                if e["gen"] == "2" and e["new"] == "spawning"], timeout=30)
+    assert spawned
+    os.kill(old, signal.SIGKILL)  # the successor still imports torch: it is not ready for seconds
+    sup.remember_workers()
+    with sup.client(timeout=120) as client:
+        answer = client.ask(png(), "still there?", max_new_tokens=2)
+    assert answer.worker["generation"] == 2
+    assert sup.proc.poll() is None  # the supervisor lives
+    states = [(e["gen"], e["new"], e["reason"]) for e in events(sup.log(), "worker_state")]
+    crashed = next(i for i, s in enumerate(states) if s[:2] == ("1", "exited"))
+    assert "crashed" in states[crashed][2]
+    assert crashed < states.index(("2", "ready", "loaded"))  # it died while the successor loaded
+    assert not [s for s in states if s[0] == "3"]  # no third worker
+    assert slot_status(sup)["state"] == "ready"
+
+
+@pytest.mark.timeout(180)
+def test_failed_slot_tries_again_after_its_backoff_and_serves(start_supervisor):
+    """Fault c: a slot failed by a crash at start is not failed for good."""
+    sup = start_supervisor("--restart-intensity", "1", "--restart-failed-backoff-s", "1",
+                           env={"QVL_FAULTS": "crash_at_start=1,generation=1"})
+    failed = wait_for(lambda: events(sup.log(), "slot_failed"), timeout=60)
+    assert failed and float(failed[0]["retry_in_s"]) == 1.0
+    sup.wait_ready(timeout=120)
+    with sup.client() as client:
+        answer = client.ask(png(), "back?", max_new_tokens=2)
+    assert answer.worker["generation"] == 2
+    assert events(sup.log(), "slot_recovered")
+    status = slot_status(sup)
+    assert status["state"] == "ready" and status["failed"] is None
+    sup.remember_workers()
+
+
+@pytest.mark.timeout(180)
+def test_successor_that_cannot_start_leaves_the_old_worker_serving(start_supervisor):
+    """Fault c: a recycle whose replacement crashes at start postpones itself; the slot is not
+    failed and keeps answering with the old worker, then the next successor takes over."""
+    sup = start_supervisor("--recycle-overlap", "always", "--restart-intensity", "1",
+                           "--restart-failed-backoff-s", "2",
+                           env={"QVL_FAULTS": "crash_at_start=1,generation=2"})
+    sup.wait_ready()
+    with sup.client() as client:
+        assert client.recycle(0)["recycling"] == [0]
+    assert wait_for(lambda: events(sup.log(), "recycle_postponed"), timeout=60)
+    with sup.client() as client:
+        answer = client.ask(png(), "anyone?", max_new_tokens=2)
+        assert answer.worker["generation"] == 1
+        assert client.status()["workers"][0]["state"] == "ready"
+    assert events(sup.log(), "slot_failed") == []
+    done = wait_for(lambda: events(sup.log(), "recycle_done"), timeout=120)
+    assert done and done[0]["gen"] == "3"
+    sup.remember_workers()
+
+
+@pytest.mark.timeout(120)
+def test_a_model_that_cannot_load_fails_its_slot_at_once_by_name(start_supervisor, tmp_path):
+    """Item 5: exit code LOAD_FAILED is not a crash loop: one attempt, the slot fails saying why,
+    then tries again after the failed-slot backoff, doubled."""
+    sup = start_supervisor("--model", str(tmp_path / "no-such-model"), "--restart-intensity", "5",
+                           "--restart-failed-backoff-s", "0.5")
+    failed = wait_for(lambda: len(events(sup.log(), "slot_failed")) >= 2 and events(sup.log(), "slot_failed"),
+                      timeout=90)
+    assert failed, sup.log()[-3000:]
+    assert "load_failed" in failed[0]["reason"] and failed[0]["retry_in_s"] == "0.5"
+    assert failed[1]["retry_in_s"] == "1"
+    assert events(sup.log(), "worker_restart") == []  # no crash loop before failing
+    status = slot_status(sup)
+    assert status["state"] == "failed" and "load_failed" in status["failed"]["reason"]
+    sup.remember_workers()
+
+
+@pytest.mark.timeout(180)
+def test_out_of_memory_retry_goes_to_another_worker_and_the_failing_one_takes_no_more(start_supervisor):
+    """Fault d: a single request's OOM (a hard verdict) stops dispatch to that worker at once, and
+    its retry goes to the other ready worker, not back to the one that failed it."""
+    sup = start_supervisor("--recycle-overlap", "never", workers=2,
+                           env={"QVL_FAULTS": "oom_at=3,slot=0,generation=1"})
+    sup.wait_ready(workers=2)
+    with sup.client(timeout=60) as client:
+        first = [client.ask(png(), f"q{i}", max_new_tokens=2).worker for i in range(2)]
+        third = client.ask(png(), "q2", max_new_tokens=2).worker  # slot 0 gen 1: OOM, retried
+    assert all(w["slot"] == 0 for w in first)  # idle workers: the first is chosen
+    assert (third["slot"], third["generation"]) == (1, 1)
+    wanted = events(sup.log(), "recycle_wanted")
+    assert wanted and wanted[0]["reason"] == "out_of_memory" and wanted[0]["worker"] == "0"
+    sup.remember_workers()

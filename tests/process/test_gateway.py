@@ -1,9 +1,15 @@
 """The HTTP gateway as users meet it: the `openai` package unchanged, the simple ask form, API
-keys, status codes, `/health` and `/metrics` scraped while a recycle happens."""
+keys, status codes, `/health` and `/metrics` scraped while a recycle happens; and as an attacker
+meets it: file paths, big bodies, many images, private image URLs, too many requests at once, and
+a gateway killed outright, which the supervisor restarts."""
 
 import base64
+import http.server
 import json
+import os
+import signal
 import socket
+import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -12,9 +18,10 @@ import uuid
 import openai
 import pytest
 
-from harness import events, png, wait_for
+from harness import alive, events, png, wait_for, wait_gone
 
 KEY = "test-key-1234"
+MAX_BODY, MAX_IMAGES, MAX_IMAGE_BYTES = 1_000_000, 4, 100_000
 
 
 def free_port() -> int:
@@ -30,7 +37,7 @@ def get(url: str, key: str | None = None) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
-    except urllib.error.URLError as exc:  # not listening yet
+    except (urllib.error.URLError, ConnectionError) as exc:  # not listening yet, or gone mid-answer
         return 0, str(exc)
 
 
@@ -56,7 +63,8 @@ def gateway(tmp_path_factory, tiny_model):
     (run_dir / "key").write_text(KEY + "\n")
     port = free_port()
     sup = SupervisorProcess(run_dir / "sup", tiny_model, "--http", f"127.0.0.1:{port}",
-                            "--http-api-key-file", str(run_dir / "key"))
+                            "--http-api-key-file", str(run_dir / "key"), "--http-max-body-bytes", str(MAX_BODY),
+                            "--max-images", str(MAX_IMAGES), "--max-image-bytes", str(MAX_IMAGE_BYTES))
     sup.wait_ready()
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: get(base + "/health")[0] == 200, timeout=30)
@@ -68,6 +76,16 @@ def gateway(tmp_path_factory, tiny_model):
 def chat(image: bytes) -> list:
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
                                          {"type": "text", "text": "What is in the picture?"}]}]
+
+
+def completion(base: str, *parts: dict, key: str | None = KEY) -> tuple[int, dict]:
+    body = {"messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "What is it?"}]}],
+            "max_tokens": 2}
+    return post(base + "/v1/chat/completions", json.dumps(body).encode(), "application/json", key)
+
+
+def image_url(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
 
 
 def test_openai_package_gets_a_completion_and_a_stream(gateway):
@@ -103,6 +121,167 @@ def test_errors_carry_matching_status_codes(gateway):
     broken = chat(b"not an image at all")
     status, body = post(base + "/v1/chat/completions", json.dumps({"messages": broken}).encode(), "application/json")
     assert status == 400 and body["error"]["code"] == "bad_request"
+
+
+def test_file_paths_are_refused_and_never_read(gateway, tmp_path):
+    _, base = gateway
+    picture = tmp_path / "picture.png"  # a valid image: had the gateway read it, the answer would be 200
+    picture.write_bytes(png())
+    for path in (str(picture), "/etc/passwd"):
+        for part in ({"type": "image", "image": path}, image_url(path), image_url(f"file://{path}")):
+            status, body = completion(base, part)
+            assert status == 400 and body["error"]["code"] == "bad_request", (part, body)
+    assert completion(base, image_url(data_url(picture.read_bytes())))[0] == 200
+
+
+def post_early_answered(base: str, body: bytes, chunked: bool) -> tuple[int, dict]:
+    """POST `body`, and read the answer even when the server gives it before the body is all sent."""
+    import http.client
+
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/v1/chat/completions")
+    for name, value in (("Authorization", f"Bearer {KEY}"), ("Content-Type", "application/json"),
+                        ("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(len(body)))):
+        conn.putheader(name, value)
+    conn.endheaders()
+    try:
+        for start in range(0, len(body), 65536):
+            piece = body[start:start + 65536]
+            conn.send(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+        conn.send(b"0\r\n\r\n" if chunked else b"")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server answered early and stopped reading
+    response = conn.getresponse()
+    try:
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_over_the_limit_answers_413(gateway, chunked):
+    _, base = gateway
+    body = json.dumps({"messages": [{"role": "user", "content": "x" * MAX_BODY}]}).encode()
+    status, answer = post_early_answered(base, body, chunked)
+    assert status == 413 and answer["error"]["code"] == "bad_request"
+    assert completion(base, image_url(data_url(png())))[0] == 200
+
+
+def test_too_many_or_too_big_images_answer_400(gateway):
+    _, base = gateway
+    status, body = completion(base, *[image_url(data_url(png()))] * (MAX_IMAGES + 1))
+    assert status == 400 and f"more than {MAX_IMAGES} images" in body["error"]["message"]
+    big = data_url(png()) + base64.b64encode(bytes(MAX_IMAGE_BYTES)).decode()
+    status, body = completion(base, image_url(big))
+    assert status == 400 and f"exceeds {MAX_IMAGE_BYTES} bytes" in body["error"]["message"]
+    assert completion(base, *[image_url(data_url(png()))] * MAX_IMAGES)[0] == 200
+
+
+@pytest.fixture
+def remote_gateway(shared_supervisor, tmp_path):
+    """A gateway that fetches remote images, started on its own as a client of the shared supervisor."""
+    from qvl.supervisor.gateway_process import GatewaySpec, gateway_command
+
+    port = free_port()
+    spec = GatewaySpec(shared_supervisor.endpoint, f"127.0.0.1:{port}", remote_images=True)
+    with open(tmp_path / "gateway.log", "w") as log:
+        proc = subprocess.Popen(gateway_command(spec), stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_for(lambda: get(base + "/health")[0] == 200, timeout=30), (tmp_path / "gateway.log").read_text()
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert not wait_gone({proc.pid})
+
+
+@pytest.fixture
+def local_server():
+    """An HTTP server on 127.0.0.1 that serves a PNG and records every request it gets."""
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            image = png()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(image)))
+            self.end_headers()
+            self.wfile.write(image)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1], hits
+    server.shutdown()
+    server.server_close()
+
+
+def test_image_urls_to_private_addresses_are_refused_and_never_contacted(remote_gateway, local_server):
+    port, hits = local_server
+    for url in (f"http://127.0.0.1:{port}/a.png", f"http://localhost:{port}/a.png", f"http://[::1]:{port}/a.png",
+                f"http://2130706433:{port}/a.png", "http://169.254.169.254/latest/meta-data/",
+                "http://10.0.0.1/a.png", f"https://127.0.0.1:{port}/a.png"):
+        status, body = completion(remote_gateway, image_url(url), key=None)
+        assert status == 400 and "not a public address" in body["error"]["message"], (url, body)
+    assert hits == []
+    assert completion(remote_gateway, image_url(data_url(png())), key=None)[0] == 200
+
+
+def test_a_killed_gateway_is_restarted_and_health_says_so(start_supervisor):
+    port = free_port()
+    sup = start_supervisor("--http", f"127.0.0.1:{port}")
+    sup.wait_ready()
+    base = f"http://127.0.0.1:{port}"
+    assert wait_for(lambda: get(base + "/health")[0] == 200, timeout=30)
+    first = json.loads(get(base + "/health")[1])["gateway"]
+    assert first["restarts"] == 0 and first["last_exit"] is None and alive(first["pid"])
+    os.kill(first["pid"], signal.SIGKILL)
+
+    def restarted():
+        status, text = get(base + "/health")
+        return status == 200 and json.loads(text)["gateway"]
+
+    now = wait_for(restarted, timeout=30)
+    assert now and now["restarts"] == 1 and now["last_exit"] == "signal 9" and now["pid"] != first["pid"]
+    assert not alive(first["pid"])
+    assert [e["how"] for e in events(sup.log(), "gateway_exit")] == ["signal 9"]
+    assert completion(base, image_url(data_url(png())), key=None)[0] == 200
+    sup.remember_workers()  # the new gateway too: it must be gone after the stop
+
+
+def test_requests_over_the_concurrency_limit_answer_429(start_supervisor):
+    port = free_port()
+    sup = start_supervisor("--http", f"127.0.0.1:{port}", "--http-max-concurrent", "2",
+                           env={"QVL_FAULTS": "slow_ms=2000"})
+    sup.wait_ready()
+    base = f"http://127.0.0.1:{port}"
+    assert wait_for(lambda: get(base + "/health")[0] == 200, timeout=30)
+    results = {}
+
+    def ask(name: str):
+        results[name] = completion(base, image_url(data_url(png())), key=None)
+
+    slow = [threading.Thread(target=ask, args=(f"slow{i}",)) for i in range(2)]
+    for t in slow:
+        t.start()
+    with sup.client() as c:  # both are in flight on the slow worker
+        assert wait_for(lambda: c.status()["inflight"] == 2, timeout=10)
+    for i in range(3):
+        ask(f"extra{i}")
+    for t in slow:
+        t.join(60)
+    assert [results[f"slow{i}"][0] for i in range(2)] == [200, 200]
+    for i in range(3):
+        status, body = results[f"extra{i}"]
+        assert status == 429 and body["error"]["code"] == "overloaded", body
+    assert completion(base, image_url(data_url(png())), key=None)[0] == 200
+    sup.remember_workers()
 
 
 def test_simple_ask_form(gateway):

@@ -11,18 +11,25 @@ import pytest
 import zmq.auth
 
 from harness import ROOT, png
-from qvl.protocol import Client, RequestTimeout
+from qvl.protocol import BadRequest, Client, RequestTimeout
 from qvl.protocol.curve import client_keys, keygen
 
 
 def test_only_clients_with_an_allowed_key_get_through(start_supervisor, tmp_path):
     keys, stranger = tmp_path / "keys", tmp_path / "stranger"
-    keygen(keys)
+    keygen(keys)  # the first client: an admin
+    keygen(keys, "plain")  # allowed in, not an admin
     keygen(stranger)  # a valid key pair the supervisor was never told about
     sup = start_supervisor("--curve-dir", str(keys))
-    with Client(sup.endpoint, timeout=30, **client_keys(keys)) as known:
+    with Client(sup.endpoint, timeout=30, **client_keys(keys)) as known, \
+            Client(sup.endpoint, timeout=30, **client_keys(keys, "plain")) as plain:
         known.wait_ready(timeout=60)
         assert known.ask(png(), "Hello?", max_new_tokens=3).usage["completion_tokens"] >= 1
+        assert plain.ask(png(), "Hello?", max_new_tokens=3).usage["completion_tokens"] >= 1
+        with pytest.raises(BadRequest, match="admin"):
+            plain.recycle(0)
+        assert plain.status()["workers"][0]["recycling"] is None
+        assert known.recycle(0)["recycling"] == [0]
     server_public, _ = zmq.auth.load_certificate(keys / "server.key")
     unknown = (server_public, *zmq.auth.load_certificate(stranger / "client.key_secret"))
     for curve in (None, unknown):

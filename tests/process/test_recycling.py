@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from harness import RawLoad, events, wait_for
+from harness import RawLoad, events, png, wait_for
 
 
 def load_until_recycled(sup, recycles=1, timeout=60.0, batch=8):
@@ -109,3 +109,21 @@ def test_counters_survive_a_supervisor_restart(start_supervisor, tmp_path):
     status = again.wait_ready()
     slot = status["workers"][0]
     assert slot["recycles"] == 1 and slot["generation"] == 3 and slot["last_reason"]
+
+
+@pytest.mark.timeout(120)
+def test_a_threshold_a_fresh_worker_already_trips_is_logged_once_not_recycled_forever(start_supervisor):
+    """Fault h at run time: every incarnation reports reserved bytes above the threshold from its
+    first heartbeat; recycling would only give another such worker."""
+    sup = start_supervisor("--recycle-reserved-bytes", "4000000000", "--recycle-soft-wait-s", "0",
+                           env={"QVL_FAULTS": "telemetry.reserved_bytes=5e9"})
+    sup.wait_ready()
+    with sup.client() as client:
+        for i in range(4):
+            client.ask(png(), f"q{i}", max_new_tokens=2)
+        time.sleep(2.0)  # ten heartbeats, each a verdict
+        slot = client.status()["workers"][0]
+    assert events(sup.log(), "recycle_wanted") == []
+    at_start = events(sup.log(), "threshold_at_start")
+    assert len(at_start) == 1 and at_start[0]["reason"] == "reserved_bytes"
+    assert slot["thresholds_at_start"] == ["reserved_bytes"] and slot["generation"] == 1

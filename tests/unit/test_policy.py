@@ -1,12 +1,11 @@
-"""The recycle policy and the restart backoff, as tables of cases."""
+"""The recycle policy, the restart backoff and a failed slot's backoff, as tables of cases."""
 
 import dataclasses
 
 import pytest
-
 from qvl.supervisor.config import Config
-from qvl.supervisor.policy import recycle_verdict
-from qvl.supervisor.slots import restart_delay
+from qvl.supervisor.lifecycle import failed_delay, restart_delay
+from qvl.supervisor.policy import recycle_verdict, tripped_at_start
 
 GIB = 1 << 30
 ALL_ON = dataclasses.replace(
@@ -57,3 +56,28 @@ def test_requests_threshold_takes_the_jitter():
 @pytest.mark.parametrize("crashes, delay", [(0, 0), (1, 0.5), (2, 1.0), (3, 2.0), (10, 30.0)])
 def test_restart_backoff_doubles_up_to_the_cap(crashes, delay):
     assert restart_delay(crashes, Config()) == delay
+
+
+@pytest.mark.parametrize("failures, delay", [(1, 10.0), (2, 20.0), (3, 40.0), (5, 160.0), (6, 300.0), (20, 300.0)])
+def test_failed_slot_backoff_doubles_up_to_five_minutes(failures, delay):
+    assert failed_delay(failures, Config()) == delay
+
+
+def test_ignored_soft_reasons_let_the_next_one_through_but_never_a_hard_one():
+    telemetry = {**HEALTHY, "reserved_bytes": 21 * GIB, "rss_bytes": 9 * GIB}
+    assert recycle_verdict(telemetry, 10, 60, ALL_ON).reason == "reserved_bytes"
+    assert recycle_verdict(telemetry, 10, 60, ALL_ON, ignore=("reserved_bytes",)).reason == "host_rss"
+    assert recycle_verdict(telemetry, 10, 60, ALL_ON, ignore=("reserved_bytes", "host_rss")) is None
+    oom = {**telemetry, "num_ooms": 1}
+    assert recycle_verdict(oom, 10, 60, ALL_ON, ignore=("out_of_memory",)).reason == "out_of_memory"
+
+
+@pytest.mark.parametrize("telemetry, tripped", [
+    (HEALTHY, []),
+    ({**HEALTHY, "reserved_bytes": 21 * GIB}, ["reserved_bytes"]),
+    ({**HEALTHY, "reserved_bytes": 21 * GIB, "rss_bytes": 9 * GIB}, ["reserved_bytes", "host_rss"]),
+    # a hard reason at start is not a baseline to live with: it stops the list
+    ({**HEALTHY, "num_ooms": 1, "rss_bytes": 9 * GIB}, []),
+])
+def test_thresholds_a_fresh_worker_trips(telemetry, tripped):
+    assert [v.reason for v in tripped_at_start(telemetry, ALL_ON)] == tripped

@@ -1,11 +1,11 @@
-"""Fast decoding: the text decoder's step over a preallocated KV pool, replayed as CUDA graphs.
+"""The KV pool: generation from a cache preallocated at load, each step replayed as a CUDA graph.
 
-Hugging Face `generate` launches about 2,000 kernels per token of the 4B model, so eager decoding
+Hugging Face `generate` launches about 2,000 kernels per token of the 4B model, so eager generation
 is bound by the CPU, not the GPU. Here the prompt is prefilled by the model's own forward (vision
 tower and all); its keys and values are copied into one KV pool allocated at load, and every later
 token is one replay of a CUDA graph captured per bucket of (rows, length). Rows round up to a
 power of two and length to a multiple of `LENGTH_BUCKET`, so a worker captures a few dozen graphs
-at most, each in a fraction of a second, and they share one memory pool. Decoding then allocates
+at most, each in a fraction of a second, and they share one memory pool. Generation then allocates
 nothing: the pool is the cache whatever the traffic, which also keeps the allocator from
 fragmenting.
 
@@ -23,14 +23,13 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
-
 from qvl.protocol.messages import GenerationParams
+from transformers import DynamicCache
 
 LENGTH_BUCKET = 256
 STOP_CHECK_EVERY = 4  # steps between checks that every row has ended (each check waits for the GPU)
 
-# Called every few decoding steps with a function that returns every row's new tokens so far;
+# Called every few generation steps with a function that returns every row's new tokens so far;
 # they are copied from the device only if it is called (for streaming).
 Progress = Callable[[Callable[[], list[list[int]]]], None]
 
@@ -44,7 +43,7 @@ def round_up(n: int, step: int) -> int:
 
 
 @dataclass
-class Decoded:
+class Generated:
     tokens: list[list[int]]  # per prompt row, the new tokens (rows end at the first stop token or the limit)
     prefill_ms: float
     decode_ms: float
@@ -63,8 +62,8 @@ class _Bucket:
         self.logits: torch.Tensor | None = None
 
 
-class Decoder:
-    """Prefill with the model's forward, then decode step by step from the KV pool."""
+class KVPool:
+    """Prefill with the model's forward, then generate step by step from the pool."""
 
     def __init__(self, model, kv_tokens: int, eos_ids: set[int], pad_id: int):
         self.model = model
@@ -87,9 +86,9 @@ class Decoder:
         return next_power_of_two(rows) * round_up(prompt_len + max_new_tokens, LENGTH_BUCKET) <= self.kv_tokens
 
     @torch.inference_mode()
-    def decode(self, inputs, images_per_row: list[int], params: GenerationParams,
-               progress: Progress | None = None) -> Decoded:
-        """Prefill `inputs` (processor output, left-padded) and decode up to `params.max_new_tokens`,
+    def generate(self, inputs, images_per_row: list[int], params: GenerationParams,
+                 progress: Progress | None = None) -> Generated:
+        """Prefill `inputs` (the engine's batch, left-padded) and generate up to `params.max_new_tokens`,
         telling `progress` the tokens so far every `STOP_CHECK_EVERY` steps."""
         n, prompt_len = inputs["input_ids"].shape
         bucket = self._bucket(next_power_of_two(n), round_up(prompt_len + params.max_new_tokens, LENGTH_BUCKET))
@@ -119,7 +118,7 @@ class Decoder:
             if first_at is None:
                 first_at = _synchronized_now(self.device)
         ended = _synchronized_now(self.device)
-        return Decoded(generated.tolist(), (first_at - started) * 1000.0, (ended - first_at) * 1000.0)
+        return Generated(generated.tolist(), (first_at - started) * 1000.0, (ended - first_at) * 1000.0)
 
     def _next_positions(self, inputs, images_per_row: list[int]) -> list[int]:
         """Each row's rotary position for its first new token.

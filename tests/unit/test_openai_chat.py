@@ -1,0 +1,149 @@
+"""The gateway's chat-body whitelist: tables of what a reader should see, and a property test that
+any JSON value becomes a valid message list or a `BadRequest`, never another exception."""
+
+import base64
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qvl.protocol.codec import Limits
+from qvl.protocol.errors import BadRequest
+from qvl.protocol.messages import ROLES, GenerationParams, build_generate
+from qvl.supervisor.openai_chat import parse_chat, parse_json
+
+LIMITS = Limits(max_frame_bytes=1000, max_images=2, max_new_tokens=64)
+IMAGE = b"\x89PNG not really"
+DATA_URL = "data:image/png;base64," + base64.b64encode(IMAGE).decode()
+
+
+def body(*parts, **fields) -> dict:
+    return {"messages": [{"role": "user", "content": list(parts)}], **fields}
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def test_text_and_data_url_become_text_and_bytes():
+    chat = parse_chat(body({"type": "text", "text": "hi"}, image_part(DATA_URL), max_tokens=8,
+                           temperature=0, stream=True, stream_options={"include_usage": True}), LIMITS)
+    assert chat.messages == [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                          {"type": "image", "image": IMAGE}]}]
+    assert chat.params == {"max_new_tokens": 8, "temperature": 0.0}
+    assert chat.stream and chat.include_usage
+
+
+def test_string_content_stays_text_even_when_it_names_a_file():
+    chat = parse_chat({"messages": [{"role": "system", "content": "/etc/passwd"}]}, LIMITS)
+    assert chat.messages == [{"role": "system", "content": [{"type": "text", "text": "/etc/passwd"}]}]
+
+
+@pytest.mark.parametrize("part", [
+    {"type": "image", "image": "/etc/passwd"},                      # the protocol client's own form
+    {"type": "image", "frame": 0},
+    image_part("/etc/passwd"),
+    image_part("file:///etc/passwd"),
+    image_part("ftp://example.com/a.png"),
+    image_part("http://example.com/a.png"),                         # remote images are off
+    {"type": "image_url", "image_url": "data:image/png;base64,AAAA"},  # not OpenAI's shape
+    {"type": "input_audio", "input_audio": {}},
+    "just a string",
+])
+def test_anything_but_the_whitelist_is_refused(part):
+    with pytest.raises(BadRequest):
+        parse_chat(body(part), LIMITS)
+
+
+@pytest.mark.parametrize("bad, fault", [
+    ({"messages": "hi"}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "role"),
+    ({"messages": [{"role": ["user"], "content": "x"}]}, "role"),
+    ({"messages": [{"role": "user", "content": 3}]}, "content"),
+    (body({"type": "text", "text": 3}), "text"),
+    (body({"type": "text", "text": "x"}, max_tokens="10"), "max_tokens"),
+    (body({"type": "text", "text": "x"}, max_tokens=True), "max_tokens"),
+    (body({"type": "text", "text": "x"}, max_tokens=0), "max_tokens"),
+    (body({"type": "text", "text": "x"}, max_tokens=65), "max_tokens"),
+    (body({"type": "text", "text": "x"}, temperature={}), "temperature"),
+    (body({"type": "text", "text": "x"}, top_p=10 ** 400), "top_p"),
+    (body({"type": "text", "text": "x"}, stream="yes"), "stream"),
+    (body({"type": "text", "text": "x"}, stream_options=[]), "stream_options"),
+    (body({"type": "text", "text": "x"}, model=1), "model"),
+    (body(*[image_part(DATA_URL)] * 3), "more than 2 images"),
+    (body(image_part("data:image/png;base64," + base64.b64encode(bytes(1001)).decode())), "exceeds 1000"),
+    (body(image_part("data:image/png;base64,@@@@")), "base64"),
+    (body(image_part("data:image/png,raw")), "data URL"),
+])
+def test_wrong_types_and_values_are_named(bad, fault):
+    with pytest.raises(BadRequest, match=fault):
+        parse_chat(bad, LIMITS)
+
+
+@pytest.mark.parametrize("text", [b"{not json", b"\xff\xfe", b'{"temperature": NaN}', b"[Infinity]",
+                                  b"[" * 100_000 + b"]" * 100_000])
+def test_json_that_is_not_json_is_a_bad_request(text):
+    with pytest.raises(BadRequest):
+        parse_json(text)
+
+
+def test_remote_images_go_through_the_given_fetch_only():
+    fetched = []
+    chat = parse_chat(body(image_part("https://example.com/a.png")), LIMITS,
+                      fetch=lambda url: fetched.append(url) or IMAGE)
+    assert fetched == ["https://example.com/a.png"]
+    assert chat.messages[0]["content"] == [{"type": "image", "image": IMAGE}]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=30)
+
+
+def mostly(valid: st.SearchStrategy) -> st.SearchStrategy:
+    """Valid values seven times in eight, so that examples reach past the first check."""
+    return st.sampled_from([valid] * 7 + [json_values]).flatmap(lambda chosen: chosen)
+
+
+urls = st.sampled_from([DATA_URL] * 4 + ["/etc/passwd", "file:///etc/passwd", "http://127.0.0.1/", "data:,x"])
+part = mostly(st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": mostly(st.text(max_size=20))}),
+    st.fixed_dictionaries({"type": st.just("image_url"),
+                           "image_url": mostly(st.fixed_dictionaries({"url": mostly(urls)}))}),
+    st.fixed_dictionaries({"type": st.sampled_from(["image", "input_audio", "file"]),
+                           "image": st.just("/etc/passwd")})))
+message = mostly(st.fixed_dictionaries({
+    "role": mostly(st.sampled_from(sorted(ROLES) + ["tool"])),
+    "content": mostly(st.text(max_size=10) | st.lists(part, min_size=1, max_size=3))}))
+chat_body = st.fixed_dictionaries(
+    {"messages": mostly(st.lists(message, min_size=1, max_size=3))},
+    optional={"max_tokens": mostly(st.integers(0, 70)), "max_completion_tokens": mostly(st.integers(0, 70)),
+              "temperature": mostly(st.floats(0, 2)), "top_p": mostly(st.floats(0, 1)),
+              "stream": mostly(st.booleans()), "model": mostly(st.text(max_size=8)),
+              "stream_options": mostly(st.fixed_dictionaries({}, optional={"include_usage": mostly(st.booleans())}))})
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(chat_body, json_values))
+def test_any_json_value_gives_valid_messages_or_bad_request(value):
+    json.dumps(value)  # it is a JSON value
+    try:
+        chat = parse_chat(value, LIMITS)
+    except BadRequest:
+        return
+    images = 0
+    for m in chat.messages:
+        assert m["role"] in ROLES and m["content"]
+        for p in m["content"]:
+            assert (p["type"] == "text" and isinstance(p["text"], str)) or \
+                (p["type"] == "image" and isinstance(p["image"], bytes) and len(p["image"]) <= 1000)
+            images += p["type"] == "image"
+    assert images <= LIMITS.max_images
+    build_generate("id", chat.messages, GenerationParams())  # no image is a path to open
+    try:  # the client checks the parameters' ranges next: types are already right
+        GenerationParams.parse(chat.params, LIMITS)
+    except BadRequest:
+        pass

@@ -1,0 +1,30 @@
+"""What the worker reads from its socket: a `generate` request, a `stop`, or a typed error.
+
+The worker trusts nothing it is sent. Every message goes through the codec with the supervisor's
+own limits and `parse_generate`, exactly as a client's message does at the frontend, so anything
+the supervisor forwards that does not fit fails as `QvlError` carrying the request's key where it
+could be read, and the service answers it (or drops it) without touching any other request.
+Never imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from qvl.protocol.codec import GENERATE, STOP, Limits, decode
+from qvl.protocol.errors import BadRequest
+from qvl.protocol.messages import GenerateRequest, Stop, parse_generate
+
+
+def read_message(parts: Sequence[bytes], limits: Limits) -> GenerateRequest | Stop:
+    """The message in `parts`; `QvlError` (with the key when readable) for anything else."""
+    header, frames = decode(parts, limits)
+    kind = header["kind"]
+    if kind == STOP:
+        return Stop()
+    if kind != GENERATE:
+        raise BadRequest(f"a worker does not take {kind!r}", header.get("id"))
+    request = parse_generate(header, frames, limits)
+    if type(request.id) is not int:  # the supervisor's key, never a client's id
+        raise BadRequest("a generate header needs an integer `id`", request.id)
+    return request
