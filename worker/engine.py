@@ -46,6 +46,18 @@ class Prompt:
 
 
 @dataclass(frozen=True)
+class ImageInputs:
+    """A request's images made ready on the image pool: tokens and pixels per image reference."""
+
+    tokens: tuple[int, ...] = ()
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+
+
+NO_IMAGES = ImageInputs()
+
+
+@dataclass(frozen=True)
 class Completion:
     text: str
     prompt_tokens: int
@@ -118,23 +130,34 @@ class Engine:
         params = GenerationParams(max_new_tokens=2)
         self.generate([self.prepare(messages, [image], params)], params)
 
-    def prepare(self, messages: list, frames: Sequence[Image.Image], params: GenerationParams) -> Prompt:
-        """The prompt of a request whose image parts are `{"type": "image", "frame": i}` into `frames`."""
+    def process_images(self, messages: list, frames: Sequence[Image.Image], params: GenerationParams) -> ImageInputs:
+        """The pixels of a request's image references, `frames` being its opened images. Thread-safe:
+        runs on the worker's image pool while the model works. Image tokens are counted from width
+        and height and checked first, so no pixel of a request too long is ever processed."""
         references = [part["frame"] for m in messages for part in m["content"] if part["type"] == "image"]
         per_frame = [self.image_tokens.count(*image.size) for image in frames]
-        image_tokens = [per_frame[frame] for frame in references]
-        self._check_length(sum(image_tokens), "image tokens", params)  # before any pixel is processed
-        ids = self.prompt_tokenizer.ids(messages, image_tokens)
-        self._check_length(len(ids), "prompt tokens", params)
+        tokens = tuple(per_frame[frame] for frame in references)
+        self._check_length(sum(tokens), "image tokens", params)
         if not references:
-            return Prompt(ids)
+            return NO_IMAGES
         pixels = self.processor.image_processor(images=list(frames), return_tensors="pt")
         grids = pixels["image_grid_thw"]
         patches = grids.prod(dim=1)
         if (patches // self.image_tokens.merge_size ** 2).tolist() != per_frame:
             raise InternalError(f"image token counts {per_frame} differ from the processor's grids {grids.tolist()}")
         frame_pixels = pixels["pixel_values"].split(patches.tolist())
-        return Prompt(ids, torch.cat([frame_pixels[f] for f in references]), grids[references])
+        return ImageInputs(tokens, torch.cat([frame_pixels[f] for f in references]), grids[references])
+
+    def prepare(self, messages: list, frames: Sequence[Image.Image], params: GenerationParams) -> Prompt:
+        """The prompt of a request whose image parts are `{"type": "image", "frame": i}` into `frames`."""
+        return self.prompt(messages, self.process_images(messages, frames, params), params)
+
+    def prompt(self, messages: list, images: ImageInputs, params: GenerationParams) -> Prompt:
+        """The prompt of a request with the pixels `process_images` made of its images. On the main
+        thread only: the tokenizer is not thread-safe."""
+        ids = self.prompt_tokenizer.ids(messages, list(images.tokens))
+        self._check_length(len(ids), "prompt tokens", params)
+        return Prompt(ids, images.pixel_values, images.image_grid_thw)
 
     def _check_length(self, tokens: int, what: str, params: GenerationParams) -> None:
         if tokens > self.max_prompt_tokens:
@@ -237,7 +260,10 @@ class NoopEngine:
     def warm_up(self) -> None:
         pass
 
-    def prepare(self, messages: list, frames: Sequence[Image.Image], params: GenerationParams) -> Prompt:
+    def process_images(self, messages: list, frames: Sequence[Image.Image], params: GenerationParams) -> ImageInputs:
+        return NO_IMAGES
+
+    def prompt(self, messages: list, images: ImageInputs, params: GenerationParams) -> Prompt:
         return Prompt([])
 
     def generate(self, prompts: list[Prompt], params: GenerationParams,

@@ -33,19 +33,10 @@ from qvl.protocol.codec import encode, worker_identity
 from qvl.protocol.contract import WorkerSpec
 from qvl.protocol.errors import InternalError, OutOfMemory, QvlError
 from qvl.protocol.exits import WorkerExit
-from qvl.protocol.messages import (
-    Bye,
-    Chunk,
-    ErrorReply,
-    GenerationParams,
-    Heartbeat,
-    Hello,
-    Ready,
-    Reply,
-    Stop,
-)
+from qvl.protocol.messages import (Bye, Chunk, ErrorReply, GenerateRequest, GenerationParams, Heartbeat,
+                                   Hello, Ready, Reply, Stop)
 
-from .engine import Engine, Prompt, load_engine
+from .engine import NO_IMAGES, Engine, ImageInputs, Prompt, load_engine
 from .faults import Faults
 from .images import open_image
 from .inbox import read_message
@@ -54,7 +45,7 @@ from .telemetry import Telemetry
 
 log = logging.getLogger("qvl.worker")
 _NO_IMAGES: Future = Future()
-_NO_IMAGES.set_result(())
+_NO_IMAGES.set_result(NO_IMAGES)
 
 
 @dataclass(frozen=True)
@@ -63,7 +54,7 @@ class Job:
     number: int  # the how-many-th request this worker received (fault injection names requests by it)
     messages: list
     params: GenerationParams
-    images: Future  # opened on the image pool while the model runs earlier batches
+    images: Future  # its ImageInputs, made on the image pool while the model runs earlier batches
     stream: bool = False
 
 
@@ -174,7 +165,7 @@ class WorkerService:
         self.arrived += 1
         self.faults.on_arrival(self.arrived)
         self.waiting.append(Job(message.id, self.arrived, message.messages, message.params,
-                                self._open_images(message.images), message.stream))
+                                self._images(message), message.stream))
 
     def _refuse(self, exc: Exception) -> None:
         """Answer a message that could not be read, or drop it when it names no key."""
@@ -199,7 +190,7 @@ class WorkerService:
         replies, ready = [], []
         for job in batch:
             try:
-                ready.append((job, self.engine.prepare(job.messages, job.images.result(), job.params)))
+                ready.append((job, self.engine.prompt(job.messages, job.images.result(), job.params)))
             except Exception as exc:
                 replies.append(self._failed(job, exc))
         if ready:
@@ -270,10 +261,12 @@ class WorkerService:
                     streamed[job.key] = text
         return progress
 
-    def _open_images(self, frames: tuple[bytes, ...]) -> Future:
-        if frames:
-            return self.image_pool.submit(self._open_all, frames)
+    def _images(self, request: GenerateRequest) -> Future:
+        """A request's images, opened and processed on the image pool while the model works."""
+        if request.images:
+            return self.image_pool.submit(self._process_images, request)
         return _NO_IMAGES  # text only: no hop through the pool
 
-    def _open_all(self, frames: tuple[bytes, ...]) -> list:
-        return [open_image(f, self.spec.max_image_pixels) for f in frames]
+    def _process_images(self, request: GenerateRequest) -> ImageInputs:
+        frames = [open_image(f, self.spec.max_image_pixels) for f in request.images]
+        return self.engine.process_images(request.messages, frames, request.params)

@@ -172,7 +172,7 @@ def test_a_client_that_never_reads_cannot_grow_the_supervisor(shared_supervisor)
     ctx = zmq.Context.instance()
     with shared_supervisor.client() as client:
         reply_bytes = len(msgpack.packb(client.status()))
-    sent, bound = 100_000, 32 << 20
+    sent, bound = 60_000, 24 << 20
     assert sent * reply_bytes > 2 * bound, "the test must send more than the bound could hold"
     proc = psutil.Process(shared_supervisor.pid)
     before = proc.memory_info().rss
