@@ -267,16 +267,21 @@ class Supervisor:
         worker.last_seen = time.monotonic()
         if getattr(message, "telemetry", None) is not None:
             worker.telemetry = message.telemetry
-        if isinstance(message, (Reply, ErrorReply)):
-            self.on_reply(worker, message)
-        elif isinstance(message, Chunk):
-            self.on_chunk(worker, message)
-        elif isinstance(message, Hello):
-            slot = self.slots[worker.slot]
-            self.apply(slot, slot.lifecycle.hello(worker.generation, time.monotonic()))
-        elif isinstance(message, Ready):
-            self.on_ready(self.slots[worker.slot], worker, message)
-        self.judge(worker)
+        try:
+            if isinstance(message, (Reply, ErrorReply)):
+                self.on_reply(worker, message)
+            elif isinstance(message, Chunk):
+                self.on_chunk(worker, message)
+            elif isinstance(message, Hello):
+                slot = self.slots[worker.slot]
+                self.apply(slot, slot.lifecycle.hello(worker.generation, time.monotonic()))
+            elif isinstance(message, Ready):
+                self.on_ready(self.slots[worker.slot], worker, message)
+            self.judge(worker)
+        except Exception as exc:  # a fault of ours: logged, and the loop goes on
+            self.counters[InternalError.code] += 1
+            event("worker_message_failed", logging.ERROR, exc_info=True, worker=worker.slot,
+                  gen=worker.generation, error=f"{type(exc).__name__}: {exc}")
 
     def on_chunk(self, worker: Worker, chunk: Chunk) -> None:
         request = worker.inflight.get(chunk.id)

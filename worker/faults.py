@@ -9,6 +9,7 @@ Inert when the variable is unset. Its value is comma-separated `name=value` item
 - `step_ms=M`: generation pauses M ms each time it reports progress (a slow stream);
 - `oom_at=N`: every generate call holding the N-th request raises a CUDA out-of-memory error;
 - `oom_rows_over=R`: every generate call of more than R rows raises it (a batch too big, rows fine alone);
+- `garble_at=N`: as the N-th request arrives, send the supervisor malformed messages first;
 - `telemetry.KEY=VALUE`: report VALUE for telemetry KEY, once `telemetry_after=N` requests are done;
 - `generation=G`, `slot=S`: only incarnations with that generation number / slot misbehave.
 
@@ -18,6 +19,7 @@ CPU workers have no CUDA allocator; injected telemetry lets tests trip every rec
 import os
 import time
 
+import msgpack
 import torch
 from qvl.protocol.exits import WorkerExit
 
@@ -49,6 +51,15 @@ class Faults:
         """Called as the `count`-th request arrives."""
         if self.get("crash_after") and count >= self.get("crash_after"):
             os._exit(WorkerExit.INJECTED)
+
+    def garbage(self, count: int) -> list[list[bytes]]:
+        """Malformed messages to send the supervisor as the `count`-th request arrives."""
+        if self.get("garble_at") != count:
+            return []
+        return [[b"\xc1 not msgpack"],
+                [msgpack.packb({"v": 1, "kind": "reply", "id": [count], "ok": True})],
+                [msgpack.packb({"v": 1, "kind": "heartbeat", "telemetry": {"rss_bytes": "lots"}})],
+                [msgpack.packb({"v": 1, "kind": "chunk", "id": 1, "text": None})]]
 
     def before_generate(self, numbers: list[int]) -> None:
         """Called before a generate call whose rows are the requests that arrived `numbers`-th

@@ -164,6 +164,8 @@ class WorkerService:
             return
         self.arrived += 1
         self.faults.on_arrival(self.arrived)
+        for garbage in self.faults.garbage(self.arrived):
+            self.sock.send_multipart(garbage)
         self.waiting.append(Job(message.id, self.arrived, message.messages, message.params,
                                 self._images(message), message.stream))
 

@@ -78,4 +78,5 @@ def test_systemd_unit_waits_for_readiness_and_restarts_on_failure():
     unit.read(ROOT / "scripts" / "qvl-supervisor.service")
     service = unit["Service"]
     assert service["Type"] == "notify" and service["Restart"] == "on-failure"
+    assert service["KillMode"] == "mixed"  # SIGTERM to the supervisor alone: it drains its workers
     assert service["ExecStart"].split()[1:3] == ["start", "--config"] and int(service["WatchdogSec"]) > 0
