@@ -43,7 +43,7 @@ def admin_keys(directory: str | Path) -> set[bytes]:
     """The Z85 public keys (40 bytes each) in `directory/admin`: the clients allowed to send control
     commands. A CURVE client's ZAP `User-Id` (`frame.get("User-Id")`, a str) is its Z85 public
     key, so a client is an admin when `user_id.encode() in admin_keys(directory)`. Empty when the
-    folder is missing; read at each call."""
+    folder is missing. The supervisor reads it once at start: a new admin key needs a restart."""
     folder = Path(directory) / "admin"
     if not folder.is_dir():
         return set()

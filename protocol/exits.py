@@ -16,6 +16,7 @@ class WorkerExit(enum.IntEnum):
     CUDA_FATAL = 3    # a CUDA error left the context unusable; its requests are retried elsewhere
     LOAD_FAILED = 4   # the model or processor cannot be loaded: restarting cannot help
     BAD_SPEC = 5      # the worker spec it was given cannot be read: restarting cannot help
+    SPAWN_FAILED = 6  # the supervisor could not start the process (out of descriptors or memory)
     INJECTED = 7      # a crash injected by QVL_FAULTS, for tests
 
 

@@ -5,12 +5,14 @@ and its parameters). `build_generate` turns a caller's messages (images as bytes
 images) into a header and frames; `parse_generate` checks a received header against the limits
 and returns a frozen `GenerateRequest`, types first and values after, so no comparison of mixed
 types can happen. Supervisor and worker: `Hello`, `Ready`, `Heartbeat`, `Chunk`, `Reply`,
-`ErrorReply`, `Stop`, `Bye`, each with `header()` and `parse()`. No dict literal elsewhere
-builds a wire message.
+`ErrorReply`, `Stop`, `Bye`, each with `header()` and `parse()`; no dict literal elsewhere
+builds one of these. (Error replies to clients come from `codec.error_header`; control commands
+and their replies are small maps built by the client and by `supervisor.control`.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from dataclasses import dataclass, field
@@ -20,12 +22,13 @@ from .codec import BYE, CHUNK, GENERATE, HEARTBEAT, HELLO, PROTOCOL_VERSION, REA
 from .errors import ERROR_CODES, BadRequest, QvlError, error_from_wire
 
 ROLES = frozenset({"system", "user", "assistant"})
+MIN_TEMPERATURE = 1e-3  # below it sampling is greedy decoding, and the division would overflow
 MAX_TIMEOUT_MS = 7 * 24 * 3600 * 1000  # a week: longer deadlines are surely a mistake
 
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """Decoding parameters. `temperature` 0 means greedy decoding."""
+    """Decoding parameters. `temperature` 0 (or below `MIN_TEMPERATURE`) means greedy decoding."""
 
     max_new_tokens: int = 128
     min_new_tokens: int = 0
@@ -48,7 +51,9 @@ class GenerationParams:
             if not want(value):
                 raise BadRequest(f"{name} must be {'an integer' if want is _is_int else 'a number'}, "
                                  f"not {type(value).__name__}")
-        params = cls(**raw)
+        numbers = {name: float(value) for name, value in raw.items()
+                   if cls.__dataclass_fields__[name].type == "float"}  # an int here reaches torch as a float
+        params = cls(**{**raw, **numbers})
         checks = [
             (1 <= params.max_new_tokens <= limits.max_new_tokens,
              f"max_new_tokens must be in 1..{limits.max_new_tokens}"),
@@ -61,6 +66,8 @@ class GenerationParams:
         for ok, message in checks:  # NaN fails every comparison, so it is refused here too
             if not ok:
                 raise BadRequest(message)
+        if params.temperature < MIN_TEMPERATURE:  # logits / 1e-300 overflow: decode as its limit does
+            params = dataclasses.replace(params, temperature=0.0)
         return params
 
 

@@ -11,6 +11,7 @@ import functools
 import itertools
 import logging
 import os
+import resource
 import shutil
 import signal
 import tempfile
@@ -23,6 +24,7 @@ from qvl.protocol.codec import GENERATE, PROTOCOL_VERSION, decode, encode, error
 from qvl.protocol.curve import admin_keys, serve_securely
 from qvl.protocol.errors import (BadRequest, DeadlineExceeded, InternalError, OutOfMemory, Overloaded,
                                  QvlError, ShuttingDown, WorkerFailed)
+from qvl.protocol.exits import WorkerExit
 from qvl.protocol.messages import (Chunk, ErrorReply, Hello, Ready, Reply, Stop, parse_generate,
                                    parse_worker_message)
 
@@ -70,6 +72,7 @@ class Supervisor:
     # --- setup and teardown ---------------------------------------------------------------
 
     def _open(self) -> None:
+        _raise_descriptor_limit()
         self.ctx = zmq.Context()
         self.run_dir = tempfile.mkdtemp(prefix="qvl-")  # private (0700): only our workers connect
         self.backend_endpoint = f"ipc://{self.run_dir}/backend"
@@ -123,24 +126,33 @@ class Supervisor:
         self._open()
         event("supervisor_start", pid=os.getpid(), frontend=self.config.frontend,
               workers=self.config.workers, model=self.config.model, device=self.config.device)
+        steps = (self.notifier.watchdog, self.poll, self.reap_workers, self.expire_deadlines,
+                 self.dispatch,  # before the rest of the upkeep: it is on every request's path
+                 self.check_liveness, self.manage_slots, self.finish_shutdown, self.keep_gateway)
         try:
             while not self.done:
-                self.notifier.watchdog()
-                self.poll()
-                self.reap_workers()
-                self.expire_deadlines()
-                self.dispatch()  # before the rest of the upkeep: it is on every request's path
-                self.check_liveness()
-                self.manage_slots()
-                self.finish_shutdown()
-                if self.gateway is not None:
-                    self.gateway.tick(time.monotonic())
+                for step in steps:
+                    self.run_step(step)
         finally:
             self._kill_all()
             save_state(self.config.state_file, self.slots, self.counters)
             self._close()
         event("supervisor_exit", answered=self.counters["answered"])
         return 0
+
+    def run_step(self, step) -> None:
+        """One step of the loop. A step that fails (out of descriptors or memory, or a fault of
+        ours) is logged and the loop goes on: the supervisor holds every accepted request."""
+        try:
+            step()
+        except Exception as exc:
+            self.counters["loop_step_failures"] += 1
+            event("loop_step_failed", logging.ERROR, exc_info=True, step=step.__name__,
+                  error=f"{type(exc).__name__}: {exc}")
+
+    def keep_gateway(self) -> None:
+        if self.gateway is not None:
+            self.gateway.tick(time.monotonic())
 
     def workers(self) -> list[Worker]:
         return [w for slot in self.slots for w in slot.workers()]
@@ -418,12 +430,16 @@ class Supervisor:
 
     # --- workers --------------------------------------------------------------------------
 
-    def spawn(self, slot: Slot, life: Incarnation) -> Worker:
-        worker = slot.spawn(life, self.config, self.backend_endpoint)
+    def spawn(self, slot: Slot, life: Incarnation) -> None:
+        try:
+            worker = slot.spawn(life, self.config, self.backend_endpoint)
+        except OSError as exc:  # out of descriptors, memory or processes: a start that failed, backed off
+            event("spawn_failed", logging.ERROR, worker=slot.index, gen=life.generation, error=str(exc))
+            self.apply(slot, slot.lifecycle.exited(life.generation, WorkerExit.SPAWN_FAILED, time.monotonic()))
+            return
         for identity in worker.identities:
             self.by_identity[identity] = worker
         self.apply(slot, slot.lifecycle.spawned(life.generation, worker.pid))
-        return worker
 
     def manage_slots(self) -> None:
         """Let each slot's lifecycle act on the clock; escalate stops that overstay their grace."""
@@ -524,3 +540,12 @@ class Supervisor:
         for worker in self.workers():
             worker.process.kill()
             worker.process.wait()
+
+
+def _raise_descriptor_limit(want: int = 65536) -> None:
+    """Every client connection holds a descriptor: take the soft limit up to `want` where the hard
+    limit allows (systemd's soft default is 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

@@ -4,6 +4,8 @@ that nothing died, every readable message got exactly one typed reply and servic
 import io
 import math
 import random
+import resource
+import socket
 import struct
 import time
 import zlib
@@ -13,7 +15,7 @@ import psutil
 import zmq
 from PIL import Image
 
-from harness import png
+from harness import SupervisorProcess, png
 from qvl.protocol.codec import PROTOCOL_VERSION
 from qvl.protocol.errors import ERROR_CODES
 
@@ -90,6 +92,9 @@ def hostile_messages(rng: random.Random) -> list[tuple[str, object, list[bytes]]
         add(f"part.frame={value!r:.30}", _generate(f"h{next(n)}", [{"type": "image", "frame": value}]),
             [png((8, 8))])
         add(f"id={value!r:.30}", {**_generate(None), "id": value}, rid=None)
+    for odd in ({"temperature": 2}, {"temperature": 1e-300}, {"temperature": 5e-324}, {"top_p": 1e-300},
+                {"top_k": 1 << 31}, {"temperature": 100, "top_k": 1}):  # valid, if strange: answered
+        add(f"params {odd}", _generate(f"h{next(n)}", params={"max_new_tokens": 2, **odd}))
     for text in SPECIAL:
         add("special tokens", _generate(f"h{next(n)}", [{"type": "text", "text": text}]))
     for name, data in IMAGES.items():
@@ -192,3 +197,45 @@ def test_a_client_that_never_reads_cannot_grow_the_supervisor(shared_supervisor)
             assert client.ping() < 5
     finally:
         sock.close(0)
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_connections_that_use_up_descriptors_do_not_end_the_supervisor(start_supervisor):
+    """Under a soft limit of 1024 descriptors, ~1100 idle connections to a loopback tcp frontend use up
+    the supervisor's descriptors; the next worker start (here an operator recycle; a crash restart
+    alike) fails with OSError. That start is backed off like a crash, and once the connections go
+    the slot serves again."""
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    sup = start_supervisor("--frontend", endpoint, "--recycle-overlap", "never")
+    sup.endpoint = endpoint
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, 4096)
+    socks = []
+    try:
+        sup.wait_ready()
+        resource.prlimit(sup.pid, resource.RLIMIT_NOFILE, (1024, 1024))
+        for _ in range(1100):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+            socks.append(sock)
+        time.sleep(3)
+        socks[0].send(msgpack.packb({"v": PROTOCOL_VERSION, "kind": "recycle", "id": 1}))
+        socks[0].poll(5000)
+        time.sleep(3)
+        assert sup.proc.poll() is None, "supervisor ended:\n" + sup.log()[-1500:]
+    finally:
+        for sock in socks:
+            sock.close(0)
+        ctx.term()
+    with sup.client(timeout=60) as client:
+        client.wait_ready(timeout=60)
+        assert client.ask(png(), "back?", max_new_tokens=2).usage["completion_tokens"] >= 1
+    sup.remember_workers()

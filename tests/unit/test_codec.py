@@ -91,3 +91,19 @@ def test_every_wire_code_has_its_exception():
     for code in ERROR_CODES:
         assert error_from_wire({"code": code, "message": "m"}).code == code
     assert error_from_wire({"code": "nonsense"}).code == "internal"
+
+
+def test_an_integer_temperature_is_read_as_a_float():
+    """transformers refuses an int temperature (`has to be a strictly positive float`)."""
+    params = GenerationParams.parse({"temperature": 2, "top_p": 1}, Limits())
+    assert isinstance(params.temperature, float) and isinstance(params.top_p, float)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 0.0009])
+def test_a_temperature_too_small_to_divide_by_decodes_greedily(temperature):
+    torch = pytest.importorskip("torch")
+    from qvl.worker.kv_pool import choose_tokens
+    params = GenerationParams.parse({"temperature": temperature}, Limits())
+    assert params.temperature == 0.0
+    logits = torch.randn(2, 50)
+    assert choose_tokens(logits, params).tolist() == logits.argmax(dim=-1).tolist()
