@@ -10,6 +10,8 @@ Inert when the variable is unset. Its value is comma-separated `name=value` item
 - `oom_at=N`: every generate call holding the N-th request raises a CUDA out-of-memory error;
 - `oom_rows_over=R`: every generate call of more than R rows raises it (a batch too big, rows fine alone);
 - `garble_at=N`: as the N-th request arrives, send the supervisor malformed messages first;
+- `oom_batch_step=K`: a generate call of several rows runs out of memory at its K-th progress report
+  (after streamed text has gone out; the rows run again alone);
 - `telemetry.KEY=VALUE`: report VALUE for telemetry KEY, once `telemetry_after=N` requests are done;
 - `generation=G`, `slot=S`: only incarnations with that generation number / slot misbehave.
 
@@ -73,9 +75,12 @@ class Faults:
         if self.get("slow_ms"):
             time.sleep(self.get("slow_ms") / 1000.0)
 
-    def on_progress(self) -> None:
+    def on_progress(self, step: int, rows: int) -> None:
+        """Called at the `step`-th progress report (from 1) of a generate call of `rows` rows."""
         if self.get("step_ms"):
             time.sleep(self.get("step_ms") / 1000.0)
+        if rows > 1 and step == self.get("oom_batch_step"):
+            raise torch.OutOfMemoryError("CUDA out of memory mid-batch (injected by QVL_FAULTS)")
 
     def apply(self, telemetry: dict, done: int) -> dict:
         if self.telemetry and done >= self.get("telemetry_after"):

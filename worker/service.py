@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import itertools
 import logging
 import os
 import signal
@@ -31,12 +32,12 @@ import torch
 import zmq
 from qvl.protocol.codec import encode, worker_identity
 from qvl.protocol.contract import WorkerSpec
-from qvl.protocol.errors import InternalError, OutOfMemory, QvlError
+from qvl.protocol.errors import InternalError, OutOfMemory, QvlError, WorkerFailed
 from qvl.protocol.exits import WorkerExit
 from qvl.protocol.messages import (Bye, Chunk, ErrorReply, GenerateRequest, GenerationParams, Heartbeat,
                                    Hello, Ready, Reply, Stop)
 
-from .engine import NO_IMAGES, Engine, ImageInputs, Prompt, load_engine
+from .engine import NO_IMAGES, Completion, Engine, ImageInputs, Prompt, load_engine
 from .faults import Faults
 from .images import open_image
 from .inbox import read_message
@@ -226,13 +227,21 @@ class WorkerService:
                 log.warning("event=out_of_memory key=%d slot=%d", jobs[0].key, self.spec.slot)
                 exc = OutOfMemory(str(exc).splitlines()[0])
             return [self._failed(jobs[0], exc)]
-        self.done += len(jobs)
         telemetry = self.read_telemetry()
-        return [encode(Reply(job.key, c.text,
-                             {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
-                             {"prefill_ms": c.prefill_ms, "decode_ms": c.decode_ms, "batch_size": len(jobs)},
-                             telemetry).header())
+        return [self._reply(job, c, len(jobs), streamed.get(job.key, ""), telemetry)
                 for job, c in zip(jobs, completions)]
+
+    def _reply(self, job: Job, c: Completion, batch_size: int, sent: str, telemetry: dict) -> list[bytes]:
+        """The answer, unless a row run again (after its batch failed) no longer extends the text it
+        already streamed: sampling does not repeat itself, and the client holds that text."""
+        if not c.text.startswith(sent):
+            return self._failed(job, WorkerFailed("the answer changed when its batch ran again after "
+                                                  "part of it was streamed; not sent"))
+        self.done += 1
+        return encode(Reply(job.key, c.text,
+                            {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
+                            {"prefill_ms": c.prefill_ms, "decode_ms": c.decode_ms, "batch_size": batch_size},
+                            telemetry).header())
 
     def _failed(self, job: Job, exc: Exception) -> list[bytes]:
         """The error reply of a request: its own `QvlError`, or `internal` (logged) for ours."""
@@ -248,9 +257,11 @@ class WorkerService:
         `streamed` holds the text sent so far per job, so a batch run again sends no text twice."""
         streaming = any(job.stream for job in jobs)
 
+        steps = itertools.count(1)
+
         def progress(rows: Callable[[], list[list[int]]]) -> None:
             self._take_requests()
-            self.faults.on_progress()
+            self.faults.on_progress(next(steps), len(jobs))
             if not streaming:
                 return
             for job, row in zip(jobs, rows()):
