@@ -88,12 +88,12 @@ class Config:
     state_file: str = setting("", "JSON file where per-slot counters survive a supervisor restart (empty: none)")
     log_level: str = setting("info", "log level: debug, info, warning, error")
     log_format: str = setting("text", "log lines as text (`event=... key=value`) or json (one object per line)")
-    insecure: bool = setting(False, "allow a tcp:// frontend on a non-loopback address without CurveZMQ (anyone who reaches the port may send requests)")
+    insecure: bool = setting(False, "allow a tcp:// frontend on a non-loopback address without CurveZMQ, or an HTTP gateway on one without an API key (anyone who reaches the port may send requests)")
     curve_dir: str = setting("", "folder from `qvl-supervisor keygen`: the frontend admits only CurveZMQ clients whose public key is in its allowed/ (empty: no encryption)")
     http: str = setting("", "host:port for the HTTP gateway, its own process (empty: no gateway)")
     http_api_key_file: str = setting("", "file holding the key HTTP clients must send as `Authorization: Bearer KEY` (empty: none)")
     http_remote_images: bool = setting(False, "let the HTTP gateway fetch image URLs over http(s), public addresses only; otherwise only data URLs")
-    http_max_body_bytes: int = setting(64 << 20, "largest HTTP request body in bytes; larger ones get 413")
+    http_max_body_bytes: int = setting(32 << 20, "largest HTTP request body in bytes; larger ones get 413 (a data URL takes 4/3 of its image's bytes)")
     http_max_concurrent: int = setting(256, "most HTTP requests the gateway handles at once; more get 429")
 
     @property
@@ -160,6 +160,9 @@ class Config:
                 faults.append(f"{name} must be at least 1")
         if self.http and not self.http.rpartition(":")[2].isdigit():
             faults.append(f"http must be host:port (got {self.http!r})")
+        if self.http and not (_on_loopback(f"tcp://{self.http}") or self.http_api_key_file or self.insecure):
+            faults.append(f"http {self.http} can be reached from other hosts without an API key: set "
+                          "http_api_key_file, or insecure = true to let anyone who reaches the port send requests")
         if faults:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(faults))
 

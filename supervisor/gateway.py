@@ -2,16 +2,16 @@
 
 Its own process (`python -m qvl.supervisor.gateway SPEC`, started and restarted by the supervisor
 with a `GatewaySpec`), and a plain client of the supervisor's frontend: it holds no queue or state
-of its own. Every request passes one guard first (in-flight limit 429, API key 401, body size
-413); chat bodies become messages only through `openai_chat.parse_chat`'s whitelist; any failure
-in a handler becomes a typed JSON error and the server goes on. Needs the `http` extra (FastAPI,
-uvicorn, prometheus-client, python-multipart).
+of its own. Every request passes one guard first (in-flight limit 429, outside which `/health` and
+`/metrics` stay; API key 401; body size 413; body deadline 408); chat bodies become messages only
+through `openai_chat.parse_chat`'s whitelist, and remote images are fetched on threads of their
+own; any failure in a handler becomes a typed JSON error and the server goes on. Needs the `http`
+extra (FastAPI, uvicorn, prometheus-client, python-multipart).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import os
@@ -19,6 +19,7 @@ import secrets
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import uvicorn
@@ -34,21 +35,25 @@ from qvl.protocol.curve import client_keys
 from qvl.protocol.errors import ERROR_CODES
 
 from .gateway_process import GatewaySpec
-from .image_fetch import fetch_image
+from .image_fetch import request_fetcher
 from .openai_chat import parse_chat, parse_json
 
 HTTP_STATUS = {"bad_request": 400, "unsupported_version": 400, "overloaded": 429, "worker_failed": 503,
                "shutting_down": 503, "out_of_memory": 503, "deadline_exceeded": 504, "timeout": 504,
                "internal": 500}
 OPEN_PATHS = ("/health", "/metrics")  # for load balancers and scrapers; everything else needs the key
+BODY_TIMEOUT_S = 30.0  # to receive a whole body; a client that stalls in it gets 408 and frees its slot
+FETCH_THREADS = 16  # remote images fetched at once, for all requests together
 log = logging.getLogger("qvl.gateway")
 
 
 def create_app(spec: GatewaySpec, api_key: str = "", client: AsyncClient | None = None,
-               timeout: float = 600.0) -> FastAPI:
+               timeout: float = 600.0, body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
     """The application; `client` stands in for the supervisor connection (made on first use)."""
     state: dict = {} if client is None else {"client": client}
-    fetch = functools.partial(fetch_image, max_bytes=spec.limits.max_frame_bytes) if spec.remote_images else None
+    # with remote images on, chat bodies are checked on these threads: slow image servers hold
+    # none of the event loop's default ones
+    fetching = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="qvl-image-fetch") if spec.remote_images else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -56,12 +61,14 @@ def create_app(spec: GatewaySpec, api_key: str = "", client: AsyncClient | None 
         yield
         if watcher:
             watcher.cancel()
+        if fetching:
+            fetching.shutdown(wait=False, cancel_futures=True)
         if "client" in state:
             await state["client"].close()
 
     app = FastAPI(title="qvl gateway", lifespan=lifespan)
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=spec.max_body_bytes,
-                       max_concurrent=spec.max_concurrent)
+                       max_concurrent=spec.max_concurrent, body_timeout_s=body_timeout_s)
 
     def supervisor() -> AsyncClient:
         if "client" not in state:
@@ -89,7 +96,9 @@ def create_app(spec: GatewaySpec, api_key: str = "", client: AsyncClient | None 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        chat = await asyncio.to_thread(parse_chat, parse_json(await request.body()), spec.limits, fetch)
+        body = await asyncio.to_thread(parse_json, await request.body())
+        fetch = request_fetcher(spec.limits.max_frame_bytes) if fetching else None  # its deadline runs from now
+        chat = await asyncio.get_running_loop().run_in_executor(fetching, parse_chat, body, spec.limits, fetch)
         params = chat.params
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": reply_id, "created": created, "model": chat.model or spec.model_name}
@@ -134,12 +143,14 @@ def create_app(spec: GatewaySpec, api_key: str = "", client: AsyncClient | None 
 
 
 class _Guard:
-    """Before any route: at most `max_concurrent` requests in flight (429), the API key (401), and a
-    body of at most `max_body_bytes` (413), by its Content-Length and by the bytes that arrive."""
+    """Before any route: at most `max_concurrent` requests in flight (429; `OPEN_PATHS` take no slot,
+    so a busy gateway still answers them), the API key (401), and a body of at most `max_body_bytes`
+    (413), by its Content-Length and by the bytes that arrive, all of it within `body_timeout_s` (408)."""
 
-    def __init__(self, app, api_key: str, max_body_bytes: int, max_concurrent: int):
+    def __init__(self, app, api_key: str, max_body_bytes: int, max_concurrent: int, body_timeout_s: float):
         self.app, self.api_key = app, api_key
         self.max_body_bytes, self.max_concurrent = max_body_bytes, max_concurrent
+        self.body_timeout_s = body_timeout_s
         self.inflight = 0
 
     async def __call__(self, scope, receive, send):
@@ -148,14 +159,15 @@ class _Guard:
         refusal = self._refusal(scope)
         if refusal is not None:
             return await refusal(scope, receive, send)
-        self.inflight += 1
+        counted = scope["path"] not in OPEN_PATHS  # health checks and scrapes take no slot
+        self.inflight += counted
         try:
             await self.app(scope, self._limited(receive), send)
         finally:
-            self.inflight -= 1
+            self.inflight -= counted
 
     def _refusal(self, scope) -> JSONResponse | None:
-        if self.inflight >= self.max_concurrent:
+        if self.inflight >= self.max_concurrent and scope["path"] not in OPEN_PATHS:
             return _error(429, "overloaded", f"the gateway already handles {self.max_concurrent} requests")
         headers = dict(scope["headers"])
         given = headers.get(b"authorization", b"")
@@ -170,14 +182,21 @@ class _Guard:
         return None
 
     def _limited(self, receive):
-        received = 0
+        received, whole = 0, False
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
 
         async def limited_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, whole
+            if whole:  # after the body only a disconnect can come, whenever it comes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:
+                raise HTTPException(408, f"the body did not arrive within {self.body_timeout_s:g}s") from None
             received += len(message.get("body", b""))
             if received > self.max_body_bytes:
                 raise HTTPException(413, f"the body exceeds {self.max_body_bytes} bytes")
+            whole = not message.get("more_body", False)
             return message
 
         return limited_receive

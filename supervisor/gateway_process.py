@@ -37,7 +37,7 @@ class GatewaySpec:
     api_key_file: str = ""
     remote_images: bool = False
     curve_dir: str = ""
-    max_body_bytes: int = 64 << 20
+    max_body_bytes: int = 32 << 20
     max_concurrent: int = 256
     limits: Limits = field(default_factory=Limits)  # the supervisor's own: images, bytes, tokens
 

@@ -1,11 +1,12 @@
 """Fetching a client's image URL for the gateway, without letting the client reach our network.
 
 Only http and https; the host is resolved once, every address it resolves to must be public
-(no loopback, private, link-local, multicast, reserved or unspecified address), and the
-connection goes to that checked address (the name is not looked up again, so DNS rebinding
-cannot swap it). Redirects are refused, not followed. The whole fetch, from connect to the last
-byte, is bounded in time by a watchdog that cuts the socket, and the body is read in chunks that
-stop at the byte limit. Standard library only; no environment proxies are used.
+(no loopback, private, link-local, multicast, reserved or unspecified address, nor a 6to4,
+Teredo or site-local IPv6 one), and the connection goes to that checked address (the name is not
+looked up again, so DNS rebinding cannot swap it). Redirects are refused, not followed. The whole
+fetch, from connect to the last byte, is bounded in time by a watchdog that cuts the socket, and
+the body is read in chunks that stop at the byte limit; `request_fetcher` gives all the URLs of
+one request a single deadline. Standard library only; no environment proxies are used.
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ import ipaddress
 import socket
 import ssl
 import threading
+import time
 import urllib.parse
 from typing import Callable
 
 from qvl.protocol.errors import BadRequest
 
-FETCH_TIMEOUT_S = 10.0
+FETCH_TIMEOUT_S = 10.0  # for all the image URLs of one request together
 _CHUNK = 64 << 10
+# IPv6 prefixes whose packets may be tunnelled on to an IPv4 address they embed (6to4 2002:7f00:1::
+# is 127.0.0.1; Teredo), and deprecated site-local addresses; no public image server needs them.
+_REFUSED = tuple(ipaddress.ip_network(n) for n in ("2002::/16", "2001::/32", "fec0::/10"))
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -30,7 +35,22 @@ def is_public(address: Address) -> bool:
         address = address.ipv4_mapped
     return address.is_global and not (address.is_multicast or address.is_reserved
                                       or address.is_unspecified or address.is_loopback
-                                      or address.is_link_local or address.is_private)
+                                      or address.is_link_local or address.is_private
+                                      or any(address in network for network in _REFUSED))
+
+
+def request_fetcher(max_bytes: int, timeout_s: float = FETCH_TIMEOUT_S,
+                    allowed: Callable[[Address], bool] = is_public) -> Callable[[str], bytes]:
+    """`fetch_image` for the URLs of one request, one after another, all within `timeout_s` from now."""
+    deadline = time.monotonic() + timeout_s
+
+    def fetch(url: str) -> bytes:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BadRequest(f"the image URLs of this request took longer than {timeout_s:g}s")
+        return fetch_image(url, max_bytes, left, allowed)
+
+    return fetch
 
 
 def fetch_image(url: str, max_bytes: int, timeout_s: float = FETCH_TIMEOUT_S,

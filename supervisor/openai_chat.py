@@ -21,6 +21,10 @@ from qvl.protocol.errors import BadRequest
 from qvl.protocol.messages import ROLES
 
 DEFAULT_MAX_TOKENS = 256
+# `{`, `[`, `,` and `:` in one body. A chat request has a few per message and part (prompt text
+# rarely more than one per token, and tokens are limited); a body of empty objects `[{},{},...]`
+# would otherwise become millions of Python objects, 1.5 GiB parsed from 64 MiB.
+MAX_STRUCTURAL_BYTES = 100_000
 Fetch = Callable[[str], bytes]  # an http(s) URL to image bytes, or BadRequest
 
 
@@ -34,7 +38,11 @@ class ChatRequest:
 
 
 def parse_json(body: bytes) -> object:
-    """The body as JSON; NaN, infinities, invalid text and absurd nesting are `BadRequest`."""
+    """The body as JSON; NaN, infinities, invalid text, absurd nesting and a body of more than
+    `MAX_STRUCTURAL_BYTES` structural bytes (counted before parsing) are `BadRequest`."""
+    if sum(body.count(byte) for byte in b"{[,:") > MAX_STRUCTURAL_BYTES:
+        raise BadRequest(f"the body holds more than {MAX_STRUCTURAL_BYTES} of the bytes `{{[,:`; "
+                         "no chat request needs that many")
     try:
         return json.loads(body, parse_constant=_no_constant)
     except (ValueError, RecursionError):

@@ -1,13 +1,18 @@
 """The gateway application in-process, with a fake supervisor client: wrong types in any field
 answer 400, a fault of our own answers 500 `internal` and the next request is served, bodies over
-the limit answer 413 however they arrive, and only whitelisted content reaches the supervisor."""
+the limit answer 413 however they arrive, a body that stalls answers 408 at its deadline while
+`/health` is answered however busy the gateway is, and only whitelisted content reaches the
+supervisor."""
 
+import asyncio
 import json
+import time
+from dataclasses import replace
 
 import pytest
 from starlette.testclient import TestClient
 
-from qvl.protocol import Result
+from qvl.protocol import Chunk, Result
 from qvl.protocol.codec import Limits
 from qvl.supervisor.gateway import create_app
 from qvl.supervisor.gateway_process import GatewaySpec
@@ -116,3 +121,71 @@ def test_an_ask_form_with_a_wrong_field_answers_400(gateway):
     response = client.post("/api/ask", data={"question": "q", "max_new_tokens": "many"},
                            files={"image": ("a.png", b"png")})
     assert response.status_code == 400 and response.json()["error"]["code"] == "bad_request"
+
+
+class ServingSupervisor(FakeSupervisor):
+    """A ready supervisor whose stream pauses `pause_s` between its two chunks."""
+
+    pause_s = 0.0
+
+    async def status(self, timeout=None):
+        return {"workers": [{"state": "ready"}], "shutting_down": False}
+
+    async def stream(self, messages, **params):
+        yield Chunk("r1", "an ")
+        await asyncio.sleep(self.pause_s)
+        yield Chunk("r1", "answer", done=True, usage={"prompt_tokens": 5, "completion_tokens": 2})
+
+
+async def asgi(app, method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
+    """One request into the ASGI app as uvicorn hands it over (ASGI 2.3); the status and body.
+    `None` declares a body and never sends it, as a stalled client does; after a body, `receive`
+    waits, as uvicorn's does until the client disconnects."""
+    pending = [] if body is None else [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if pending:
+            return pending.pop()
+        await asyncio.Event().wait()
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    headers = [(b"authorization", b"Bearer k"), (b"content-type", b"application/json"),
+               (b"content-length", str(100 if body is None else len(body)).encode())]
+    await app({"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+               "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+               "root_path": "", "headers": headers, "server": ("gateway", 80), "client": ("client", 1)},
+              receive, send)
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_stalled_bodies_end_in_408_and_never_keep_health_from_answering():
+    """Two clients send headers and never the body, at a limit of two in flight: a third request
+    gets 429, `/health` is answered, and the stalled ones end with 408 at the body deadline."""
+    app = create_app(replace(SPEC, max_concurrent=2), api_key="k", client=ServingSupervisor(), body_timeout_s=0.5)
+    chat = "/v1/chat/completions"
+
+    async def scenario():
+        stalled = [asyncio.create_task(asgi(app, "POST", chat, None)) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        assert (await asgi(app, "POST", chat, json.dumps(HELLO).encode()))[0] == 429
+        assert (await asgi(app, "GET", "/health", b""))[0] == 200
+        assert [status for status, _ in await asyncio.gather(*stalled)] == [408, 408]
+        assert (await asgi(app, "POST", chat, json.dumps(HELLO).encode()))[0] == 200
+
+    start = time.monotonic()
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert time.monotonic() - start < 2.0
+
+
+def test_a_stream_may_outlast_the_body_deadline():
+    """The deadline bounds receiving the body, not the wait for a disconnect while the answer streams."""
+    fake = ServingSupervisor()
+    fake.pause_s = 1.0
+    app = create_app(SPEC, api_key="k", client=fake, body_timeout_s=0.3)
+    request = json.dumps({**HELLO, "stream": True}).encode()
+    status, text = asyncio.run(asyncio.wait_for(asgi(app, "POST", "/v1/chat/completions", request), 10))
+    assert status == 200 and b'"content": "answer"' in text and text.endswith(b"data: [DONE]\n\n")

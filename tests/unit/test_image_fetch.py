@@ -1,7 +1,7 @@
 """Remote image fetching: private addresses are refused before any connection, redirects are not
 followed, the byte limit and the time bound hold. Local http.server threads play the servers;
 where a test needs a "public" server, 127.0.0.1 stands in for one through `allowed`, and the
-private victim listens on 127.0.0.2."""
+private victim listens on 127.0.0.2. The URLs of one request share one time bound."""
 
 import http.server
 import ipaddress
@@ -10,8 +10,10 @@ import time
 
 import pytest
 
+from qvl.protocol.codec import Limits
 from qvl.protocol.errors import BadRequest
-from qvl.supervisor.image_fetch import fetch_image, is_public
+from qvl.supervisor.image_fetch import fetch_image, is_public, request_fetcher
+from qvl.supervisor.openai_chat import parse_chat
 
 PUBLIC_STAND_IN = ipaddress.ip_address("127.0.0.1")
 
@@ -107,6 +109,8 @@ def test_a_redirect_to_a_private_address_is_not_followed(serve):
     "http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/", "http://192.168.1.1/",
     "http://100.64.0.1/", "http://0.0.0.0/", "http://224.0.0.1/", "http://[fc00::1]/", "http://[fe80::1]/",
     "http://[::ffff:127.0.0.1]/", "http://240.0.0.1/",
+    "http://[2002:7f00:1::]/", "http://[2002:a9fe:a9fe::1]/",  # 6to4 of 127.0.0.1 and 169.254.169.254
+    "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/", "http://[fec0::1]/",  # Teredo, site-local
 ])
 def test_private_and_special_addresses_are_refused_before_connecting(url):
     with pytest.raises(BadRequest, match="not a public address"):
@@ -156,3 +160,20 @@ def test_an_error_status_is_a_bad_request(serve):
 
     with pytest.raises(BadRequest, match="404"):
         fetch_image(serve(missing).url + "/", 100, allowed=only_stand_in)
+
+
+def test_the_image_urls_of_one_request_share_one_time_bound(serve):
+    """Each URL answers inside the bound, so a bound per URL would hold the request eight times as
+    long; one bound per request ends it at the bound, before the third URL is asked."""
+    def slow(handler):
+        time.sleep(0.4)
+        body(b"abc")(handler)
+
+    server = serve(slow)
+    parts = [{"type": "image_url", "image_url": {"url": f"{server.url}/{i}"}} for i in range(8)]
+    fetch = request_fetcher(1 << 20, timeout_s=0.5, allowed=only_stand_in)
+    start = time.monotonic()
+    with pytest.raises(BadRequest, match="longer than"):
+        parse_chat({"messages": [{"role": "user", "content": parts}]}, Limits(), fetch)
+    assert time.monotonic() - start < 1.0
+    assert "/2" not in server.paths

@@ -3,6 +3,8 @@ any JSON value becomes a valid message list or a `BadRequest`, never another exc
 
 import base64
 import json
+import resource
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 from qvl.protocol.codec import Limits
 from qvl.protocol.errors import BadRequest
 from qvl.protocol.messages import ROLES, GenerationParams, build_generate
-from qvl.supervisor.openai_chat import parse_chat, parse_json
+from qvl.supervisor.openai_chat import MAX_STRUCTURAL_BYTES, parse_chat, parse_json
 
 LIMITS = Limits(max_frame_bytes=1000, max_images=2, max_new_tokens=64)
 IMAGE = b"\x89PNG not really"
@@ -147,3 +149,21 @@ def test_any_json_value_gives_valid_messages_or_bad_request(value):
         GenerationParams.parse(chat.params, LIMITS)
     except BadRequest:
         pass
+
+
+def test_a_body_of_millions_of_empty_objects_is_refused_unparsed():
+    """30 MB of `{},` would parse into some 700 MiB of Python objects, for a second and more."""
+    body = b'{"messages": [' + b"{}," * 10_000_000 + b"{}]}"
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    with pytest.raises(BadRequest, match="no chat request needs"):
+        parse_json(body)
+    assert time.monotonic() - start < 1.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_kib < 100 << 10
+
+
+def test_the_structural_bound_is_counted_exactly():
+    at_bound = b"[" + b"0," * (MAX_STRUCTURAL_BYTES - 1) + b"0]"
+    assert len(parse_json(at_bound)) == MAX_STRUCTURAL_BYTES
+    with pytest.raises(BadRequest, match="no chat request needs"):
+        parse_json(b"[" + at_bound)

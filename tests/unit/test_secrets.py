@@ -1,5 +1,6 @@
 """Secrets at rest and at start: key files 0600 and folders 0700 whatever was there before, the
-admin key set as ZAP reports it, an empty API key file and an open frontend refused at start."""
+admin key set as ZAP reports it, an empty API key file, an open frontend and an open gateway
+without a key refused at start."""
 
 import os
 import stat
@@ -135,3 +136,20 @@ def test_an_open_frontend_without_curve_is_refused_unless_insecure(start, tmp_pa
 def test_a_local_frontend_needs_no_curve(start, frontend):
     with pytest.raises(pytest.fail.Exception, match="the supervisor started"):
         start("--frontend", frontend)
+
+
+@pytest.mark.parametrize("http", ["0.0.0.0:8000", "[::]:8000", "10.1.2.3:8000", "example.com:8000"])
+def test_an_open_gateway_without_an_api_key_is_refused_unless_insecure(start, tmp_path, http):
+    code, err = start("--http", http)
+    assert code == 2 and f"http {http} can be reached from other hosts without an API key" in err
+    key = tmp_path / "api.key"
+    key.write_text("k")
+    for allowed in (["--insecure", "true"], ["--http-api-key-file", str(key)]):
+        with pytest.raises(pytest.fail.Exception, match="the supervisor started"):
+            start("--http", http, *allowed)
+
+
+@pytest.mark.parametrize("http", ["127.0.0.1:8000", "localhost:8000", "[::1]:8000"])
+def test_a_local_gateway_needs_no_api_key(start, http):
+    with pytest.raises(pytest.fail.Exception, match="the supervisor started"):
+        start("--http", http)
