@@ -43,32 +43,37 @@ class GenerationParams:
             raw = {}
         if not isinstance(raw, dict):
             raise BadRequest("`params` must be a map")
-        unknown = sorted(str(k) for k in set(raw) - set(cls.__dataclass_fields__))
+        unknown = raw.keys() - _PARAM_KINDS.keys()
         if unknown:
-            raise BadRequest(f"unknown generation parameters: {unknown}")
+            raise BadRequest(f"unknown generation parameters: {sorted(map(str, unknown))}")
+        values = {}
         for name, value in raw.items():
-            want = _is_int if cls.__dataclass_fields__[name].type == "int" else _is_number
-            if not want(value):
-                raise BadRequest(f"{name} must be {'an integer' if want is _is_int else 'a number'}, "
-                                 f"not {type(value).__name__}")
-        numbers = {name: float(value) for name, value in raw.items()
-                   if cls.__dataclass_fields__[name].type == "float"}  # an int here reaches torch as a float
-        params = cls(**{**raw, **numbers})
-        checks = [
-            (1 <= params.max_new_tokens <= limits.max_new_tokens,
-             f"max_new_tokens must be in 1..{limits.max_new_tokens}"),
-            (0 <= params.min_new_tokens <= params.max_new_tokens,
-             "min_new_tokens must be in 0..max_new_tokens"),
-            (0 <= params.temperature <= 100, "temperature must be in 0..100"),
-            (0 < params.top_p <= 1, "top_p must be in (0, 1]"),
-            (0 <= params.top_k <= 1 << 31, "top_k must be in 0..2^31"),
-        ]
-        for ok, message in checks:  # NaN fails every comparison, so it is refused here too
-            if not ok:
-                raise BadRequest(message)
-        if params.temperature < MIN_TEMPERATURE:  # logits / 1e-300 overflow: decode as its limit does
+            if _PARAM_KINDS[name] is int:
+                if not _is_int(value):
+                    raise BadRequest(f"{name} must be an integer, not {type(value).__name__}")
+                values[name] = value
+            elif _is_number(value):
+                values[name] = float(value)  # an int here would reach torch as an int
+            else:
+                raise BadRequest(f"{name} must be a number, not {type(value).__name__}")
+        params = cls(**values)
+        # NaN fails every comparison, so it is refused here too
+        if not 1 <= params.max_new_tokens <= limits.max_new_tokens:
+            raise BadRequest(f"max_new_tokens must be in 1..{limits.max_new_tokens}")
+        if not 0 <= params.min_new_tokens <= params.max_new_tokens:
+            raise BadRequest("min_new_tokens must be in 0..max_new_tokens")
+        if not 0 <= params.temperature <= 100:
+            raise BadRequest("temperature must be in 0..100")
+        if not 0 < params.top_p <= 1:
+            raise BadRequest("top_p must be in (0, 1]")
+        if not 0 <= params.top_k <= 1 << 31:
+            raise BadRequest("top_k must be in 0..2^31")
+        if 0 < params.temperature < MIN_TEMPERATURE:  # logits / 1e-300 overflow: decode as its limit does
             params = dataclasses.replace(params, temperature=0.0)
         return params
+
+
+_PARAM_KINDS = {f.name: int if f.type == "int" else float for f in dataclasses.fields(GenerationParams)}
 
 
 @dataclass(frozen=True)
@@ -376,9 +381,13 @@ def parse_telemetry(raw: object) -> dict:
 
 
 def _numbers(raw: object, name: str) -> dict:
-    if not isinstance(raw, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in raw.items()):
-        raise BadRequest(f"{name} must be a map of names to numbers")
-    return raw
+    if isinstance(raw, dict):  # on every reply and heartbeat: exact types, no generator
+        for key, value in raw.items():
+            if type(key) is not str or type(value) not in (int, float):
+                break
+        else:
+            return raw
+    raise BadRequest(f"{name} must be a map of names to numbers")
 
 
 def _header(kind: str, **fields: Any) -> dict:

@@ -6,7 +6,6 @@ numbers arrive through the wakeup pipe and the loop acts on them in its own time
 """
 
 import collections
-import dataclasses
 import functools
 import itertools
 import logging
@@ -248,8 +247,10 @@ class Supervisor:
                                header.get("id"))
         request = parse_generate(header, frames, self.limits)
         key = next(self.keys)
-        forwarded = dataclasses.replace(request, id=key, timeout_ms=None)
-        worker_parts = encode(forwarded.header(), frames)
+        forwarded = request.header()  # the supervisor's own key, and no deadline: the worker needs neither
+        forwarded["id"] = key
+        forwarded.pop("timeout_ms", None)
+        worker_parts = encode(forwarded, frames)
         if len(worker_parts[0]) > self.limits.max_header_bytes:  # the worker decodes with these limits
             raise BadRequest(f"header of {len(worker_parts[0])} bytes, as forwarded, exceeds "
                              f"{self.limits.max_header_bytes}", request.id)
