@@ -38,7 +38,7 @@ class SupervisorProcess:
     def client(self, timeout: float = 30.0) -> Client:
         return Client(self.endpoint, timeout=timeout)
 
-    def wait_ready(self, workers: int = 1, timeout: float = 60.0) -> dict:
+    def wait_ready(self, workers: int = 1, timeout: float = 120.0) -> dict:
         with self.client() as c:
             status = c.wait_ready(timeout=timeout, workers=workers)
         self.remember_workers()

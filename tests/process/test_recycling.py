@@ -15,7 +15,7 @@ import pytest
 from harness import RawLoad, events, png, wait_for
 
 
-def load_until_recycled(sup, recycles=1, timeout=60.0, batch=8):
+def load_until_recycled(sup, recycles=1, timeout=120.0, batch=8):
     """Keep requests flowing until `recycles` recycles completed, then let them finish; every
     request must have been answered."""
     load = RawLoad(sup.endpoint)
@@ -84,11 +84,12 @@ def test_operator_recycle_loses_nothing(start_supervisor, overlap):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_sighup_recycles_every_slot_one_at_a_time(start_supervisor):
     sup = start_supervisor(workers=2)
     sup.wait_ready(workers=2)
     sup.proc.send_signal(signal.SIGHUP)
-    load_until_recycled(sup, recycles=2)
+    load_until_recycled(sup, recycles=2, timeout=200)  # two worker starts, one after the other
     order = [(e["event"], e["worker"]) for e in events(sup.log())
              if e["event"] in ("recycle", "recycle_done")]
     assert order in ([("recycle", "0"), ("recycle_done", "0"), ("recycle", "1"), ("recycle_done", "1")],
