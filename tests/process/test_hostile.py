@@ -15,7 +15,7 @@ import psutil
 import zmq
 from PIL import Image
 
-from harness import SupervisorProcess, png
+from harness import png
 from qvl.protocol.codec import PROTOCOL_VERSION
 from qvl.protocol.errors import ERROR_CODES
 
