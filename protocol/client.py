@@ -140,7 +140,7 @@ class Client(_Calls):
                deadline: float | None = None, **params: Any) -> Iterator[Chunk]:
         """Answer chat `messages` chunk by chunk; `timeout` bounds the wait for each chunk."""
         rid, parts = self._generate_parts(messages, deadline, params, stream=True)
-        self._sock.send_multipart(parts, copy=False)
+        self._send(rid, parts, timeout)
         stream = _Stream()
         while True:
             chunk = stream.chunk(self._await(rid, timeout))
@@ -176,8 +176,17 @@ class Client(_Calls):
             time.sleep(min(0.1, max(left, 0)))
 
     def _call(self, rid: str, parts: list[bytes], timeout: float | None) -> dict:
-        self._sock.send_multipart(parts, copy=False)
+        self._send(rid, parts, timeout)
         return self._await(rid, timeout)
+
+    def _send(self, rid: str, parts: list[bytes], timeout: float | None) -> None:
+        """Send within the call's timeout: with no supervisor connected, a send would wait forever."""
+        limit = self.timeout if timeout is None else timeout
+        self._sock.setsockopt(zmq.SNDTIMEO, max(1, int(limit * 1000)))
+        try:
+            self._sock.send_multipart(parts, copy=False)
+        except zmq.Again:
+            raise RequestTimeout(f"could not send within {limit}s: no supervisor is connected", rid) from None
 
     def _await(self, rid: str, timeout: float | None) -> dict:
         """The next message for call `rid`; an error reply is raised as its exception."""
@@ -252,7 +261,11 @@ class AsyncClient(_Calls):
             self._reader = asyncio.ensure_future(self._read_replies())
         inbox: asyncio.Queue = asyncio.Queue()
         self._pending[rid] = inbox
-        await self._sock.send_multipart(parts, copy=False)
+        try:  # with no supervisor connected, a send would wait forever
+            await asyncio.wait_for(self._sock.send_multipart(parts, copy=False), self.timeout)
+        except asyncio.TimeoutError:
+            self._pending.pop(rid, None)
+            raise RequestTimeout(f"could not send within {self.timeout}s: no supervisor is connected", rid) from None
         return inbox
 
     async def _next(self, rid: str, inbox: asyncio.Queue, timeout: float | None) -> dict:

@@ -1,0 +1,42 @@
+"""A client call is bounded by its timeout even when no supervisor can take its message: a
+DEALER socket with no live connection would otherwise wait in `send` forever."""
+
+import asyncio
+import time
+
+import pytest
+import zmq
+
+from qvl.protocol import AsyncClient, Client, RequestTimeout
+
+
+@pytest.fixture
+def refusing_endpoint(tmp_path):
+    """A CURVE server that a plain client can never finish a handshake with."""
+    server = zmq.Context.instance().socket(zmq.ROUTER)
+    server.curve_publickey, server.curve_secretkey = zmq.curve_keypair()
+    server.curve_server = True
+    endpoint = f"ipc://{tmp_path}/server"
+    server.bind(endpoint)
+    yield endpoint
+    server.close(0)
+
+
+def test_sync_calls_time_out_when_nothing_can_take_them(refusing_endpoint):
+    with Client(refusing_endpoint, timeout=0.5) as client:
+        for _ in range(4):  # the first sends may queue on a pipe the failed handshake then drops
+            started = time.monotonic()
+            with pytest.raises(RequestTimeout):
+                client.ping()
+            assert time.monotonic() - started < 2
+
+
+def test_async_calls_time_out_when_nothing_can_take_them(refusing_endpoint):
+    async def calls():
+        async with AsyncClient(refusing_endpoint, timeout=0.5) as client:
+            for _ in range(4):
+                started = time.monotonic()
+                with pytest.raises(RequestTimeout):
+                    await client.status()
+                assert time.monotonic() - started < 2
+    asyncio.run(asyncio.wait_for(calls(), 30))
