@@ -22,10 +22,11 @@ class Notifier:
         if not self.address:
             return
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)  # a listener that stops reading must never stall the loop
             try:
                 sock.sendto("\n".join(lines).encode(), self.address)
             except OSError:
-                pass  # systemd gone or not listening: nothing to tell
+                pass  # systemd gone, not listening or not reading: nothing to tell
 
     def ready(self, status: str) -> None:
         """READY=1 the first time; later calls only update STATUS."""

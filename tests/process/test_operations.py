@@ -80,3 +80,19 @@ def test_systemd_unit_waits_for_readiness_and_restarts_on_failure():
     assert service["Type"] == "notify" and service["Restart"] == "on-failure"
     assert service["KillMode"] == "mixed"  # SIGTERM to the supervisor alone: it drains its workers
     assert service["ExecStart"].split()[1:3] == ["start", "--config"] and int(service["WatchdogSec"]) > 0
+
+
+def test_a_notify_listener_that_stops_reading_never_stalls_the_supervisor(start_supervisor, tmp_path):
+    """Watchdog pings go to a datagram socket whose queue holds a handful: a blocking send to a
+    listener that no longer reads would stall the loop, and SIGTERM would never be acted on."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "notify"))
+    sup = start_supervisor(env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "20000"})
+    try:
+        sup.wait_ready()  # pings every 10 ms, never read: the listener's queue is long full
+        with sup.client() as client:
+            assert client.ping() < 5
+        sup.remember_workers()
+        assert sup.stop(timeout=30) == 0
+    finally:
+        listener.close()
