@@ -23,11 +23,10 @@ class Request:
     dispatched_at: float = 0.0
     streamed: bool = False   # text already went to the client: never run it again
     failed_on: bytes | None = None  # the worker whose out-of-memory error sent it back: try another
+    size: int = field(init=False)  # bytes it holds: the header and frames it will send to a worker
 
-    @property
-    def size(self) -> int:
-        """Bytes it holds: the header and image frames it will send to a worker."""
-        return sum(len(part) for part in self.worker_parts)
+    def __post_init__(self) -> None:
+        self.size = sum(len(part) for part in self.worker_parts)  # counted once, read on every queue move
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
