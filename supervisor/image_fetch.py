@@ -81,6 +81,8 @@ def fetch_image(url: str, max_bytes: int, timeout_s: float = FETCH_TIMEOUT_S,
             raise BadRequest(f"image URL {url} answered HTTP {response.status}")
         image = _read_capped(response, max_bytes, url)
     except (OSError, ValueError, http.client.HTTPException) as exc:
+        if isinstance(exc, TimeoutError):  # the socket's own timeout can beat the watchdog to it
+            timed_out.set()
         if not timed_out.is_set():
             raise BadRequest(f"cannot fetch image URL {url}: {exc}") from None
     finally:

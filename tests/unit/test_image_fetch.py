@@ -177,3 +177,25 @@ def test_the_image_urls_of_one_request_share_one_time_bound(serve):
         parse_chat({"messages": [{"role": "user", "content": parts}]}, Limits(), fetch)
     assert time.monotonic() - start < 1.0
     assert "/2" not in server.paths
+
+
+def test_a_socket_timeout_before_the_watchdog_reads_as_the_time_bound(serve, monkeypatch):
+    """The socket's timeout and the watchdog share the bound; whichever fires first, the error
+    names the bound (a late watchdog here is one that never fires)."""
+    class LateWatchdog:
+        def __init__(self, *args):
+            pass
+
+        def start(self):
+            pass
+
+        def cancel(self):
+            pass
+
+    monkeypatch.setattr("qvl.supervisor.image_fetch.threading.Timer", LateWatchdog)
+
+    def silent(handler):
+        time.sleep(1.0)
+
+    with pytest.raises(BadRequest, match="longer than 0.3s"):
+        fetch_image(serve(silent).url + "/", 100, timeout_s=0.3, allowed=only_stand_in)
