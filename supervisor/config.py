@@ -42,9 +42,12 @@ class Config:
     gpus: str = setting("", "GPUs to serve on, `0,1,...` or `all` (NVML order): one worker slot per GPU, each worker seeing only its own; overrides `workers` and the index in `device`")
     dtype: str = setting("auto", "model dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32")
     attn_implementation: str = setting("sdpa", "attention implementation passed to transformers (sdpa, eager, flash_attention_2)")
-    engine: str = setting("hf", "hf: the model through transformers; noop: empty answers at once, to measure the serving path alone")
+    engine: str = setting("hf", "hf: the model through transformers; vllm: vLLM's engine inside each worker (`pip install qvl[vllm]`, CUDA only); noop: empty answers at once, to measure the serving path alone")
     kv_cache: str = setting("auto", "static: a KV pool allocated at load and the decode step replayed as CUDA graphs; dynamic: transformers' generate; auto: static on CUDA, dynamic on CPU")
     kv_cache_tokens: int = setting(32768, "size of the static KV pool in tokens: a batch's rows (to a power of two) times its length (prompt + max_new_tokens, to a multiple of 256) must fit; larger batches are split")
+    vllm_memory_share: float = setting(0.4, "engine vllm: the share of the device a worker takes at load (vLLM's gpu_memory_utilization); an overlapped recycle needs room for two, so keep it below (1 - recycle_overlap_margin) / 2 of what is free")
+    vllm_max_model_len: int = setting(32768, "engine vllm: most prompt plus new tokens in one request (vLLM's max_model_len)")
+    vllm_compile: bool = setting(True, "engine vllm: torch.compile the model (faster steps, about 30 s more at the first start; later starts reuse vLLM's compile cache); off keeps CUDA graphs for decode")
     memory_fraction: float = setting(0.0, "cap on the CUDA memory a worker may use, as a fraction of the device (0: no cap)")
     alloc_conf: str = setting("expandable_segments:True", "PYTORCH_CUDA_ALLOC_CONF given to workers")
     max_batch_size: int = setting(8, "most requests a worker runs in one generate call")
@@ -114,7 +117,7 @@ class Config:
         for name in ("workers", "max_batch_size", "max_inflight", "queue_size", "max_attempts",
                      "max_new_tokens", "max_images", "heartbeat_liveness", "restart_intensity",
                      "max_concurrent_recycles", "frontend_hwm", "queue_bytes", "max_request_bytes",
-                     "max_prompt_tokens"):
+                     "max_prompt_tokens", "vllm_max_model_len"):
             if getattr(self, name) < 1:
                 faults.append(f"{name} must be at least 1")
         if not 0 <= self.memory_fraction <= 1:
@@ -125,8 +128,12 @@ class Config:
             faults.append(f"kv_cache must be auto, static or dynamic (got {self.kv_cache!r})")
         if self.kv_cache_tokens < 256:
             faults.append("kv_cache_tokens must be at least 256 (one length bucket)")
-        if self.engine not in ("hf", "noop"):
-            faults.append(f"engine must be hf or noop (got {self.engine!r})")
+        if self.engine not in ("hf", "vllm", "noop"):
+            faults.append(f"engine must be hf, vllm or noop (got {self.engine!r})")
+        if self.engine == "vllm" and not self.device.startswith("cuda"):
+            faults.append("engine vllm needs a cuda device")
+        if not 0 < self.vllm_memory_share < 1:
+            faults.append(f"vllm_memory_share must be between 0 and 1 (got {self.vllm_memory_share})")
         if self.recycle_overlap not in ("auto", "always", "never"):
             faults.append(f"recycle_overlap must be auto, always or never (got {self.recycle_overlap!r})")
         if not 0 <= self.recycle_device_used_fraction <= 1:

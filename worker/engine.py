@@ -94,6 +94,8 @@ class _Steps(BaseStreamer):
 class Engine:
     """A loaded processor and model on one device."""
 
+    steps = False  # the worker runs this engine batch by batch
+
     def __init__(self, options: ModelOptions, max_prompt_tokens: int = WorkerSpec.max_prompt_tokens):
         self.options = options
         self.device = torch.device(options.device)
@@ -253,6 +255,8 @@ class NoopEngine:
     For benchmarks of the supervisor path (`scripts/bench_router.py`), never for serving.
     """
 
+    steps = False
+
     def __init__(self, options: ModelOptions, max_prompt_tokens: int):
         self.options = options
         self.device = torch.device("cpu")
@@ -271,5 +275,9 @@ class NoopEngine:
         return [Completion("", 0, 0, 0.0, 0.0) for _ in prompts]
 
 
-def load_engine(options: ModelOptions, max_prompt_tokens: int) -> Engine | NoopEngine:
-    return (NoopEngine if options.engine == "noop" else Engine)(options, max_prompt_tokens)
+def load_engine(spec: WorkerSpec):
+    """The engine `spec` names: `Engine`, `NoopEngine`, or `VllmEngine` (imported only then)."""
+    if spec.model.engine == "vllm":
+        from .vllm_engine import VllmEngine
+        return VllmEngine(spec.model, spec.max_prompt_tokens, spec.limits.max_images)
+    return (NoopEngine if spec.model.engine == "noop" else Engine)(spec.model, spec.max_prompt_tokens)

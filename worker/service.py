@@ -1,10 +1,12 @@
-"""The worker's service loop: one thread takes requests, runs batches and sends replies.
+"""The worker's service loop: one thread takes requests, runs the engine and sends replies.
 
 The main thread owns the DEALER socket to the supervisor. It reads every waiting request,
 gathers them into batches of equal generation parameters, runs each batch on the model and
 replies on the same socket, with no hand-off between threads on the request path. Between
 generation steps it reads requests that arrived meanwhile, so their images open on a small
-pool while the model works. Heartbeats come from a thread with a socket of its own
+pool while the model works. An engine that schedules every step itself (vLLM) is driven step by
+step instead: requests join its batch when their inputs are ready and leave when they end.
+Heartbeats come from a thread with a socket of its own
 (ZeroMQ sockets are never shared between threads), so they keep time during a long batch.
 
 No request ends the worker: a message that cannot be read is answered `bad_request` (or dropped
@@ -100,6 +102,7 @@ class WorkerService:
         self.engine: Engine | None = None
         self.faults = Faults.from_env(spec.slot, spec.generation)
         self.waiting: collections.deque[Job] = collections.deque()
+        self.running: dict[int, Job] = {}  # jobs in a step engine's batch
         self.stopping = False  # the supervisor said stop: finish what is waiting, then exit
         self.arrived = 0  # requests received
         self.done = 0     # requests answered
@@ -132,15 +135,18 @@ class WorkerService:
 
     def _load(self) -> None:
         try:
-            self.engine = load_engine(self.spec.model, self.spec.max_prompt_tokens)
+            self.engine = load_engine(self.spec)
             self.engine.warm_up()
-            self.telemetry = Telemetry(self.engine.device)
+            self.telemetry = Telemetry(self.engine.device, getattr(self.engine, "stats", dict))
         except BaseException:
             log.exception("event=load_failed slot=%d", self.spec.slot)
             os._exit(WorkerExit.LOAD_FAILED)
 
     def _serve(self) -> None:
-        """Batch and answer until the supervisor says stop and nothing is left waiting."""
+        """Answer until the supervisor says stop and nothing is left waiting."""
+        if self.engine.steps:
+            self._serve_steps()
+            return
         while self.waiting or not self.stopping:
             if not self.waiting:
                 self.sock.poll()  # idle: sleep until a request (or stop) comes
@@ -148,6 +154,48 @@ class WorkerService:
             if self.waiting:
                 for parts in self._run_batch(self._next_batch()):
                     self.sock.send_multipart(parts)
+
+    def _serve_steps(self) -> None:
+        """For an engine that schedules every step (vLLM): a request joins the running batch as soon
+        as its inputs are ready, and its answer goes out the step it ends."""
+        engine = self.engine
+        while self.waiting or engine.running or not self.stopping:
+            if not engine.running:  # idle, or only inputs being made: sleep until a message or 1 ms
+                self.sock.poll(1 if self.waiting else None)
+            self._take_requests()
+            self._admit()
+            if engine.running:
+                self._step()
+
+    def _admit(self) -> None:
+        """Add every waiting job whose inputs are ready to the engine; answer those it refuses."""
+        for job in [job for job in self.waiting if job.images.done()]:
+            self.waiting.remove(job)
+            try:
+                self.faults.before_generate([job.number])
+                self.engine.add(job.key, job.messages, job.images.result(), job.params)
+            except Exception as exc:
+                self.sock.send_multipart(self._failed(job, exc))
+            else:
+                self.running[job.key] = job
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception:
+            # the engine's state is unknown now; the supervisor retries its requests elsewhere
+            log.exception("event=engine_failed slot=%d", self.spec.slot)
+            os._exit(WorkerExit.CUDA_FATAL)
+        for out in outputs:
+            job = self.running.get(out.key)
+            if job is None:
+                continue
+            if out.completion is not None:
+                del self.running[out.key]
+                self.sock.send_multipart(self._reply(job, out.completion, self.engine.running + 1, "",
+                                                     self.read_telemetry()))
+            elif job.stream and out.text:
+                self._send(Chunk(job.key, out.text).header())
 
     def _take_requests(self) -> None:
         """Queue every request waiting on the socket, and start opening its images."""

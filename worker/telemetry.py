@@ -8,14 +8,17 @@ at most every `snapshot_interval_s` and reported until the next one.
 import os
 import threading
 import time
+from typing import Callable
 
 import psutil
 import torch
 
 
 class Telemetry:
-    def __init__(self, device: torch.device, snapshot_interval_s: float = 30.0):
+    def __init__(self, device: torch.device, engine_stats: Callable[[], dict] = dict,
+                 snapshot_interval_s: float = 30.0):
         self.device = device
+        self.engine_stats = engine_stats  # the engine's own figures (vLLM's KV cache usage), if any
         self.snapshot_interval_s = snapshot_interval_s
         # out-of-memory errors blamed on a single request: what the recycle policy reads as `num_ooms`
         self.ooms = 0
@@ -25,7 +28,7 @@ class Telemetry:
         self._lock = threading.Lock()  # read by the heartbeat and the main thread
 
     def read(self) -> dict:
-        out = {"rss_bytes": self._process.memory_info().rss, "num_ooms": self.ooms}
+        out = {"rss_bytes": self._process.memory_info().rss, "num_ooms": self.ooms, **self.engine_stats()}
         if self.device.type != "cuda":
             return out
         stats = torch.cuda.memory_stats(self.device)

@@ -73,3 +73,21 @@ def test_documented_toml_has_every_key_and_loads():
     keys = {line.split(" = ")[0] for line in path.read_text().splitlines() if " = " in line and not line.startswith("#")}
     assert keys == set(FIELDS)
     assert parse("--config", str(path)) == Config()
+
+
+def test_the_vllm_engine_needs_cuda_and_a_share_of_the_device():
+    with pytest.raises(ConfigError) as info:
+        parse("--engine", "vllm", "--device", "cpu", "--vllm-memory-share", "1.0")
+    assert "engine vllm needs a cuda device" in str(info.value)
+    assert "vllm_memory_share must be between 0 and 1" in str(info.value)
+    config = parse("--engine", "vllm", "--vllm-memory-share", "0.3", "--vllm-compile", "off")
+    assert (config.engine, config.vllm_memory_share, config.vllm_compile) == ("vllm", 0.3, False)
+
+
+def test_the_worker_spec_carries_the_vllm_settings():
+    from qvl.supervisor.slots import worker_spec
+
+    config = parse("--engine", "vllm", "--vllm-memory-share", "0.3", "--vllm-max-model-len", "4096")
+    model = worker_spec(config, "ipc://x", 0, 1).model
+    assert (model.engine, model.vllm_memory_share, model.vllm_max_model_len, model.vllm_compile) == \
+        ("vllm", 0.3, 4096, True)

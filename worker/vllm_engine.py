@@ -1,0 +1,195 @@
+"""vLLM's engine inside the worker process: iteration-level scheduling, qvl's recycling around it.
+
+vLLM's `LLMEngine` runs here with its engine core in this process (no engine-core child), so
+the CUDA state the supervisor recycles is this process's, as with the transformers engine. The
+worker's step loop adds a request as soon as its inputs are ready and calls `step` while any
+runs; vLLM schedules every step (new rows prefill in chunks beside running ones) and a row leaves
+the batch when it ends. `abort` is vLLM's abort.
+
+Prompts are built by qvl, not by vLLM's chat rendering: `PromptTokenizer` tokenizes what users
+wrote as plain text (special tokens cannot open a turn) with one image placeholder per image,
+which vLLM's multimodal processor expands. Images and prompts are made ready on the worker's
+image pool, one request at a time (`_render_lock`: the tokenizer and vLLM's input processing are
+not made for concurrent use); the main thread only adds requests and steps. Image tokens are
+counted from sizes before any pixel is processed, as in the transformers engine.
+
+Imported only when `engine = "vllm"`: neither the supervisor nor the default engine imports vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from PIL import Image
+from qvl.protocol.contract import ModelOptions
+from qvl.protocol.errors import BadRequest
+from qvl.protocol.messages import GenerationParams
+from transformers import AutoProcessor
+
+from .engine import Completion
+from .image_tokens import ImageTokens
+from .prompts import PromptTokenizer
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process; read at import
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+from vllm import EngineArgs, SamplingParams  # noqa: E402  (after the environment above)
+from vllm.renderers.inputs.preprocess import parse_model_prompt  # noqa: E402
+from vllm.sampling_params import RequestOutputKind  # noqa: E402
+from vllm.usage.usage_lib import UsageContext  # noqa: E402
+from vllm.v1.engine.llm_engine import LLMEngine  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A request made ready for vLLM on the image pool: its engine input and prompt length."""
+
+    engine_input: dict
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step gave one request: its new text, and its completion once it has ended."""
+
+    key: int
+    text: str
+    completion: Completion | None = None
+
+
+@dataclass
+class _Row:
+    added_at: float
+    prompt_tokens: int
+    text: list[str] = field(default_factory=list)
+    tokens: int = 0
+    first_at: float | None = None
+
+
+class VllmEngine:
+    steps = True  # the worker runs this engine step by step, not batch by batch
+
+    def __init__(self, options: ModelOptions, max_prompt_tokens: int, max_images: int):
+        self.options = options
+        self.max_prompt_tokens = max_prompt_tokens
+        self.processor = AutoProcessor.from_pretrained(options.model)
+        self.prompt_tokenizer = PromptTokenizer(self.processor)
+        self.image_tokens = ImageTokens.of(self.processor.image_processor)
+        compilation = {} if options.vllm_compile else {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
+        args = EngineArgs(
+            model=options.model, dtype=options.dtype, seed=0,
+            gpu_memory_utilization=options.vllm_memory_share, max_model_len=options.vllm_max_model_len,
+            limit_mm_per_prompt={"image": max_images, "video": 0},
+            mm_processor_cache_gb=0,  # no cache shared between the image pool and the engine
+            compilation_config=compilation, disable_log_stats=True)
+        self.llm = LLMEngine.from_engine_args(args, UsageContext.ENGINE_CONTEXT, enable_multiprocessing=False)
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.model_config = self.llm.vllm_config.model_config
+        self.renderer = self.llm.renderer
+        self._render_lock = threading.Lock()
+        self._scheduler = self.llm.engine_core.engine_core.scheduler
+        self.rows: dict[str, _Row] = {}
+
+    @property
+    def running(self) -> int:
+        return len(self.rows)
+
+    def stats(self) -> dict:
+        """vLLM's own figures, sent beside the allocator's in every heartbeat and reply."""
+        return {"kv_cache_usage": float(self._scheduler.kv_cache_manager.usage), "running_requests": len(self.rows)}
+
+    def warm_up(self) -> None:
+        """One small request with an image, through the whole path."""
+        image = Image.new("RGB", (64, 64), (127, 127, 127))
+        messages = [{"role": "user", "content": [{"type": "image", "frame": 0}, {"type": "text", "text": "hi"}]}]
+        params = GenerationParams(max_new_tokens=2)
+        self.add(-1, messages, self.process_images(messages, [image], params), params)
+        while self.rows:
+            self.step()
+
+    def process_images(self, messages: list, frames: Sequence[Image.Image], params: GenerationParams) -> Rendered:
+        """The whole engine input of a request: runs on the worker's image pool."""
+        references = [part["frame"] for m in messages for part in m["content"] if part["type"] == "image"]
+        per_frame = [self.image_tokens.count(*image.size) for image in frames]
+        tokens = [per_frame[frame] for frame in references]
+        self._check_length(sum(tokens), "image tokens", params)
+        return self._render(messages, [frames[f] for f in references], sum(tokens), params)
+
+    def _render(self, messages: list, images: list[Image.Image], image_tokens: int,
+                params: GenerationParams) -> Rendered:
+        with self._render_lock:
+            ids = self.prompt_tokenizer.ids(messages, [1] * len(images))  # vLLM expands each placeholder
+            prompt_tokens = len(ids) - len(images) + image_tokens
+            self._check_length(prompt_tokens, "prompt tokens", params)
+            prompt = {"prompt_token_ids": ids}
+            if images:
+                prompt["multi_modal_data"] = {"image": images}
+            parsed = parse_model_prompt(self.model_config, prompt)
+            try:
+                (engine_input,) = self.renderer.render_cmpl([parsed])
+            except ValueError as exc:  # vLLM's own refusal of an input
+                raise BadRequest(str(exc)) from None
+        return Rendered(engine_input, len(engine_input.get("prompt_token_ids") or ()) or prompt_tokens)
+
+    def _check_length(self, tokens: int, what: str, params: GenerationParams) -> None:
+        if tokens > self.max_prompt_tokens:
+            raise BadRequest(f"{tokens} {what} exceed the limit of {self.max_prompt_tokens} prompt tokens")
+        if tokens + params.max_new_tokens > self.options.vllm_max_model_len:
+            raise BadRequest(f"{tokens} {what} plus max_new_tokens {params.max_new_tokens} exceed "
+                             f"vllm_max_model_len {self.options.vllm_max_model_len}")
+
+    def add(self, key: int, messages: list, rendered: Rendered | object, params: GenerationParams) -> None:
+        """Start a request; `rendered` is what `process_images` made, or anything else for a request
+        without images (rendered here, on the main thread)."""
+        if not isinstance(rendered, Rendered):
+            rendered = self._render(messages, [], 0, params)
+        try:
+            self.llm.add_request(str(key), rendered.engine_input, sampling_params(params))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        self.rows[str(key)] = _Row(time.perf_counter(), rendered.prompt_tokens)
+
+    def abort(self, key: int) -> str | None:
+        """Stop a request at the next step; the text it had made, or None if it was not running."""
+        row = self.rows.pop(str(key), None)
+        if row is None:
+            return None
+        self.llm.abort_request([str(key)])
+        return "".join(row.text)
+
+    def step(self) -> list[StepOutput]:
+        """One scheduling step: the new text of every request that made some, and the completions
+        of those that ended."""
+        outputs = []
+        for out in self.llm.step():
+            row = self.rows.get(out.request_id)
+            if row is None:  # aborted meanwhile
+                continue
+            piece = out.outputs[0]
+            now = time.perf_counter()
+            if row.first_at is None and piece.token_ids:
+                row.first_at = now
+            row.text.append(piece.text)
+            row.tokens += len(piece.token_ids)
+            completion = None
+            if out.finished:
+                del self.rows[out.request_id]
+                first = row.first_at or now
+                completion = Completion("".join(row.text), row.prompt_tokens, row.tokens,
+                                        (first - row.added_at) * 1000.0, (now - first) * 1000.0)
+            outputs.append(StepOutput(int(out.request_id), piece.text, completion))
+        return outputs
+
+
+def sampling_params(params: GenerationParams) -> SamplingParams:
+    """qvl's generation parameters as vLLM's; every step reports the new text (DELTA)."""
+    sampled = params.temperature > 0
+    return SamplingParams(
+        max_tokens=params.max_new_tokens, min_tokens=params.min_new_tokens,
+        temperature=params.temperature, top_p=params.top_p if sampled else 1.0,
+        top_k=params.top_k if sampled else 0, output_kind=RequestOutputKind.DELTA)
