@@ -2,7 +2,7 @@
 """A real recycle on a GPU under load, with the default configuration (static KV pool and CUDA
 graphs), once with overlap and once without: what clients see.
 
-    python scripts/recycle_gpu.py --model DIR [--concurrency 16] [--tokens 32] [--warm-s 20]
+    python scripts/recycle_gpu.py --model DIR [--concurrency 16] [--tokens 32] [--warm-s 20] [--worker-flags "--engine vllm"]
 
 A steady load of mixed image sizes runs; after `--warm-s` an operator `recycle` starts. Printed
 per mode: trigger to the first answer from the replacement, the longest request latency before
@@ -74,7 +74,8 @@ def run(args, overlap: str) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="qvl-recycle-"))
     endpoint, log = f"ipc://{run_dir}/frontend", run_dir / "supervisor.log"
     cmd = [sys.executable, "-m", "qvl.supervisor.cli", "start", "--model", args.model,
-           "--device", args.device, "--frontend", endpoint, "--recycle-overlap", overlap]
+           "--device", args.device, "--frontend", endpoint, "--recycle-overlap", overlap,
+           *args.worker_flags.split()]
     with open(log, "w") as f:
         sup = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
     try:
@@ -113,6 +114,7 @@ def main() -> None:
     ap.add_argument("--warm-s", type=float, default=20.0, help="load before the recycle starts")
     ap.add_argument("--after-s", type=float, default=5.0, help="load after the replacement answers")
     ap.add_argument("--modes", default="always,never", help="recycle_overlap values to run")
+    ap.add_argument("--worker-flags", default="", help="extra `qvl-supervisor start` flags, e.g. `--engine vllm`")
     args = ap.parse_args()
     rows = ["| overlap | trigger to replacement answering | longest latency before | longest latency during | "
             "requests | outcomes | replacement reserved |", "| --- | --- | --- | --- | --- | --- | --- |"]

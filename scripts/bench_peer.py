@@ -1,0 +1,340 @@
+#!/usr/bin/env python3
+"""Bare vLLM beside qvl with `--engine vllm` and qvl with its default engine, one model folder, one run.
+
+    python scripts/bench_peer.py --model DIR [--systems vllm,qvl-vllm,qvl-hf] [--parts sweep,death]
+                                 [--concurrency 1,8,32,64] [--json FILE]
+    python scripts/bench_peer.py --report FILE [FILE ...]   # the tables of earlier runs, together
+
+Each system runs in a process of its own, one after another, so each has the GPU alone:
+- `vllm`: vLLM's `AsyncLLM` as its documentation writes it (engine arguments at their defaults:
+  torch.compile, CUDA graphs, 90% of the device), a chat-template prompt and a PIL image per request;
+- `qvl-vllm` and `qvl-hf`: `qvl-supervisor start` with that engine, requests through `AsyncClient`.
+Every request streams, so time to first token and time per output token are measured the same way
+for all: at the client, from sending to the first text, and from there to the last. Workloads
+(`workloads.py`) are made before any timing; each level is warmed with one round first.
+
+`sweep`: the uniform and mixed workloads at each concurrency: req/s, output tok/s, p50/p99 latency,
+TTFT, TPOT, the 16-token requests' p50 in the mix, peak device memory (NVML, whole device).
+`death`: 64 requests of 256 tokens in flight (not streamed), the process holding the model SIGKILLed 2 s in
+(vLLM's engine core; qvl's worker): requests answered, failed and lost, and the time from the kill
+until the system answers a new request (bare vLLM: never, until restarted by hand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from workloads import Item, mixed, percentile, uniform  # noqa: E402
+
+SYSTEMS = ("vllm", "qvl-vllm", "qvl-hf")
+DEATH_REQUESTS, DEATH_TOKENS, DEATH_AFTER_S = 64, 256, 2.0
+MAX_MODEL_LEN = 32768
+MAX_IMAGES = 16
+
+
+class PeakMemory(threading.Thread):
+    """Device memory in use (NVML), sampled every 0.2 s; the highest seen."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        import pynvml
+        try:
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self.read = lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used
+        except pynvml.NVMLError:  # no GPU: the script's own trial run on CPU
+            self.read = lambda: 0
+        self.peak = 0
+        self.stopped = threading.Event()
+
+    def run(self):
+        while not self.stopped.wait(0.2):
+            self.peak = max(self.peak, self.read())
+
+
+class BareVllm:
+    """vLLM's AsyncLLM in this process, written the way vLLM's examples write it."""
+
+    def __init__(self, model: str):
+        self.model = model
+
+    async def start(self) -> None:
+        from transformers import AutoProcessor
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.processor = AutoProcessor.from_pretrained(self.model)
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
+            model=self.model, max_model_len=MAX_MODEL_LEN, seed=0,
+            limit_mm_per_prompt={"image": MAX_IMAGES, "video": 0}))
+        self.counter = 0
+
+    async def one(self, item: Item, mark, stream: bool = True) -> int:
+        from PIL import Image
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        content = ([{"type": "image"}] if item.image else []) + [{"type": "text", "text": item.text}]
+        text = self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                  add_generation_prompt=True)
+        prompt = {"prompt": text}
+        if item.image:
+            prompt["multi_modal_data"] = {"image": Image.open(io.BytesIO(item.image)).convert("RGB")}
+        params = SamplingParams(max_tokens=item.max_new_tokens, min_tokens=item.max_new_tokens,
+                                temperature=item.temperature, top_p=item.top_p, seed=item.seed,
+                                output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
+        self.counter += 1
+        tokens = 0
+        async for out in self.llm.generate(prompt, params, request_id=str(self.counter)):
+            if out.outputs[0].token_ids:
+                mark()
+            tokens += len(out.outputs[0].token_ids)
+        return tokens
+
+    def model_pid(self) -> int:
+        import psutil
+        children = psutil.Process().children(recursive=True)
+        return next(c.pid for c in children if "EngineCore" in " ".join(c.cmdline()) + c.name())
+
+    async def stop(self) -> None:
+        self.llm.shutdown()
+
+
+class Qvl:
+    """qvl-supervisor with one engine, over AsyncClient."""
+
+    def __init__(self, model: str, engine: str, max_concurrency: int, device: str):
+        self.model, self.engine, self.max_concurrency, self.device = model, engine, max_concurrency, device
+
+    async def start(self) -> None:
+        from qvl.protocol import AsyncClient, Client
+
+        run = Path(tempfile.mkdtemp(prefix="qvl-peer-"))
+        self.endpoint, self.log = f"ipc://{run}/frontend", run / "supervisor.log"
+        flags = ["--engine", self.engine, "--max-inflight", str(4 * self.max_concurrency),
+                 "--max-batch-size", str(self.max_concurrency)]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "qvl.supervisor.cli", "start", "--frontend", self.endpoint,
+             "--model", self.model, "--device", self.device, "--queue-size", "1024", *flags],
+            stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+        with Client(self.endpoint, timeout=30) as c:
+            c.wait_ready(timeout=600)
+        self.client = AsyncClient(self.endpoint, timeout=900)
+
+    async def one(self, item: Item, mark, stream: bool = True) -> int:
+        content = ([{"type": "image", "image": item.image}] if item.image else []) + \
+                  [{"type": "text", "text": item.text}]
+        messages = [{"role": "user", "content": content}]
+        params = dict(max_new_tokens=item.max_new_tokens, min_new_tokens=item.max_new_tokens,
+                      temperature=item.temperature, top_p=item.top_p)
+        if item.seed is not None:
+            params["seed"] = item.seed
+        if not stream:
+            return (await self.client.generate(messages, **params)).usage.get("completion_tokens", 0)
+        tokens = 0
+        async for chunk in self.client.stream(messages, **params):
+            if chunk.text:
+                mark()
+            if chunk.done:
+                tokens = chunk.usage.get("completion_tokens", 0)
+        return tokens
+
+    def model_pid(self) -> int:
+        from qvl.protocol import Client
+        with Client(self.endpoint, timeout=30) as c:
+            return next(w["pid"] for w in c.status()["workers"] if w["state"] == "ready")
+
+    async def stop(self) -> None:
+        await self.client.close()
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(120)
+
+
+async def timed(system, item: Item, stream: bool = True) -> dict:
+    """One request: start, first text (streams) and end times, output tokens, or the error."""
+    record = {"start": time.perf_counter(), "first": None, "max_new_tokens": item.max_new_tokens}
+
+    def mark():
+        if record["first"] is None:
+            record["first"] = time.perf_counter()
+    try:
+        record["tokens"] = await system.one(item, mark, stream)
+    except Exception as exc:  # counted, not raised: the death test expects failures
+        record["error"] = f"{type(exc).__name__}: {exc}"[:200]
+    record["end"] = time.perf_counter()
+    return record
+
+
+async def run_level(system, warm: list[Item], items: list[Item], concurrency: int) -> tuple[float, list[dict]]:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def limited(item):
+        async with gate:
+            return await timed(system, item)
+    await asyncio.gather(*(limited(i) for i in warm))
+    started = time.perf_counter()
+    records = await asyncio.gather(*(limited(i) for i in items))
+    return time.perf_counter() - started, records
+
+
+def summarize(workload: str, concurrency: int, wall: float, records: list[dict]) -> dict:
+    ok = [r for r in records if "error" not in r]
+    latency = [r["end"] - r["start"] for r in ok]
+    ttft = [r["first"] - r["start"] for r in ok if r["first"]]
+    tpot = [(r["end"] - r["first"]) / (r["tokens"] - 1) for r in ok if r["first"] and r["tokens"] > 1]
+    short = [r["end"] - r["start"] for r in ok if r["max_new_tokens"] == 16]
+    return {"workload": workload, "concurrency": concurrency, "requests": len(records),
+            "failed": len(records) - len(ok), "req_s": len(ok) / wall,
+            "tok_s": sum(r["tokens"] for r in ok) / wall,
+            "p50_s": percentile(latency, 50), "p99_s": percentile(latency, 99),
+            "ttft_p50_s": percentile(ttft, 50), "tpot_p50_ms": 1000 * percentile(tpot, 50),
+            "short_p50_s": percentile(short, 50) if short else None}
+
+
+async def sweep(system, levels: list[int], rounds: int) -> list[dict]:
+    rows = []
+    for workload, make in (("uniform", uniform), ("mixed", mixed)):
+        for concurrency in levels:
+            items = make(concurrency + max(12, rounds * concurrency))
+            wall, records = await run_level(system, items[:concurrency], items[concurrency:], concurrency)
+            rows.append(summarize(workload, concurrency, wall, records))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+async def death(system) -> dict:
+    """SIGKILL the model's process with requests in flight; count their fates; time the return."""
+    items = [Item(i.image, i.text, DEATH_TOKENS) for i in uniform(DEATH_REQUESTS)]
+    pid = system.model_pid()
+    # not streamed: a stream cut by the death is answered `worker_failed`, since its client holds
+    # part of a text that a second run might not repeat
+    flight = [asyncio.ensure_future(timed(system, item, stream=False)) for item in items]
+    await asyncio.sleep(DEATH_AFTER_S)
+    killed_at = time.perf_counter()
+    os.kill(pid, signal.SIGKILL)
+    done, lost = await asyncio.wait(flight, timeout=600)
+    records = [f.result() for f in done]
+    answered = [r for r in records if "error" not in r]
+    serves_again_s = None
+    while time.perf_counter() - killed_at < 300:  # a fresh request, until one is answered
+        probe = await timed(system, Item(None, "Say hello.", 4))
+        if "error" not in probe:
+            serves_again_s = probe["end"] - killed_at
+            break
+        if "Dead" in probe["error"]:  # vLLM's engine stays dead until restarted
+            break
+        await asyncio.sleep(0.5)
+    return {"in_flight": len(items), "answered": len(answered), "failed": len(records) - len(answered),
+            "lost": len(lost), "last_answer_after_kill_s": max((r["end"] - killed_at for r in answered), default=None),
+            "serves_again_after_kill_s": serves_again_s,
+            "errors": sorted({r["error"][:80] for r in records if "error" in r})[:3]}
+
+
+async def run_system(args) -> dict:
+    levels = [int(c) for c in args.concurrency.split(",")]
+    system = BareVllm(args.model) if args.one == "vllm" else Qvl(args.model, args.one[len("qvl-"):], max(levels), args.device)
+    peak = PeakMemory()
+    peak.start()
+    started = time.perf_counter()
+    await system.start()
+    result = {"system": args.one, "ready_s": time.perf_counter() - started}
+    print(json.dumps(result), flush=True)
+    try:
+        if "sweep" in args.parts:
+            result["sweep"] = await sweep(system, levels, args.rounds)
+            result["peak_device_gib"] = peak.peak / 2**30
+        if "death" in args.parts:
+            result["death"] = await death(system)
+            print(json.dumps(result["death"]), flush=True)
+    finally:
+        peak.stopped.set()
+        await system.stop()
+    return result
+
+
+def report(results: list[dict]) -> str:
+    by = {r["system"]: r for r in results}
+    out = ["| workload | concurrency | " + " | ".join(f"{s} req/s" for s in by) + " | qvl-vllm / vllm |",
+           "| --- | --- | " + " | ".join("---" for _ in by) + " | --- |"]
+    keys = [(row["workload"], row["concurrency"]) for r in results for row in r.get("sweep", [])]
+    table = {(r["system"], row["workload"], row["concurrency"]): row for r in results for row in r.get("sweep", [])}
+    for workload, c in dict.fromkeys(keys):
+        rates = [table.get((s, workload, c), {}).get("req_s") for s in by]
+        ratio = ""
+        if (a := table.get(("qvl-vllm", workload, c))) and (b := table.get(("vllm", workload, c))):
+            ratio = f"{a['req_s'] / b['req_s']:.2f}"
+        out.append(f"| {workload} | {c} | " + " | ".join("" if x is None else f"{x:.2f}" for x in rates)
+                   + f" | {ratio} |")
+    out += ["", "| system | workload | concurrency | req/s | tok/s | p50 s | p99 s | TTFT p50 s | TPOT p50 ms "
+            "| 16-token p50 s | failed |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (s, workload, c), row in table.items():
+        short = "" if row["short_p50_s"] is None else f"{row['short_p50_s']:.2f}"
+        out.append(f"| {s} | {workload} | {c} | {row['req_s']:.2f} | {row['tok_s']:.0f} | {row['p50_s']:.2f} | "
+                   f"{row['p99_s']:.2f} | {row['ttft_p50_s']:.3f} | {row['tpot_p50_ms']:.2f} | {short} | {row['failed']} |")
+    out += ["", "| system | start to ready s | peak device GiB |", "| --- | --- | --- |"]
+    out += [f"| {s} | {r['ready_s']:.1f} | {r.get('peak_device_gib', float('nan')):.1f} |" for s, r in by.items()]
+    deaths = [(s, r["death"]) for s, r in by.items() if "death" in r]
+    if deaths:
+        out += ["", "| system | in flight | answered | failed | lost | last answer after kill s | "
+                "serves again after kill s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for s, d in deaths:
+            last = "" if d["last_answer_after_kill_s"] is None else f"{d['last_answer_after_kill_s']:.1f}"
+            again = "never (dead until restarted)" if d["serves_again_after_kill_s"] is None \
+                else f"{d['serves_again_after_kill_s']:.1f}"
+            out.append(f"| {s} | {d['in_flight']} | {d['answered']} | {d['failed']} | {d['lost']} | {last} | {again} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model")
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--parts", default="sweep,death")
+    ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument("--device", default="cuda:0", help="qvl's device (cpu: a trial run of the script with a tiny model)")
+    ap.add_argument("--rounds", type=int, default=3, help="timed requests per level: rounds x concurrency, at least 12")
+    ap.add_argument("--json", help="append each system's results to this file, one JSON line each")
+    ap.add_argument("--report", nargs="+", metavar="FILE", help="print the tables of earlier runs")
+    ap.add_argument("--one", choices=SYSTEMS, help=argparse.SUPPRESS)  # a child running one system
+    args = ap.parse_args()
+    if args.report:
+        print(report([json.loads(line) for f in args.report for line in Path(f).read_text().splitlines()]))
+        return
+    if args.one:
+        print("RESULT " + json.dumps(asyncio.run(run_system(args))), flush=True)
+        return
+    results = []
+    for name in args.systems.split(","):
+        child = subprocess.Popen([sys.executable, __file__, "--one", name, "--model", args.model, "--parts",
+                                  args.parts, "--concurrency", args.concurrency, "--rounds", str(args.rounds), "--device", args.device],
+                                 stdout=subprocess.PIPE, text=True)
+        lines = []
+        for line in child.stdout:  # progress as it comes
+            print(f"{name}: {line}", end="", flush=True)
+            if line.startswith("RESULT "):
+                lines.append(line)
+        if child.wait() or not lines:
+            print(f"{name}: no result (exit {child.returncode})", flush=True)
+            continue
+        results.append(json.loads(lines[-1][len("RESULT "):]))
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(results[-1]) + "\n")
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""On a CUDA device with vLLM installed: `--engine vllm` serves, streams, recycles and survives the
+death of its worker through the supervisor, as the default engine does.
+
+Skipped without CUDA or vLLM. `QVL_GPU_MODEL` names the model folder (the `qwen3-vl-4b` preset on a
+lent GPU). vLLM's torch.compile is off here to keep the test short (full CUDA graphs for decode
+stay on); `scripts/bench_peer.py` measures the default, compiled.
+"""
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from qvl.protocol import AsyncClient
+
+from harness import SupervisorProcess, png, wait_gone
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.skipif(not os.environ.get("QVL_GPU_MODEL"), reason="needs QVL_GPU_MODEL")]
+pytest.importorskip("vllm")
+
+
+@pytest.fixture(scope="module")
+def vllm_supervisor(tmp_path_factory):
+    sup = SupervisorProcess(tmp_path_factory.mktemp("vllm"), Path(os.environ["QVL_GPU_MODEL"]),
+                            "--device", "cuda:0", "--engine", "vllm", "--vllm-compile", "off",
+                            "--start-timeout-s", "400", "--max-inflight", "64", "--recycle-overlap", "always")
+    try:
+        sup.wait_ready(timeout=400)
+        yield sup
+    finally:
+        pids = {sup.pid, *sup.worker_pids}
+        assert sup.stop(timeout=120) == 0
+        assert wait_gone(pids) == set()
+
+
+@pytest.mark.timeout(600)
+def test_serves_an_image_with_vllm_telemetry(vllm_supervisor):
+    with vllm_supervisor.client(timeout=120) as client:
+        result = client.ask(png((448, 448)), "What is in this picture?", max_new_tokens=16, min_new_tokens=16)
+        status = client.status()
+    assert result.usage["completion_tokens"] == 16 and result.usage["prompt_tokens"] > 100
+    telemetry = status["workers"][0]["telemetry"]
+    assert 0 <= telemetry["kv_cache_usage"] <= 1
+    assert telemetry["reserved_bytes"] > 0 and telemetry["device_used_bytes"] > 0
+
+
+@pytest.mark.timeout(600)
+def test_a_stream_is_the_answer_in_pieces(vllm_supervisor):
+    with vllm_supervisor.client(timeout=120) as client:
+        chunks = list(client.stream([{"role": "user", "content": [{"type": "text", "text": "Count to ten."}]}],
+                                    max_new_tokens=32, min_new_tokens=32))
+        whole = client.generate([{"role": "user", "content": [{"type": "text", "text": "Count to ten."}]}],
+                                max_new_tokens=32, min_new_tokens=32)
+    assert len(chunks) > 2 and chunks[-1].done
+    assert "".join(c.text for c in chunks) == whole.text  # greedy: the same text both ways
+
+
+@pytest.mark.timeout(900)
+def test_a_recycle_and_a_killed_worker_lose_no_request(vllm_supervisor):
+    """16 requests in flight through an operator recycle, then 16 through a SIGKILL of the worker:
+    every one is answered."""
+    async def load(client, n):
+        return await asyncio.gather(*(client.ask(png((224 + 32 * i, 224)), "Describe it.", max_new_tokens=64,
+                                                 min_new_tokens=64) for i in range(n)))
+
+    async def scenario():
+        async with AsyncClient(vllm_supervisor.endpoint, timeout=600) as client:
+            before = (await client.status())["workers"][0]
+            flight = asyncio.ensure_future(load(client, 16))
+            await asyncio.sleep(0.5)
+            await client.recycle(0)
+            recycled = await flight
+            worker = next(w for w in (await client.status())["workers"] if w["state"] == "ready")
+            flight = asyncio.ensure_future(load(client, 16))
+            await asyncio.sleep(1.0)
+            os.kill(worker["pid"], signal.SIGKILL)
+            killed = await flight
+            after = (await client.status())["workers"][0]
+            return before, recycled, worker, killed, after
+
+    before, recycled, worker, killed, after = asyncio.run(scenario())
+    assert all(r.usage["completion_tokens"] == 64 for r in recycled + killed)
+    assert worker["generation"] > before["generation"]
+    assert after["generation"] > worker["generation"]
