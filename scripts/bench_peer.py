@@ -107,7 +107,7 @@ class BareVllm:
     def model_pid(self) -> int:
         import psutil
         children = psutil.Process().children(recursive=True)
-        return next(c.pid for c in children if "EngineCore" in " ".join(c.cmdline()) + c.name())
+        return next(c.pid for c in children if "EngineCor" in " ".join(c.cmdline()) + c.name())  # its process title, cut to 15 by comm
 
     async def stop(self) -> None:
         self.llm.shutdown()
