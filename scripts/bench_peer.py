@@ -10,7 +10,8 @@ Each system runs in a process of its own, one after another, so each has the GPU
   torch.compile, CUDA graphs, 90% of the device), a chat-template prompt and a PIL image per request;
 - `qvl-vllm` and `qvl-hf`: `qvl-supervisor start` with that engine, requests through `AsyncClient`.
 Every request streams, so time to first token and time per output token are measured the same way
-for all: at the client, from sending to the first text, and from there to the last. Workloads
+for all: at the client, from sending to the first streamed tokens, and from there to the last
+(random weights often make tokens with no text, so tokens, not text, are what is waited for). Workloads
 (`workloads.py`) are made before any timing; each level is warmed with one round first.
 
 `sweep`: the uniform and mixed workloads at each concurrency: req/s, output tok/s, p50/p99 latency,
@@ -146,8 +147,7 @@ class Qvl:
             return (await self.client.generate(messages, **params)).usage.get("completion_tokens", 0)
         tokens = 0
         async for chunk in self.client.stream(messages, **params):
-            if chunk.text:
-                mark()
+            mark()  # a chunk is sent per step that made tokens, even where they decode to no text
             if chunk.done:
                 tokens = chunk.usage.get("completion_tokens", 0)
         return tokens

@@ -194,7 +194,7 @@ class WorkerService:
                 del self.running[out.key]
                 self.sock.send_multipart(self._reply(job, out.completion, self.engine.running + 1, "",
                                                      self.read_telemetry()))
-            elif job.stream and out.text:
+            elif job.stream and out.tokens:  # a chunk per step that made tokens, as vLLM streams
                 self._send(Chunk(job.key, out.text).header())
 
     def _take_requests(self) -> None:

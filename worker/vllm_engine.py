@@ -55,10 +55,12 @@ class Rendered:
 
 @dataclass(frozen=True)
 class StepOutput:
-    """What one step gave one request: its new text, and its completion once it has ended."""
+    """What one step gave one request: its new tokens and their text, and its completion once it
+    has ended."""
 
     key: int
     text: str
+    tokens: int
     completion: Completion | None = None
 
 
@@ -182,7 +184,7 @@ class VllmEngine:
                 first = row.first_at or now
                 completion = Completion("".join(row.text), row.prompt_tokens, row.tokens,
                                         (first - row.added_at) * 1000.0, (now - first) * 1000.0)
-            outputs.append(StepOutput(int(out.request_id), piece.text, completion))
+            outputs.append(StepOutput(int(out.request_id), piece.text, len(piece.token_ids), completion))
         return outputs
 
 
