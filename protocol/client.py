@@ -4,6 +4,10 @@ Each client holds one DEALER socket. Calls carry a fresh id; a reply is matched 
 that id, and late replies to calls that already timed out are dropped. `Client` is for one thread
 (as a ZeroMQ socket is); one `AsyncClient` serves any number of concurrent tasks. `stream` yields
 an answer's text in chunks as it is generated; the last chunk carries usage and timings.
+
+A generate call given up before its answer (its timeout passed, its task was cancelled, its stream
+was closed early) sends `cancel`, so the service stops working on it; `cancel(id)` does it for a
+stream whose chunks are still wanted up to the end (the last one says `finish_reason` "cancelled").
 """
 
 from __future__ import annotations
@@ -21,25 +25,29 @@ import zmq.asyncio
 
 from .codec import CHUNK, DEFAULT_LIMITS, PING, PROTOCOL_VERSION, RECYCLE, STATUS, Limits, encode
 from .errors import BadRequest, RequestTimeout, error_from_wire
-from .messages import GenerationParams, build_generate
+from .messages import Cancel, GenerationParams, build_generate
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
 
 @dataclass(frozen=True)
 class Result:
-    """An answer: its text, token usage, timings in ms and the worker that produced it."""
+    """An answer: its text, token usage, timings in ms and the worker that produced it.
+    `finish_reason`: "stop" (an end-of-sequence token), "length" (max_new_tokens) or "cancelled"
+    (the text made before a `cancel`)."""
 
     id: Any
     text: str
     usage: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     worker: dict = field(default_factory=dict)
+    finish_reason: str | None = None
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """A piece of a streamed answer. The last one has `done` set and the usage, timings and worker."""
+    """A piece of a streamed answer. The last one has `done` set and the usage, timings, worker
+    and `finish_reason` (as in `Result`)."""
 
     id: Any
     text: str
@@ -47,6 +55,7 @@ class Chunk:
     usage: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     worker: dict = field(default_factory=dict)
+    finish_reason: str | None = None
 
 
 class _Stream:
@@ -54,14 +63,16 @@ class _Stream:
 
     def __init__(self) -> None:
         self.sent = 0
+        self.done = False  # the reply came: nothing left to cancel
 
     def chunk(self, reply: dict) -> Chunk:
         text = reply.get("text", "")
         if reply.get("kind") == CHUNK:
             self.sent += len(text)
             return Chunk(reply["id"], text)
+        self.done = True
         return Chunk(reply["id"], text[self.sent:], True, reply.get("usage", {}),
-                     reply.get("timings", {}), reply.get("worker", {}))
+                     reply.get("timings", {}), reply.get("worker", {}), reply.get("finish_reason"))
 
 
 class _Calls:
@@ -84,6 +95,10 @@ class _Calls:
         request = build_generate(next(self._ids), list(messages), gen, timeout_ms, stream)
         return request.id, encode(request.header(), request.images)
 
+    @staticmethod
+    def _cancel_parts(request_id: Any) -> list[bytes]:
+        return encode(Cancel(request_id).header())
+
     def _control_parts(self, kind: str, **fields: Any) -> tuple[str, list[bytes]]:
         rid = next(self._ids)
         return rid, encode({"v": PROTOCOL_VERSION, "kind": kind, "id": rid, **fields})
@@ -101,7 +116,7 @@ class _Calls:
     @staticmethod
     def _as_result(reply: dict) -> Result:
         return Result(reply["id"], reply.get("text", ""), reply.get("usage", {}),
-                      reply.get("timings", {}), reply.get("worker", {}))
+                      reply.get("timings", {}), reply.get("worker", {}), reply.get("finish_reason"))
 
     @staticmethod
     def _ask_messages(image: Any, question: str) -> list[dict]:
@@ -128,9 +143,15 @@ class Client(_Calls):
 
     def generate(self, messages: Sequence[dict], *, timeout: float | None = None,
                  deadline: float | None = None, **params: Any) -> Result:
-        """Answer chat `messages`. `deadline` (seconds) lets the server drop it if still queued."""
+        """Answer chat `messages`. `deadline` (seconds) lets the server drop it if still queued.
+        A call that times out (or is interrupted) cancels its request."""
         rid, parts = self._generate_parts(messages, deadline, params)
-        return self._as_result(self._call(rid, parts, timeout))
+        self._send(rid, parts, timeout)
+        try:
+            return self._as_result(self._await(rid, timeout))
+        except (RequestTimeout, KeyboardInterrupt):
+            self._abandon(rid)
+            raise
 
     def ask(self, image: Any, question: str, **params: Any) -> Result:
         """One image, one question."""
@@ -138,15 +159,27 @@ class Client(_Calls):
 
     def stream(self, messages: Sequence[dict], *, timeout: float | None = None,
                deadline: float | None = None, **params: Any) -> Iterator[Chunk]:
-        """Answer chat `messages` chunk by chunk; `timeout` bounds the wait for each chunk."""
+        """Answer chat `messages` chunk by chunk; `timeout` bounds the wait for each chunk. A stream
+        that times out, or is closed before its last chunk (`break`, `close()`), cancels its request."""
         rid, parts = self._generate_parts(messages, deadline, params, stream=True)
         self._send(rid, parts, timeout)
         stream = _Stream()
-        while True:
-            chunk = stream.chunk(self._await(rid, timeout))
-            yield chunk
-            if chunk.done:
-                return
+        try:
+            while True:
+                chunk = stream.chunk(self._await(rid, timeout))
+                yield chunk
+                if chunk.done:
+                    return
+        except (RequestTimeout, KeyboardInterrupt, GeneratorExit):
+            if not stream.done:
+                self._abandon(rid)
+            raise
+
+    def cancel(self, request_id: Any, timeout: float | None = None) -> None:
+        """Cancel generate request `request_id` (the `id` of a stream's chunks) and go on reading:
+        its last chunk has `finish_reason` "cancelled" and the text made until then (or its usual
+        end, if it finished first). No reply of its own; an id that names nothing open is ignored."""
+        self._send(request_id, self._cancel_parts(request_id), timeout)
 
     def status(self, timeout: float | None = None) -> dict:
         return self._call(*self._control_parts(STATUS), timeout)
@@ -188,6 +221,14 @@ class Client(_Calls):
         except zmq.Again:
             raise RequestTimeout(f"could not send within {limit}s: no supervisor is connected", rid) from None
 
+    def _abandon(self, rid: str) -> None:
+        """Cancel a call given up on, as far as the socket takes it at once: the service would
+        otherwise compute an answer nobody reads."""
+        try:
+            self._sock.send_multipart(self._cancel_parts(rid), zmq.NOBLOCK)
+        except zmq.ZMQError:  # no connection, or the socket is closed: nothing runs for it then
+            pass
+
     def _await(self, rid: str, timeout: float | None) -> dict:
         """The next message for call `rid`; an error reply is raised as its exception."""
         end = time.monotonic() + (self.timeout if timeout is None else timeout)
@@ -222,26 +263,41 @@ class AsyncClient(_Calls):
 
     async def generate(self, messages: Sequence[dict], *, timeout: float | None = None,
                        deadline: float | None = None, **params: Any) -> Result:
+        """As `Client.generate`; a call that times out or whose task is cancelled cancels its request."""
         rid, parts = self._generate_parts(messages, deadline, params)
-        return self._as_result(await self._call(rid, parts, timeout))
+        return self._as_result(await self._call(rid, parts, timeout, abandon=True))
 
     async def ask(self, image: Any, question: str, **params: Any) -> Result:
         return await self.generate(self._ask_messages(image, question), **params)
 
     async def stream(self, messages: Sequence[dict], *, timeout: float | None = None,
                      deadline: float | None = None, **params: Any) -> AsyncIterator[Chunk]:
-        """Answer chat `messages` chunk by chunk; `timeout` bounds the wait for each chunk."""
+        """Answer chat `messages` chunk by chunk; `timeout` bounds the wait for each chunk. A stream
+        that times out, whose task is cancelled, or that is closed before its last chunk (`aclose()`,
+        or a `break` once the generator is collected) cancels its request."""
         rid, parts = self._generate_parts(messages, deadline, params, stream=True)
-        inbox = await self._send(rid, parts)
         stream = _Stream()
         try:
+            inbox = await self._send(rid, parts)
             while True:
                 chunk = stream.chunk(await self._next(rid, inbox, timeout))
                 yield chunk
                 if chunk.done:
                     return
+        except (RequestTimeout, asyncio.CancelledError, GeneratorExit):
+            if not stream.done:
+                self._abandon(rid)
+            raise
         finally:
             self._pending.pop(rid, None)
+
+    async def cancel(self, request_id: Any) -> None:
+        """As `Client.cancel`."""
+        try:  # with no supervisor connected, a send would wait forever
+            await asyncio.wait_for(self._sock.send_multipart(self._cancel_parts(request_id)), self.timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"could not send within {self.timeout}s: no supervisor is connected",
+                                 request_id) from None
 
     async def status(self, timeout: float | None = None) -> dict:
         return await self._call(*self._control_parts(STATUS), timeout)
@@ -249,11 +305,25 @@ class AsyncClient(_Calls):
     async def recycle(self, worker: int | None = None, timeout: float | None = None) -> dict:
         return await self._call(*self._control_parts(RECYCLE, worker=worker), timeout)
 
-    async def _call(self, rid: str, parts: list[bytes], timeout: float | None) -> dict:
+    async def _call(self, rid: str, parts: list[bytes], timeout: float | None, abandon: bool = False) -> dict:
+        """Send a call and await its reply; `abandon`: a call given up on cancels its request."""
         try:
             return await self._next(rid, await self._send(rid, parts), timeout)
+        except (RequestTimeout, asyncio.CancelledError):
+            if abandon:
+                self._abandon(rid)
+            raise
         finally:
             self._pending.pop(rid, None)
+
+    def _abandon(self, rid: str) -> None:
+        """Cancel a call given up on, as far as the socket takes it at once (never awaited: the
+        task may be being cancelled)."""
+        try:
+            sent = self._sock.send_multipart(self._cancel_parts(rid), flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return
+        sent.add_done_callback(lambda f: f.cancelled() or f.exception())  # an unsent cancel is no fault
 
     async def _send(self, rid: str, parts: list[bytes]) -> asyncio.Queue:
         """Send a call; its messages arrive in the returned queue (the caller removes it when done)."""

@@ -18,7 +18,10 @@ PROTOCOL_VERSION = 1
 
 # Client -> supervisor
 GENERATE, STATUS, RECYCLE, PING = "generate", "status", "recycle", "ping"
-CLIENT_KINDS = frozenset({GENERATE, STATUS, RECYCLE, PING})
+# Client -> supervisor -> worker: abandon a generate request (no reply of its own; the request's one
+# reply comes with finish_reason "cancelled")
+CANCEL = "cancel"
+CLIENT_KINDS = frozenset({GENERATE, CANCEL, STATUS, RECYCLE, PING})
 # Supervisor <-> worker
 HELLO, READY, HEARTBEAT, REPLY, BYE, STOP = "hello", "ready", "heartbeat", "reply", "bye", "stop"
 # Worker -> supervisor -> client: a piece of a streamed answer's text, before its reply

@@ -6,7 +6,8 @@ images) into a header and frames; `parse_generate` checks a received header agai
 and returns a frozen `GenerateRequest`, types first and values after, so no comparison of mixed
 types can happen. Supervisor and worker: `Hello`, `Ready`, `Heartbeat`, `Chunk`, `Reply`,
 `ErrorReply`, `Stop`, `Bye`, each with `header()` and `parse()`; no dict literal elsewhere
-builds one of these. (Error replies to clients come from `codec.error_header`; control commands
+builds one of these. `Cancel` travels both legs: a client names its own request's id, the supervisor
+forwards it to the worker with its own key. (Error replies to clients come from `codec.error_header`; control commands
 and their replies are small maps built by the client and by `supervisor.control`.)
 """
 
@@ -18,12 +19,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from .codec import BYE, CHUNK, GENERATE, HEARTBEAT, HELLO, PROTOCOL_VERSION, READY, REPLY, STOP, Limits
+from .codec import BYE, CANCEL, CHUNK, GENERATE, HEARTBEAT, HELLO, PROTOCOL_VERSION, READY, REPLY, STOP, Limits
 from .errors import ERROR_CODES, BadRequest, QvlError, error_from_wire
 
 ROLES = frozenset({"system", "user", "assistant"})
 MIN_TEMPERATURE = 1e-3  # below it sampling is greedy decoding, and the division would overflow
 MAX_TIMEOUT_MS = 7 * 24 * 3600 * 1000  # a week: longer deadlines are surely a mistake
+# Why an answer ended: an end-of-sequence token, max_new_tokens, or a `cancel` from its client
+STOPPED, LENGTH, CANCELLED = "stop", "length", "cancelled"
+FINISH_REASONS = frozenset({STOPPED, LENGTH, CANCELLED})
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,21 @@ def parse_generate(header: dict, frames: Sequence[bytes], limits: Limits) -> Gen
     except BadRequest as exc:
         raise BadRequest(exc.message, rid) from None
     return GenerateRequest(rid, messages, params, timeout_ms, tuple(frames), stream)
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Abandon generate request `id`: from a client its own id, from the supervisor to a worker its key.
+    It has no reply of its own; the request gets its one reply, `finish_reason` "cancelled"."""
+
+    id: Any
+
+    def header(self) -> dict:
+        return _header(CANCEL, id=self.id)
+
+    @classmethod
+    def parse(cls, header: dict) -> "Cancel":
+        return cls(_field(header, "id", _is_id, "a string or an integer: the id of a generate request"))
 
 
 def _parse_messages(messages: object, n_frames: int, limits: Limits) -> list:
@@ -282,7 +301,8 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Reply:
-    """The answer to one request. `worker` (slot, generation, pid) is added by the supervisor."""
+    """The answer to one request. `worker` (slot, generation, pid) is added by the supervisor.
+    `finish_reason`: one of `FINISH_REASONS`; a cancelled answer holds the text made until then."""
 
     id: Any
     text: str
@@ -290,9 +310,11 @@ class Reply:
     timings: dict
     telemetry: dict | None = None
     worker: dict | None = None
+    finish_reason: str = STOPPED
 
     def header(self) -> dict:
-        header = _header(REPLY, id=self.id, ok=True, text=self.text, usage=self.usage, timings=self.timings)
+        header = _header(REPLY, id=self.id, ok=True, text=self.text, usage=self.usage, timings=self.timings,
+                         finish_reason=self.finish_reason)
         for name in ("telemetry", "worker"):
             if getattr(self, name) is not None:
                 header[name] = getattr(self, name)
@@ -303,7 +325,9 @@ class Reply:
         return cls(_field(header, "id", _is_id, "a string or an integer"),
                    _field(header, "text", lambda x: isinstance(x, str), "a string"),
                    _numbers(header.get("usage"), "usage"), _numbers(header.get("timings"), "timings"),
-                   parse_telemetry(header.get("telemetry")) if "telemetry" in header else None)
+                   parse_telemetry(header.get("telemetry")) if "telemetry" in header else None,
+                   finish_reason=_field(header, "finish_reason", _is_finish_reason,
+                                        f"one of {sorted(FINISH_REASONS)}"))
 
 
 @dataclass(frozen=True)
@@ -399,6 +423,10 @@ def _field(header: dict, name: str, valid: Callable[[object], bool], what: str) 
     if not valid(value):
         raise BadRequest(f"`{name}` must be {what}")
     return value
+
+
+def _is_finish_reason(x: object) -> bool:
+    return isinstance(x, str) and x in FINISH_REASONS
 
 
 def _is_id(x: object) -> bool:

@@ -5,8 +5,10 @@ with a `GatewaySpec`), and a plain client of the supervisor's frontend: it holds
 of its own. Every request passes one guard first (in-flight limit 429, outside which `/health` and
 `/metrics` stay; API key 401; body size 413; body deadline 408); chat bodies become messages only
 through `openai_chat.parse_chat`'s whitelist, and remote images are fetched on threads of their
-own; any failure in a handler becomes a typed JSON error and the server goes on. Needs the `http`
-extra (FastAPI, uvicorn, prometheus-client, python-multipart).
+own; any failure in a handler becomes a typed JSON error and the server goes on. An HTTP client
+that goes away before its answer (a stream closed early too) has its request cancelled: the
+supervisor client's call is cancelled, and it sends `cancel`. Needs the `http` extra (FastAPI,
+uvicorn, prometheus-client, python-multipart).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ HTTP_STATUS = {"bad_request": 400, "unsupported_version": 400, "overloaded": 429
                "internal": 500}
 OPEN_PATHS = ("/health", "/metrics")  # for load balancers and scrapers; everything else needs the key
 BODY_TIMEOUT_S = 30.0  # to receive a whole body; a client that stalls in it gets 408 and frees its slot
+CLIENT_GONE = 499  # no one reads it: the status nginx logs for a client that closed its request
 FETCH_THREADS = 16  # remote images fetched at once, for all requests together
 log = logging.getLogger("qvl.gateway")
 
@@ -104,18 +107,29 @@ def create_app(spec: GatewaySpec, api_key: str = "", client: AsyncClient | None 
         head = {"id": reply_id, "created": created, "model": chat.model or spec.model_name}
         if chat.stream:
             stream = supervisor().stream(chat.messages, **params)
-            first = await anext(stream)  # errors before any text become an HTTP status
+            try:  # errors before any text become an HTTP status
+                first = await _unless_gone(request, anext(stream))
+            except _ClientGone:
+                return Response(status_code=CLIENT_GONE)
             return StreamingResponse(_events(head, first, stream, params, chat.include_usage),
                                      media_type="text/event-stream")
-        result = await supervisor().generate(chat.messages, **params)
+        try:
+            result = await _unless_gone(request, supervisor().generate(chat.messages, **params))
+        except _ClientGone:
+            return Response(status_code=CLIENT_GONE)
         return {**head, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                             "finish_reason": _finish(result.usage, params)}],
+                             "finish_reason": _finish(result, params)}],
                 "usage": _usage(result.usage)}
 
     @app.post("/api/ask")
-    async def ask(image: UploadFile = File(...), question: str = Form(...), max_new_tokens: int = Form(128)):
-        result = await supervisor().ask(await image.read(), question, max_new_tokens=max_new_tokens)
+    async def ask(request: Request, image: UploadFile = File(...), question: str = Form(...),
+                  max_new_tokens: int = Form(128)):
+        try:
+            result = await _unless_gone(request, supervisor().ask(await image.read(), question,
+                                                                  max_new_tokens=max_new_tokens))
+        except _ClientGone:
+            return Response(status_code=CLIENT_GONE)
         return {"answer": result.text, "usage": result.usage, "timings": result.timings, "worker": result.worker}
 
     @app.get("/api/status")
@@ -202,8 +216,36 @@ class _Guard:
         return limited_receive
 
 
+class _ClientGone(Exception):
+    """The HTTP client disconnected before its answer."""
+
+
+async def _unless_gone(request: Request, call):
+    """The result of `call`, a supervisor client's coroutine; if the HTTP client disconnects first,
+    `call` is cancelled (which cancels its request) and `_ClientGone` raised. The body is read by
+    now, so only a disconnect can come from `receive`."""
+    answer = asyncio.ensure_future(call)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not answer.done():  # the client went, or this handler itself is being cancelled
+            answer.cancel()
+    if not answer.done():
+        await asyncio.wait({answer})  # as its cancellation unwinds, the client sends `cancel`
+        raise _ClientGone()
+    return answer.result()
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _events(head: dict, first, stream, params: dict, usage: bool):
-    """Server-sent events in OpenAI's chunk form, ending with `[DONE]`."""
+    """Server-sent events in OpenAI's chunk form, ending with `[DONE]`. Closed early (the HTTP client
+    went away), it closes the supervisor stream, which cancels its request."""
     def event(choices: list, **extra) -> str:
         return _sse({**head, "object": "chat.completion.chunk", "choices": choices, **extra})
 
@@ -217,7 +259,7 @@ async def _events(head: dict, first, stream, params: dict, usage: bool):
             if chunk.text:
                 yield event(choice({"content": chunk.text}))
             if chunk.done:
-                yield event(choice({}, _finish(chunk.usage, params)))
+                yield event(choice({}, _finish(chunk, params)))
                 if usage:
                     yield event([], usage=_usage(chunk.usage))
                 break
@@ -227,6 +269,8 @@ async def _events(head: dict, first, stream, params: dict, usage: bool):
     except Exception as exc:
         log.error("event=gateway_error path=stream error=%r", exc)
         yield _sse(_error_body("internal", "the gateway failed on this stream; it is logged"))
+    finally:
+        await stream.aclose()  # at its end a no-op; before it, the request is cancelled
     yield "data: [DONE]\n\n"
 
 
@@ -234,8 +278,11 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-def _finish(usage: dict, params: dict) -> str:
-    return "length" if usage.get("completion_tokens", 0) >= params["max_new_tokens"] else "stop"
+def _finish(answer, params: dict) -> str:
+    """OpenAI's finish_reason: the answer's own (a `Result` or last `Chunk`), else guessed from usage."""
+    if answer.finish_reason:
+        return answer.finish_reason
+    return "length" if answer.usage.get("completion_tokens", 0) >= params["max_new_tokens"] else "stop"
 
 
 def _usage(usage: dict) -> dict:
@@ -260,7 +307,7 @@ class _Snapshot:
     def collect(self):
         s = self.status
         requests = CounterMetricFamily("qvl_requests", "requests answered, by outcome", labels=["outcome"])
-        for outcome in ("answered", *sorted(ERROR_CODES)):
+        for outcome in ("answered", "cancelled", *sorted(ERROR_CODES)):
             requests.add_metric([outcome], s["counters"].get(outcome, 0))
         yield requests
         for name, key, text in (("qvl_request_latency_seconds", "latency_seconds", "acceptance to reply"),

@@ -1,8 +1,10 @@
-"""Accepted requests and the bounded queue they wait in.
+"""Accepted requests, the bounded queue they wait in, and the open requests a cancel can find.
 
 A request is `queued`, then `dispatched` to a worker (possibly again after that worker died),
 then answered exactly once. The queue refuses new requests past its bound; that refusal is the
-supervisor's backpressure.
+supervisor's backpressure. A client may cancel its own request while it is open (accepted and not
+yet answered): a queued one leaves the queue, to be answered at once; a dispatched one is marked,
+so its worker is told and whatever ends it answers it as cancelled.
 """
 
 import collections
@@ -21,12 +23,18 @@ class Request:
     deadline: float | None = None  # monotonic time after which it must not start
     attempts: int = 0
     dispatched_at: float = 0.0
-    streamed: bool = False   # text already went to the client: never run it again
+    streamed_text: str = ""  # what went to the client in chunks: once any did, never run it again
+    cancelled: bool = False  # its client cancelled it: never run again, answered "cancelled"
+    worker: bytes | None = None  # identity of the worker it was last dispatched to
     failed_on: bytes | None = None  # the worker whose out-of-memory error sent it back: try another
     size: int = field(init=False)  # bytes it holds: the header and frames it will send to a worker
 
     def __post_init__(self) -> None:
         self.size = sum(len(part) for part in self.worker_parts)  # counted once, read on every queue move
+
+    @property
+    def streamed(self) -> bool:
+        return bool(self.streamed_text)
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -65,6 +73,15 @@ class RequestQueue:
         self._items.appendleft(request)
         self.bytes += request.size
 
+    def remove(self, request: Request) -> bool:
+        """Take `request` out of the queue; False if it is not waiting here."""
+        try:
+            self._items.remove(request)  # by identity: `Request` compares as an object
+        except ValueError:
+            return False
+        self.bytes -= request.size
+        return True
+
     def pop(self) -> Request:
         request = self._items.popleft()
         self.bytes -= request.size
@@ -84,3 +101,40 @@ class RequestQueue:
         items, self._items = list(self._items), collections.deque()
         self.bytes = 0
         return items
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """A cancel that found its request. `queued`: it was waiting and has left the queue, so it is
+    answered now; otherwise it is on `request.worker`, which is told to stop it."""
+
+    request: Request
+    queued: bool
+
+
+class OpenRequests:
+    """Every accepted request not yet answered, by (client, the client's id): how a cancel finds
+    the request it names, and only among its own client's."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[bytes, object], Request] = {}
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def add(self, request: Request) -> None:
+        self._open[(request.client, request.client_id)] = request
+
+    def answered(self, request: Request) -> None:
+        """`request` got its reply. A client that reused an id keeps its newer request open."""
+        if self._open.get((request.client, request.client_id)) is request:
+            del self._open[(request.client, request.client_id)]
+
+    def cancel(self, client: bytes, client_id: object, queue: RequestQueue) -> Cancelled | None:
+        """Cancel `client`'s open request `client_id`; None when there is none to cancel (an id
+        unknown, already answered, another client's, or already cancelled)."""
+        request = self._open.get((client, client_id))
+        if request is None or request.cancelled:
+            return None
+        request.cancelled = True
+        return Cancelled(request, queue.remove(request))

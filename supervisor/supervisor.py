@@ -19,13 +19,13 @@ from typing import Iterator
 
 import zmq
 
-from qvl.protocol.codec import GENERATE, PROTOCOL_VERSION, decode, encode, error_header
+from qvl.protocol.codec import CANCEL, GENERATE, PROTOCOL_VERSION, decode, encode, error_header
 from qvl.protocol.curve import admin_keys, serve_securely
 from qvl.protocol.errors import (BadRequest, DeadlineExceeded, InternalError, OutOfMemory, Overloaded,
                                  QvlError, ShuttingDown, WorkerFailed)
 from qvl.protocol.exits import WorkerExit
-from qvl.protocol.messages import (Chunk, ErrorReply, Hello, Ready, Reply, Stop, parse_generate,
-                                   parse_worker_message)
+from qvl.protocol.messages import (CANCELLED, Cancel, Chunk, ErrorReply, Hello, Ready, Reply, Stop,
+                                   parse_generate, parse_worker_message)
 
 from .config import Config, ConfigError
 from .control import ADMIN_COMMANDS, COMMANDS
@@ -36,7 +36,7 @@ from .metrics import Metrics
 from .lifecycle import (Accept, Action, Count, Incarnation, KillWorker, Log, RecycleStarted, Save,
                         SlotLifecycle, Spawn, StopWorker, WorkerState)
 from .policy import recycle_verdict, tripped_at_start
-from .requests import Request, RequestQueue
+from .requests import OpenRequests, Request, RequestQueue
 from .slots import Slot, Worker, slot_gpus, telemetry_fields
 from .state import load_state, restore, save_state
 from .systemd import Notifier
@@ -51,6 +51,7 @@ class Supervisor:
         self.config = config
         self.limits = config.limits
         self.queue = RequestQueue(config.queue_size, config.queue_bytes)
+        self.open = OpenRequests()  # accepted and not answered yet: what a cancel can name
         self.devices = DeviceMonitor()
         self.slots = [Slot(i, SlotLifecycle(i, config, time.monotonic()), gpu)
                       for i, gpu in enumerate(slot_gpus(config, self.devices.gpu_count()))]
@@ -221,6 +222,8 @@ class Supervisor:
             kind = header["kind"]
             if kind == GENERATE:
                 self.accept(client, header, frames)
+            elif kind == CANCEL:
+                self.cancel(client, Cancel.parse(header))
             elif kind in COMMANDS:
                 if kind in ADMIN_COMMANDS and not admin:
                     raise BadRequest(f"`{kind}` needs an admin client key (the curve folder's admin/)", rid)
@@ -261,7 +264,26 @@ class Supervisor:
         if refusal:
             raise Overloaded(refusal, request.id)
         self.queue.push(queued)
+        self.open.add(queued)
         self.counters["accepted"] += 1
+
+    def cancel(self, client: bytes, cancel: Cancel) -> None:
+        """A client abandons one of its requests; a cancel has no reply of its own. Still queued,
+        the request is answered "cancelled" now; on a worker, the worker is told, and its answer
+        (or its death) ends the request. A cancel that names no open request of this client's
+        is ignored."""
+        found = self.open.cancel(client, cancel.id, self.queue)
+        if found is None:
+            event("cancel_ignored", logging.DEBUG, id=cancel.id)
+            return
+        request = found.request
+        worker = None if found.queued else self.by_identity.get(request.worker)
+        if worker is None or request.key not in worker.inflight:  # nothing else will answer it
+            event("request_cancelled", key=request.key, where="queued" if found.queued else "nowhere")
+            self.answer_cancelled(request)
+            return
+        event("request_cancelled", key=request.key, where="worker", worker=worker.slot, gen=worker.generation)
+        self.backend.send_multipart([worker.identity, *encode(Cancel(request.key).header())])
 
     def on_worker_message(self, identity: bytes, parts: list[bytes]) -> None:
         """A worker's message, typed. One that cannot be read is logged and dropped: a worker's
@@ -299,7 +321,7 @@ class Supervisor:
     def on_chunk(self, worker: Worker, chunk: Chunk) -> None:
         request = worker.inflight.get(chunk.id)
         if request is not None:
-            request.streamed = True
+            request.streamed_text += chunk.text
             self.frontend.send_multipart([request.client, *encode(Chunk(request.client_id, chunk.text).header())])
 
     def on_reply(self, worker: Worker, message: Reply | ErrorReply) -> None:
@@ -311,28 +333,45 @@ class Supervisor:
         slot.served_total += 1
         error = message.error if isinstance(message, ErrorReply) else None
         if isinstance(error, OutOfMemory) and request.attempts < self.config.max_attempts \
-                and not request.streamed:
+                and not request.streamed and not request.cancelled:
             self.counters["oom_retries"] += 1  # a fresh worker may well have the memory
             request.failed_on = worker.identity
             self.queue.push_front(request)
             return
+        if error is not None:
+            self.fail(request, error)
+            return
         now = time.monotonic()
         self.metrics.latency.observe(now - request.accepted_at)
-        if error is not None:
-            self.counters[error.code] += 1
-            self.frontend.send_multipart([request.client, *encode(error_header(error, request.client_id))])
-            return
-        self.counters["answered"] += 1
+        self.counters["cancelled" if message.finish_reason == CANCELLED else "answered"] += 1
         timings = {**message.timings, "queue_ms": (request.dispatched_at - request.accepted_at) * 1000,
                    "total_ms": (now - request.accepted_at) * 1000}
         worker_info = {"slot": worker.slot, "generation": worker.generation, "pid": worker.pid}
-        reply = Reply(request.client_id, message.text, message.usage, timings, worker=worker_info)
-        self.frontend.send_multipart([request.client, *encode(reply.header())])
+        self.answer(request, Reply(request.client_id, message.text, message.usage, timings, worker=worker_info,
+                                   finish_reason=message.finish_reason).header())
 
     def fail(self, request: Request, exc: QvlError) -> None:
+        """Answer `request` with the error that ended it; a cancelled request ends as cancelled."""
+        if request.cancelled:
+            self.answer_cancelled(request)
+            return
         self.counters[exc.code] += 1
         self.metrics.latency.observe(time.monotonic() - request.accepted_at)
-        self.frontend.send_multipart([request.client, *encode(error_header(exc, request.client_id))])
+        self.answer(request, error_header(exc, request.client_id))
+
+    def answer_cancelled(self, request: Request) -> None:
+        """The supervisor's own answer to a cancelled request: the text it streamed, if any."""
+        now = time.monotonic()
+        self.counters["cancelled"] += 1
+        self.metrics.latency.observe(now - request.accepted_at)
+        timings = {"total_ms": (now - request.accepted_at) * 1000}
+        self.answer(request, Reply(request.client_id, request.streamed_text, {}, timings,
+                                   finish_reason=CANCELLED).header())
+
+    def answer(self, request: Request, header: dict) -> None:
+        """Send `request` its one reply."""
+        self.open.answered(request)
+        self.frontend.send_multipart([request.client, *encode(header)])
 
     # --- work -----------------------------------------------------------------------------
 
@@ -355,6 +394,7 @@ class Supervisor:
             if request.attempts == 1:
                 self.metrics.queue_time.observe(request.dispatched_at - request.accepted_at)
             worker.inflight[request.key] = request
+            request.worker = worker.identity
             self.backend.send_multipart([worker.identity, *request.worker_parts], copy=False)
 
     def expire_deadlines(self) -> None:
@@ -477,7 +517,9 @@ class Supervisor:
         self.apply(slot, slot.lifecycle.exited(worker.generation, code, time.monotonic()))
 
     def retry(self, request: Request, worker: Worker) -> None:
-        if request.streamed:
+        if request.cancelled:
+            self.answer_cancelled(request)  # its client gave it up: never run again
+        elif request.streamed:
             self.fail(request, WorkerFailed(
                 f"worker {worker.slot} died after streaming part of this answer; not run again",
                 request.client_id))

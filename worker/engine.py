@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from qvl.protocol.contract import ModelOptions, WorkerSpec
 from qvl.protocol.errors import BadRequest, InternalError
-from qvl.protocol.messages import GenerationParams
+from qvl.protocol.messages import LENGTH, STOPPED, GenerationParams
 from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature
 from transformers.generation.streamers import BaseStreamer
 
@@ -64,6 +64,7 @@ class Completion:
     completion_tokens: int
     prefill_ms: float
     decode_ms: float
+    finish_reason: str = STOPPED  # STOPPED: the row ended on a stop token; LENGTH: at max_new_tokens
 
 
 class _Steps(BaseStreamer):
@@ -184,7 +185,8 @@ class Engine:
             generated = self.kv_pool.generate(inputs.to(self.device), [p.images for p in prompts], params, progress)
             tokens, prefill_ms, decode_ms = generated.tokens, generated.prefill_ms, generated.decode_ms
         kept = [self._until_eos(row) for row in tokens]
-        return [Completion(self._text(row), len(p.ids), len(row), prefill_ms, decode_ms)
+        return [Completion(self._text(row), len(p.ids), len(row), prefill_ms, decode_ms,
+                           STOPPED if row and row[-1] in self.eos_ids else LENGTH)
                 for row, p in zip(kept, prompts)]
 
     def detokenize(self, row: list[int]) -> str:

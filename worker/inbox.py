@@ -1,4 +1,4 @@
-"""What the worker reads from its socket: a `generate` request, a `stop`, or a typed error.
+"""What the worker reads from its socket: a `generate` request, a `cancel`, a `stop`, or a typed error.
 
 The worker trusts nothing it is sent. Every message goes through the codec with the supervisor's
 own limits and `parse_generate`, exactly as a client's message does at the frontend, so anything
@@ -11,17 +11,22 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from qvl.protocol.codec import GENERATE, STOP, Limits, decode
+from qvl.protocol.codec import CANCEL, GENERATE, STOP, Limits, decode
 from qvl.protocol.errors import BadRequest
-from qvl.protocol.messages import GenerateRequest, Stop, parse_generate
+from qvl.protocol.messages import Cancel, GenerateRequest, Stop, parse_generate
 
 
-def read_message(parts: Sequence[bytes], limits: Limits) -> GenerateRequest | Stop:
+def read_message(parts: Sequence[bytes], limits: Limits) -> GenerateRequest | Cancel | Stop:
     """The message in `parts`; `QvlError` (with the key when readable) for anything else."""
     header, frames = decode(parts, limits)
     kind = header["kind"]
     if kind == STOP:
         return Stop()
+    if kind == CANCEL:
+        cancel = Cancel.parse(header)
+        if type(cancel.id) is not int:  # a key the supervisor gave, as in generate
+            raise BadRequest("a cancel header needs an integer `id`")
+        return cancel
     if kind != GENERATE:
         raise BadRequest(f"a worker does not take {kind!r}", header.get("id"))
     request = parse_generate(header, frames, limits)

@@ -8,6 +8,8 @@ pool while the model works. An engine that schedules every step itself (vLLM) is
 step instead: requests join its batch when their inputs are ready and leave when they end.
 Heartbeats come from a thread with a socket of its own
 (ZeroMQ sockets are never shared between threads), so they keep time during a long batch.
+A `cancel` answers its request with finish_reason "cancelled": at once while it waits, at the next
+generation step while its batch runs (`WorkerService.cancel`).
 
 No request ends the worker: a message that cannot be read is answered `bad_request` (or dropped
 when it names no key), a request that fails is answered with its own error, and a batch that
@@ -36,8 +38,8 @@ from qvl.protocol.codec import encode, worker_identity
 from qvl.protocol.contract import WorkerSpec
 from qvl.protocol.errors import InternalError, OutOfMemory, QvlError, WorkerFailed
 from qvl.protocol.exits import WorkerExit
-from qvl.protocol.messages import (Bye, Chunk, ErrorReply, GenerateRequest, GenerationParams, Heartbeat,
-                                   Hello, Ready, Reply, Stop)
+from qvl.protocol.messages import (CANCELLED, Bye, Cancel, Chunk, ErrorReply, GenerateRequest, GenerationParams,
+                                   Heartbeat, Hello, Ready, Reply, Stop)
 
 from .engine import NO_IMAGES, Completion, Engine, ImageInputs, Prompt, load_engine
 from .faults import Faults
@@ -102,7 +104,8 @@ class WorkerService:
         self.engine: Engine | None = None
         self.faults = Faults.from_env(spec.slot, spec.generation)
         self.waiting: collections.deque[Job] = collections.deque()
-        self.running: dict[int, Job] = {}  # jobs in a step engine's batch
+        self.running: dict[int, Job] = {}  # the jobs in the engine not answered yet, by key
+        self.cancelling: set[int] = set()  # keys in `running` to answer "cancelled" at the next step
         self.stopping = False  # the supervisor said stop: finish what is waiting, then exit
         self.arrived = 0  # requests received
         self.done = 0     # requests answered
@@ -211,12 +214,42 @@ class WorkerService:
         if isinstance(message, Stop):
             self.stopping = True
             return
+        if isinstance(message, Cancel):
+            self.cancel(message.id)
+            return
         self.arrived += 1
         self.faults.on_arrival(self.arrived)
         for garbage in self.faults.garbage(self.arrived):
             self.sock.send_multipart(garbage)
         self.waiting.append(Job(message.id, self.arrived, message.messages, message.params,
                                 self._images(message), message.stream))
+
+    def cancel(self, key: int) -> None:
+        """Abandon request `key`; it is answered with finish_reason "cancelled" and the text made so
+        far. A job still waiting is answered at once and dropped. An engine that schedules every
+        step aborts a running job's row at once. In a batch of the transformers engine the job is
+        answered at the batch's next progress point (`_between_steps`) and its reply from the batch
+        is dropped; its row computes on until the batch ends, as `generate` runs a batch to
+        completion. A key never seen or already answered is ignored."""
+        job = next((job for job in self.waiting if job.key == key), None)
+        if job is not None:
+            self.waiting.remove(job)
+            self.done += 1
+            self._send(self._cancelled(job, "", 0))
+            log.info("event=cancelled key=%d where=waiting", key)
+        elif key in self.running and self.engine.steps:  # the engine aborts the row now
+            job = self.running.pop(key)
+            self.done += 1
+            self._send(self._cancelled(job, *self.engine.abort(key)))
+            log.info("event=cancelled key=%d where=running", key)
+        elif key in self.running:
+            self.cancelling.add(key)
+        else:
+            log.debug("event=cancel_ignored key=%d", key)
+
+    def _cancelled(self, job: Job, text: str, tokens: int) -> dict:
+        return Reply(job.key, text, {"completion_tokens": tokens}, {}, self.read_telemetry(),
+                     finish_reason=CANCELLED).header()
 
     def _refuse(self, exc: Exception) -> None:
         """Answer a message that could not be read, or drop it when it names no key."""
@@ -238,17 +271,21 @@ class WorkerService:
         return batch
 
     def _run_batch(self, batch: list[Job]) -> list[list[bytes]]:
+        """The replies of a batch, but for jobs a cancel already answered while it ran."""
+        self.running = {job.key: job for job in batch}
         replies, ready = [], []
         for job in batch:
             try:
                 ready.append((job, self.engine.prompt(job.messages, job.images.result(), job.params)))
             except Exception as exc:
-                replies.append(self._failed(job, exc))
+                replies.append((job, self._failed(job, exc)))
         if ready:
             replies.extend(self._generate(ready, streamed={}))
-        return replies
+        unanswered, self.running, self.cancelling = self.running, {}, set()
+        return [parts for job, parts in replies if job.key in unanswered]
 
-    def _generate(self, ready: list[tuple[Job, Prompt]], streamed: dict[int, str]) -> list[list[bytes]]:
+    def _generate(self, ready: list[tuple[Job, Prompt]],
+                  streamed: dict[int, str]) -> list[tuple[Job, list[bytes]]]:
         """Replies for a batch. One that fails is split in halves and each run again, down to the
         row at fault: only a row that fails alone is answered with the error, so only such an
         out-of-memory error counts towards recycling."""
@@ -274,9 +311,9 @@ class WorkerService:
                 self.telemetry.ooms += 1
                 log.warning("event=out_of_memory key=%d slot=%d", jobs[0].key, self.spec.slot)
                 exc = OutOfMemory(str(exc).splitlines()[0])
-            return [self._failed(jobs[0], exc)]
+            return [(jobs[0], self._failed(jobs[0], exc))]
         telemetry = self.read_telemetry()
-        return [self._reply(job, c, len(jobs), streamed.get(job.key, ""), telemetry)
+        return [(job, self._reply(job, c, len(jobs), streamed.get(job.key, ""), telemetry))
                 for job, c in zip(jobs, completions)]
 
     def _reply(self, job: Job, c: Completion, batch_size: int, sent: str, telemetry: dict) -> list[bytes]:
@@ -289,7 +326,7 @@ class WorkerService:
         return encode(Reply(job.key, c.text,
                             {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
                             {"prefill_ms": c.prefill_ms, "decode_ms": c.decode_ms, "batch_size": batch_size},
-                            telemetry).header())
+                            telemetry, finish_reason=c.finish_reason).header())
 
     def _failed(self, job: Job, exc: Exception) -> list[bytes]:
         """The error reply of a request: its own `QvlError`, or `internal` (logged) for ours."""
@@ -301,7 +338,8 @@ class WorkerService:
 
     def _between_steps(self, jobs: list[Job], streamed: dict[int, str]) -> Progress:
         """What runs every few generation steps: take the requests that arrived meanwhile (their
-        images start opening), and send each streaming job's new text as a `chunk`.
+        images start opening), answer the jobs cancelled meanwhile with their text so far, and send
+        each streaming job's new text as a `chunk`.
         `streamed` holds the text sent so far per job, so a batch run again sends no text twice."""
         streaming = any(job.stream for job in jobs)
 
@@ -310,10 +348,12 @@ class WorkerService:
         def progress(rows: Callable[[], list[list[int]]]) -> None:
             self._take_requests()
             self.faults.on_progress(next(steps), len(jobs))
-            if not streaming:
+            if not (streaming or any(job.key in self.cancelling for job in jobs)):
                 return
             for job, row in zip(jobs, rows()):
-                if not (job.stream and row):
+                if job.key in self.cancelling:
+                    self._answer_cancelled(job, row, streamed.get(job.key, ""))
+                if not (job.stream and row and job.key in self.running):
                     continue
                 text, sent = self.engine.detokenize(row), streamed.get(job.key, "")
                 # a half-detokenized multi-byte character shows as U+FFFD: wait for the rest of it
@@ -321,6 +361,15 @@ class WorkerService:
                     self._send(Chunk(job.key, text[len(sent):]).header())
                     streamed[job.key] = text
         return progress
+
+    def _answer_cancelled(self, job: Job, row: list[int], sent: str) -> None:
+        """Answer a running job cancelled: the text of its tokens so far, which extends what it
+        streamed (a half-made character at the end waits for no one). Its batch's reply is dropped."""
+        text = self.engine.detokenize(row).rstrip("\ufffd") if row else ""
+        self._send(self._cancelled(job, text if text.startswith(sent) else sent, len(row)))
+        self.cancelling.discard(job.key)
+        del self.running[job.key]
+        log.info("event=cancelled key=%d where=running tokens=%d", job.key, len(row))
 
     def _images(self, request: GenerateRequest) -> Future:
         """A request's images, opened and processed on the image pool while the model works."""

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from qvl.protocol.contract import ModelOptions
 from qvl.protocol.errors import BadRequest
-from qvl.protocol.messages import GenerationParams
+from qvl.protocol.messages import LENGTH, STOPPED, GenerationParams
 from transformers import AutoProcessor
 
 from .engine import Completion
@@ -156,13 +156,11 @@ class VllmEngine:
             raise BadRequest(str(exc)) from None
         self.rows[str(key)] = _Row(time.perf_counter(), rendered.prompt_tokens)
 
-    def abort(self, key: int) -> str | None:
-        """Stop a request at the next step; the text it had made, or None if it was not running."""
-        row = self.rows.pop(str(key), None)
-        if row is None:
-            return None
+    def abort(self, key: int) -> tuple[str, int]:
+        """Stop a running request now: the text and the number of tokens it had made."""
+        row = self.rows.pop(str(key))
         self.llm.abort_request([str(key)])
-        return "".join(row.text)
+        return "".join(row.text), row.tokens
 
     def step(self) -> list[StepOutput]:
         """One scheduling step: the new text of every request that made some, and the completions
@@ -183,7 +181,8 @@ class VllmEngine:
                 del self.rows[out.request_id]
                 first = row.first_at or now
                 completion = Completion("".join(row.text), row.prompt_tokens, row.tokens,
-                                        (first - row.added_at) * 1000.0, (now - first) * 1000.0)
+                                        (first - row.added_at) * 1000.0, (now - first) * 1000.0,
+                                        LENGTH if piece.finish_reason == "length" else STOPPED)
             outputs.append(StepOutput(int(out.request_id), piece.text, len(piece.token_ids), completion))
         return outputs
 

@@ -1,5 +1,5 @@
-"""On a CUDA device with vLLM installed: `--engine vllm` serves, streams, recycles and survives the
-death of its worker through the supervisor, as the default engine does.
+"""On a CUDA device with vLLM installed: `--engine vllm` serves, streams, cancels, recycles and
+survives the death of its worker through the supervisor, as the default engine does.
 
 Skipped without CUDA or vLLM. `QVL_GPU_MODEL` names the model folder (the `qwen3-vl-4b` preset on a
 lent GPU). vLLM's torch.compile is off here to keep the test short (full CUDA graphs for decode
@@ -57,6 +57,25 @@ def test_a_stream_is_the_answer_in_pieces(vllm_supervisor):
                                 max_new_tokens=32, min_new_tokens=32)
     assert len(chunks) > 2 and chunks[-1].done
     assert "".join(c.text for c in chunks) == whole.text  # greedy: the same text both ways
+
+
+@pytest.mark.timeout(600)
+def test_a_cancelled_stream_leaves_the_batch_at_once(vllm_supervisor):
+    """vLLM aborts the row: the cancelled reply comes long before 2000 tokens could be made, and the
+    worker serves on."""
+    with vllm_supervisor.client(timeout=120) as client:
+        chunks = []
+        for chunk in client.stream([{"role": "user", "content": [{"type": "text", "text": "Go on."}]}],
+                                   max_new_tokens=2000, min_new_tokens=2000):
+            chunks.append(chunk)
+            if len(chunks) == 3:
+                client.cancel(chunk.id)
+        after = client.ask(png((224, 224)), "And this?", max_new_tokens=8, min_new_tokens=8)
+        status = client.status()
+    assert chunks[-1].done and chunks[-1].finish_reason == "cancelled"
+    assert chunks[-1].usage["completion_tokens"] < 2000
+    assert after.usage["completion_tokens"] == 8 and after.finish_reason == "length"
+    assert status["workers"][0]["telemetry"]["running_requests"] == 0
 
 
 @pytest.mark.timeout(900)

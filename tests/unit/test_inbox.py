@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from qvl.protocol.codec import PROTOCOL_VERSION, Limits
 from qvl.protocol.errors import BadRequest, QvlError, UnsupportedVersion
-from qvl.protocol.messages import GenerateRequest, Stop
+from qvl.protocol.messages import Cancel, GenerateRequest, Stop
 from qvl.worker.inbox import read_message
 
 LIMITS = Limits(max_images=3, max_messages=4, max_text_chars=100, max_new_tokens=50)
@@ -27,6 +27,14 @@ def test_a_valid_request_and_a_stop():
     assert isinstance(request, GenerateRequest) and request.id == 3 and request.stream
     assert request.params.max_new_tokens == 5
     assert isinstance(read({"v": PROTOCOL_VERSION, "kind": "stop"}), Stop)
+
+
+def test_a_cancel_names_a_key():
+    assert read({"v": PROTOCOL_VERSION, "kind": "cancel", "id": 7}) == Cancel(7)
+    for rid in ("7", None):  # a client's id, or none: refused, and with no key to answer
+        with pytest.raises(BadRequest) as raised:
+            read({"v": PROTOCOL_VERSION, "kind": "cancel", "id": rid})
+        assert raised.value.request_id is None
 
 
 @pytest.mark.parametrize("parts, error, key", [

@@ -4,14 +4,15 @@ valid message or a `QvlError`, never another exception; what parses keeps its pr
 import math
 
 import msgpack
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qvl.protocol.codec import PROTOCOL_VERSION, Limits, decode, encode
 from qvl.protocol.contract import WorkerSpec
 from qvl.protocol.errors import BadRequest, QvlError
-from qvl.protocol.messages import (ROLES, GenerationParams, build_generate, parse_generate,
-                                   parse_worker_message)
+from qvl.protocol.messages import (FINISH_REASONS, ROLES, Cancel, GenerationParams, build_generate,
+                                   parse_generate, parse_worker_message)
 
 LIMITS = Limits(max_header_bytes=4096, max_frame_bytes=256, max_images=3, max_messages=4,
                 max_text_chars=64, max_new_tokens=100, max_request_bytes=1024)
@@ -99,6 +100,7 @@ def test_parse_generate_any_header(header, images):
                                                        "bye", "stop", "generate"]) | values},
                              optional={"id": values, "ok": values, "text": values, "usage": values,
                                        "timings": values, "telemetry": values, "error": values,
+                                       "finish_reason": st.sampled_from(sorted(FINISH_REASONS)) | values,
                                        "slot": values, "generation": values, "pid": values,
                                        "load_s": values, "device": values}))
 def test_parse_worker_message_any_header(header):
@@ -107,6 +109,32 @@ def test_parse_worker_message_any_header(header):
     except BadRequest:
         return
     assert parse_worker_message(message.header()) == message
+
+
+@SETTINGS
+@given(st.fixed_dictionaries({"v": values | st.just(PROTOCOL_VERSION), "kind": st.just("cancel") | values},
+                             optional={"id": values | st.text(max_size=8), "extra": values}), frames)
+def test_parse_cancel_any_header(header, extra):
+    """As the supervisor reads a cancel: through the codec, then its parser, a cancel naming a
+    string or integer id, or a typed error that carries the id when it could be read."""
+    try:
+        decoded, _ = decode(encode(header, extra), LIMITS)
+        cancel = Cancel.parse(decoded)
+    except QvlError as exc:
+        rid = header.get("id") if isinstance(header, dict) else None
+        assert exc.request_id is None or exc.request_id == rid
+        return
+    assert isinstance(cancel.id, (str, int)) and not isinstance(cancel.id, bool)
+    assert Cancel.parse(decode(encode(cancel.header()), LIMITS)[0]) == cancel
+
+
+@pytest.mark.parametrize("header", [
+    {"v": PROTOCOL_VERSION, "kind": "cancel"},
+    {"v": PROTOCOL_VERSION, "kind": "cancel", "id": None},
+])
+def test_a_cancel_without_an_id_is_a_bad_request(header):
+    with pytest.raises(BadRequest, match="id"):
+        Cancel.parse(decode(encode(header), LIMITS)[0])
 
 
 @SETTINGS
@@ -123,3 +151,13 @@ def test_generate_round_trip_keeps_every_field():
                                                                 {"type": "text", "text": "hi"}]}],
                              GenerationParams(max_new_tokens=5), timeout_ms=10.0, stream=True)
     assert parse_generate(*decode(encode(request.header(), request.images), LIMITS), LIMITS) == request
+
+
+def test_a_reply_names_how_it_finished():
+    reply = {"v": PROTOCOL_VERSION, "kind": "reply", "id": 3, "ok": True, "text": "a", "usage": {},
+             "timings": {}}
+    for reason in sorted(FINISH_REASONS):
+        assert parse_worker_message({**reply, "finish_reason": reason}).finish_reason == reason
+    for wrong in (None, "eos", 1):
+        with pytest.raises(BadRequest, match="finish_reason"):
+            parse_worker_message({**reply, "finish_reason": wrong})
