@@ -19,6 +19,7 @@ Imported only when `engine = "vllm"`: neither the supervisor nor the default eng
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -96,6 +97,10 @@ class VllmEngine:
         self._render_lock = threading.Lock()
         self._scheduler = self.llm.engine_core.engine_core.scheduler
         self.rows: dict[str, _Row] = {}
+        # The image pool's threads hold the GIL while they process pixels; the main thread, back from
+        # waiting on the GPU, would wait up to the default 5 ms for it every step (vLLM's own server
+        # keeps these in separate processes). 0.5 ms bounds that wait.
+        sys.setswitchinterval(0.0005)
 
     @property
     def running(self) -> int:
