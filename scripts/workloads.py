@@ -50,7 +50,7 @@ def mixed(n: int, seed: int = 0) -> list[Item]:
         image = None if rng.random() < 0.2 else jpeg(rng.choice(MIXED_SIZES), i)
         sampled = rng.random() < 0.5
         items.append(Item(image, QUESTION if image else TEXT_ONLY, rng.choice(MIXED_LENGTHS),
-                          0.7 if sampled else 0.0, 0.9 if sampled else 1.0, i if sampled else None))
+                          0.7 if sampled else 0.0, 0.9 if sampled else 1.0))
     return items
 
 
