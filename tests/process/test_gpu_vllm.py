@@ -82,9 +82,9 @@ def test_a_cancelled_stream_leaves_the_batch_at_once(vllm_supervisor):
 def test_a_recycle_and_a_killed_worker_lose_no_request(vllm_supervisor):
     """16 requests in flight through an operator recycle, then 16 through a SIGKILL of the worker:
     every one is answered."""
-    async def load(client, n):
-        return await asyncio.gather(*(client.ask(png((224 + 32 * i, 224)), "Describe it.", max_new_tokens=64,
-                                                 min_new_tokens=64) for i in range(n)))
+    async def load(client, n, tokens=64):
+        return await asyncio.gather(*(client.ask(png((224 + 32 * i, 224)), "Describe it.", max_new_tokens=tokens,
+                                                 min_new_tokens=tokens) for i in range(n)))
 
     async def scenario():
         async with AsyncClient(vllm_supervisor.endpoint, timeout=600) as client:
@@ -93,8 +93,12 @@ def test_a_recycle_and_a_killed_worker_lose_no_request(vllm_supervisor):
             await asyncio.sleep(0.5)
             await client.recycle(0)
             recycled = await flight
-            worker = next(w for w in (await client.status())["workers"] if w["state"] == "ready")
-            flight = asyncio.ensure_future(load(client, 16))
+            while True:  # the old worker serves until its successor is ready
+                worker = (await client.status())["workers"][0]
+                if worker["generation"] > before["generation"] and worker["state"] == "ready":
+                    break
+                recycled += await load(client, 2)
+            flight = asyncio.ensure_future(load(client, 16, tokens=1024))  # seconds of decoding
             await asyncio.sleep(1.0)
             os.kill(worker["pid"], signal.SIGKILL)
             killed = await flight
@@ -102,6 +106,7 @@ def test_a_recycle_and_a_killed_worker_lose_no_request(vllm_supervisor):
             return before, recycled, worker, killed, after
 
     before, recycled, worker, killed, after = asyncio.run(scenario())
-    assert all(r.usage["completion_tokens"] == 64 for r in recycled + killed)
+    assert all(r.usage["completion_tokens"] == 64 for r in recycled)
+    assert all(r.usage["completion_tokens"] == 1024 for r in killed)
     assert worker["generation"] > before["generation"]
     assert after["generation"] > worker["generation"]
