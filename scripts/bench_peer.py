@@ -147,7 +147,8 @@ class Qvl:
             return (await self.client.generate(messages, **params)).usage.get("completion_tokens", 0)
         tokens = 0
         async for chunk in self.client.stream(messages, **params):
-            mark()  # a chunk is sent per step that made tokens, even where they decode to no text
+            if not chunk.done:  # a chunk per step that made tokens (engine vllm), even with no text;
+                mark()          # the transformers engine streams only new text, every few steps
             if chunk.done:
                 tokens = chunk.usage.get("completion_tokens", 0)
         return tokens
