@@ -25,7 +25,7 @@ class ModelOptions:
     attn_implementation: str = "sdpa"
     memory_fraction: float | None = None
     engine: str = "hf"  # "vllm": vLLM's engine in the worker; "noop" answers without a model (benchmarks)
-    kv_cache: str = "auto"  # static (KV pool, CUDA graphs), dynamic (`generate`), or auto: static on CUDA
+    kv_cache: str = "auto"  # static (KV pool, CUDA graphs), continuous (the pool in rows), dynamic, auto
     kv_cache_tokens: int = 32768  # size of the static KV pool: rows x length of the largest batch
     vllm_memory_share: float = 0.4  # vLLM's gpu_memory_utilization: the device share it takes at load
     vllm_max_model_len: int = 32768  # prompt plus new tokens of one request, for vLLM

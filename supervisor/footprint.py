@@ -36,7 +36,7 @@ def fresh_worker_footprint(model: str, device: str, kv_cache: str, kv_cache_toke
     except (OSError, ValueError):
         return None
     cuda = device.startswith("cuda")
-    if not (kv_cache == "static" or (kv_cache == "auto" and cuda)):
+    if not (kv_cache in ("static", "continuous") or (kv_cache == "auto" and cuda)):
         return Footprint(weights, 0, "no static KV pool")
     text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
     try:

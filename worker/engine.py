@@ -67,6 +67,17 @@ class Completion:
     finish_reason: str = STOPPED  # STOPPED: the row ended on a stop token; LENGTH: at max_new_tokens
 
 
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step of an engine that schedules every step gave one request: its new tokens and
+    their text, and its completion once it has ended."""
+
+    key: int
+    text: str
+    tokens: int
+    completion: Completion | None = None
+
+
 class _Steps(BaseStreamer):
     """Watches `generate`'s tokens: when the first one came, and every few steps the rows so far."""
 
@@ -173,7 +184,7 @@ class Engine:
                  progress: Progress | None = None) -> list[Completion]:
         """A completion per prompt, in order. `progress`, if given, gets every row's new tokens
         every few steps (streaming); rows are numbered within `prompts`."""
-        inputs = self._batch(prompts)
+        inputs = self.inputs(prompts)
         n, length = inputs["input_ids"].shape
         if self.kv_pool is None:
             tokens, prefill_ms, decode_ms = self._generate(inputs.to(self.device), params, progress)
@@ -184,19 +195,19 @@ class Engine:
         else:
             generated = self.kv_pool.generate(inputs.to(self.device), [p.images for p in prompts], params, progress)
             tokens, prefill_ms, decode_ms = generated.tokens, generated.prefill_ms, generated.decode_ms
-        kept = [self._until_eos(row) for row in tokens]
+        kept = [self.until_eos(row) for row in tokens]
         return [Completion(self._text(row), len(p.ids), len(row), prefill_ms, decode_ms,
                            STOPPED if row and row[-1] in self.eos_ids else LENGTH)
                 for row, p in zip(kept, prompts)]
 
     def detokenize(self, row: list[int]) -> str:
         """The text of a row of new tokens, up to and without its stop token."""
-        return self._text(self._until_eos(row))
+        return self._text(self.until_eos(row))
 
     def _text(self, row: list[int]) -> str:
         return self.processor.tokenizer.decode(row, skip_special_tokens=True)
 
-    def _batch(self, prompts: list[Prompt]) -> BatchFeature:
+    def inputs(self, prompts: list[Prompt]) -> BatchFeature:
         """The model's inputs for `prompts`: ids left-padded to the longest, images in row order."""
         width = max(len(p.ids) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -228,7 +239,7 @@ class Engine:
         prompt_len = inputs["input_ids"].shape[1]
         return output[:, prompt_len:].tolist(), (first - started) * 1000.0, (ended - first) * 1000.0
 
-    def _until_eos(self, row: list[int]) -> list[int]:
+    def until_eos(self, row: list[int]) -> list[int]:
         for i, token in enumerate(row):
             if token in self.eos_ids:
                 return row[:i + 1]
@@ -278,8 +289,12 @@ class NoopEngine:
 
 
 def load_engine(spec: WorkerSpec):
-    """The engine `spec` names: `Engine`, `NoopEngine`, or `VllmEngine` (imported only then)."""
+    """The engine `spec` names: `Engine` (run-to-completion batches), `ContinuousEngine` around it
+    (`kv_cache = "continuous"`), `NoopEngine`, or `VllmEngine` (vLLM imported only then)."""
     if spec.model.engine == "vllm":
         from .vllm_engine import VllmEngine
         return VllmEngine(spec.model, spec.max_prompt_tokens, spec.limits.max_images)
+    if spec.model.engine == "hf" and spec.model.kv_cache == "continuous":
+        from .continuous import ContinuousEngine
+        return ContinuousEngine(Engine(spec.model, spec.max_prompt_tokens), spec.max_batch_size)
     return (NoopEngine if spec.model.engine == "noop" else Engine)(spec.model, spec.max_prompt_tokens)

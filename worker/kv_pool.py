@@ -79,8 +79,7 @@ class KVPool:
         self.pad_id = pad_id
         self.buckets: dict[tuple[int, int], _Bucket] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
-        # transformers renamed `past_key_values` to `cache`; the old name warns in newer releases
-        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_arg = cache_argument(model)
 
     def fits(self, rows: int, prompt_len: int, max_new_tokens: int) -> bool:
         return next_power_of_two(rows) * round_up(prompt_len + max_new_tokens, LENGTH_BUCKET) <= self.kv_tokens
@@ -95,7 +94,7 @@ class KVPool:
         started = time.perf_counter()
         cache = DynamicCache()
         out = self.model(**inputs, **{self.cache_arg: cache}, use_cache=True, logits_to_keep=1)
-        self._load_bucket(bucket, cache, inputs["attention_mask"], self._next_positions(inputs, images_per_row))
+        self._load_bucket(bucket, cache, inputs["attention_mask"], next_positions(self.model, inputs, images_per_row))
         generated = torch.full((n, params.max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
         finished = torch.zeros(n, dtype=torch.bool, device=self.device)
         logits = out.logits[:, -1].float()
@@ -119,24 +118,6 @@ class KVPool:
                 first_at = _synchronized_now(self.device)
         ended = _synchronized_now(self.device)
         return Generated(generated.tolist(), (first_at - started) * 1000.0, (ended - first_at) * 1000.0)
-
-    def _next_positions(self, inputs, images_per_row: list[int]) -> list[int]:
-        """Each row's rotary position for its first new token.
-
-        Multimodal RoPE gives an image of t x h x w merged patches the positions of a t x h x w grid,
-        so it advances the position by max(t, h, w), not by its token count. Computed here, not read
-        from the model, because transformers has changed where and how it keeps these offsets.
-        """
-        merge = self.model.config.vision_config.spatial_merge_size
-        grids = inputs["image_grid_thw"].tolist() if inputs.get("image_grid_thw") is not None else []
-        positions = []
-        for length, count in zip(inputs["attention_mask"].sum(dim=1).tolist(), images_per_row):
-            for t, h, w in grids[:count]:
-                h, w = h // merge, w // merge
-                length += max(t, h, w) - t * h * w
-            grids = grids[count:]
-            positions.append(length)
-        return positions
 
     def _load_bucket(self, bucket: _Bucket, cache, attention_mask: torch.Tensor, positions: list[int]) -> None:
         """Copy the prefilled keys and values into the bucket's views and set its inputs for step one."""
@@ -184,28 +165,65 @@ class KVPool:
 
     def _forward(self, bucket: _Bucket) -> torch.Tensor:
         """One token per row: write its keys and values at `write_at`, return next-token logits."""
-        text = self.text
-        rows = bucket.tokens.shape[0]
-        hidden = text.embed_tokens(bucket.tokens)
-        cos, sin = text.rotary_emb(hidden, bucket.positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         bucket.mask.index_fill_(3, bucket.write_at, True)
-        split = (rows, 1, -1, self.head_dim)
-        for layer, (keys, values) in zip(text.layers, bucket.kv):
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = _rotate(attn.q_norm(attn.q_proj(x).view(split)).transpose(1, 2), cos, sin)
-            k = _rotate(attn.k_norm(attn.k_proj(x).view(split)).transpose(1, 2), cos, sin)
-            keys.index_copy_(2, bucket.write_at, k)
-            values.index_copy_(2, bucket.write_at, attn.v_proj(x).view(split).transpose(1, 2))
-            # the query heads sharing a key head become its query rows: grouped attention, no copies
-            q = q.reshape(rows, self.kv_heads, -1, self.head_dim)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=bucket.mask, scale=attn.scaling)
-            hidden = hidden + attn.o_proj(o.reshape(rows, 1, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        logits = decode_step(self.model, bucket.tokens, bucket.positions, bucket.kv, bucket.mask,
+                             lambda cache, new: cache.index_copy_(2, bucket.write_at, new))
         bucket.write_at += 1
         bucket.positions += 1
-        return self.model.lm_head(text.norm(hidden)[:, 0]).float()
+        return logits
+
+
+def cache_argument(model) -> str:
+    """The name of the forward's cache argument: transformers renamed `past_key_values` to `cache`
+    (the old name warns in newer releases)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, kv: list, mask: torch.Tensor,
+                write: Callable[[torch.Tensor, torch.Tensor], object]) -> torch.Tensor:
+    """One new token per row through the Qwen3-VL text decoder's own modules: each layer's new keys
+    and values go into the cache by `write(cache, new)`, attention reads the cache under `mask`
+    (rows x 1 x 1 x length). The next-token logits per row."""
+    text = model.model.language_model
+    rows = tokens.shape[0]
+    head_dim = kv[0][0].shape[-1]
+    kv_heads = kv[0][0].shape[1]
+    hidden = text.embed_tokens(tokens)
+    cos, sin = text.rotary_emb(hidden, positions)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    split = (rows, 1, -1, head_dim)
+    for layer, (keys, values) in zip(text.layers, kv):
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        q = _rotate(attn.q_norm(attn.q_proj(x).view(split)).transpose(1, 2), cos, sin)
+        k = _rotate(attn.k_norm(attn.k_proj(x).view(split)).transpose(1, 2), cos, sin)
+        write(keys, k)
+        write(values, attn.v_proj(x).view(split).transpose(1, 2))
+        # the query heads sharing a key head become its query rows: grouped attention, no copies
+        q = q.reshape(rows, kv_heads, -1, head_dim)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+        hidden = hidden + attn.o_proj(o.reshape(rows, 1, -1))
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return model.lm_head(text.norm(hidden)[:, 0]).float()
+
+
+def next_positions(model, inputs, images_per_row: list[int]) -> list[int]:
+    """Each row's rotary position for its first new token.
+
+    Multimodal RoPE gives an image of t x h x w merged patches the positions of a t x h x w grid,
+    so it advances the position by max(t, h, w), not by its token count. Computed here, not read
+    from the model, because transformers has changed where and how it keeps these offsets.
+    """
+    merge = model.config.vision_config.spatial_merge_size
+    grids = inputs["image_grid_thw"].tolist() if inputs.get("image_grid_thw") is not None else []
+    positions = []
+    for length, count in zip(inputs["attention_mask"].sum(dim=1).tolist(), images_per_row):
+        for t, h, w in grids[:count]:
+            h, w = h // merge, w // merge
+            length += max(t, h, w) - t * h * w
+        grids = grids[count:]
+        positions.append(length)
+    return positions
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -173,6 +173,8 @@ class WorkerService:
     def _admit(self) -> None:
         """Add every waiting job whose inputs are ready to the engine; answer those it refuses."""
         for job in [job for job in self.waiting if job.images.done()]:
+            if not self.engine.has_room():
+                return
             self.waiting.remove(job)
             try:
                 self.faults.before_generate([job.number])

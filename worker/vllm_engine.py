@@ -32,7 +32,7 @@ from qvl.protocol.errors import BadRequest
 from qvl.protocol.messages import LENGTH, STOPPED, GenerationParams
 from transformers import AutoProcessor
 
-from .engine import Completion
+from .engine import Completion, StepOutput
 from .image_tokens import ImageTokens
 from .prompts import PromptTokenizer
 
@@ -52,17 +52,6 @@ class Rendered:
 
     engine_input: dict
     prompt_tokens: int
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    """What one step gave one request: its new tokens and their text, and its completion once it
-    has ended."""
-
-    key: int
-    text: str
-    tokens: int
-    completion: Completion | None = None
 
 
 @dataclass
@@ -105,6 +94,9 @@ class VllmEngine:
     @property
     def running(self) -> int:
         return len(self.rows)
+
+    def has_room(self) -> bool:
+        return True  # vLLM queues what it cannot schedule yet
 
     def stats(self) -> dict:
         """vLLM's own figures, sent beside the allocator's in every heartbeat and reply."""

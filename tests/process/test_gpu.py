@@ -49,3 +49,40 @@ def test_served_on_cuda_with_allocator_telemetry(tmp_path, gpu_model):
     finally:
         assert sup.stop(timeout=60) == 0
         assert wait_gone({sup.pid, *sup.worker_pids}) == set()
+
+
+@pytest.mark.timeout(600)
+def test_continuous_batching_graphs_give_the_eager_tokens(gpu_model):
+    """Rows joining and leaving a running batch: the CUDA graph of each bucket gives the tokens of
+    the same steps run eagerly."""
+    from PIL import Image
+
+    from qvl.protocol.contract import ModelOptions
+    from qvl.protocol.messages import GenerationParams
+    from qvl.worker.continuous import ContinuousEngine
+    from qvl.worker.engine import Engine
+
+    def serve(graphs: bool) -> dict:
+        engine = ContinuousEngine(Engine(ModelOptions(str(gpu_model), "cuda:0", kv_cache="continuous",
+                                                      kv_cache_tokens=16384)), rows=8)
+        if not graphs:
+            engine.graph_pool = None  # the same steps, run eagerly
+        texts, done = {}, {}
+        joins = {0: [0, 1], 2: [2], 5: [3, 4], 9: [5]}
+        for step in range(400):
+            for key in joins.get(step, []):
+                size = (64 + 48 * key, 96)
+                messages = [{"role": "user", "content": [{"type": "image", "frame": 0},
+                                                         {"type": "text", "text": f"Picture {key}?"}]}]
+                params = GenerationParams(max_new_tokens=8 + 9 * key, min_new_tokens=8 + 9 * key)
+                image = Image.effect_noise(size, 30 + key).convert("RGB")
+                engine.add(key, messages, engine.process_images(messages, [image], params), params)
+            if step > max(joins) and not engine.running:
+                return done
+            for out in engine.step():
+                if out.completion is not None:
+                    done[out.key] = (out.completion.text, out.completion.completion_tokens)
+        raise AssertionError("did not end")
+
+    graphed, eager = serve(True), serve(False)
+    assert graphed == eager and len(graphed) == 6

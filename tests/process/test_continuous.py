@@ -1,0 +1,155 @@
+"""Continuous batching on CPU with the tiny model: requests that join a running batch at
+different steps, with images of different sizes, text only, and other sampling parameters beside
+them, give the greedy tokens transformers' `generate` gives each alone; an aborted row frees its
+slot for a waiting request; a short request leaves before long ones end. Then through real
+processes with `--kv-cache continuous`."""
+
+import concurrent.futures
+
+import pytest
+from PIL import Image
+
+from qvl.protocol.contract import ModelOptions
+from qvl.protocol.errors import BadRequest
+from qvl.protocol.messages import GenerationParams
+from qvl.worker.continuous import ContinuousEngine
+from qvl.worker.engine import NO_IMAGES, Engine
+
+from harness import png, wait_gone
+
+
+def image_request(size, question, seed):
+    image = Image.effect_noise(size, 30 + seed).convert("RGB")
+    return [{"role": "user", "content": [{"type": "image", "frame": 0}, {"type": "text", "text": question}]}], [image]
+
+
+def text_request(question):
+    return [{"role": "user", "content": [{"type": "text", "text": question}]}], []
+
+
+REQUESTS = [image_request((96, 64), "What is it?", 1), text_request("Tell me a story."),
+            image_request((200, 120), "Describe the whole picture.", 2), image_request((64, 300), "Colour?", 3)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    return Engine(ModelOptions(str(tiny_model), "cpu", kv_cache="dynamic"))
+
+
+@pytest.fixture
+def continuous(tiny_model):
+    return ContinuousEngine(Engine(ModelOptions(str(tiny_model), "cpu", kv_cache="continuous",
+                                                kv_cache_tokens=5120)), rows=5)
+
+
+def alone(engine, request, params):
+    messages, images = request
+    return engine.generate([engine.prepare(messages, images, params)], params)[0]
+
+
+def add(engine, key, request, params):
+    messages, images = request
+    inputs = engine.process_images(messages, images, params) if images else NO_IMAGES
+    engine.add(key, messages, inputs, params)
+
+
+def run(engine, joins: dict[int, list], steps_limit=500) -> dict:
+    """Step until every request ended; `joins[step]` lists (key, request, params) added before that
+    step. Returns each key's completion and the texts streamed for it."""
+    done, streamed = {}, {}
+    for step in range(steps_limit):
+        for key, request, params in joins.get(step, []):
+            add(engine, key, request, params)
+        if not engine.running and step > max(joins):
+            return {"done": done, "streamed": streamed}
+        for out in engine.step():
+            streamed[out.key] = streamed.get(out.key, "") + out.text
+            if out.completion is not None:
+                done[out.key] = out.completion
+    raise AssertionError("requests did not end")
+
+
+def test_rows_joining_at_different_steps_give_their_greedy_tokens_alone(reference, continuous):
+    lengths = [12, 20, 7, 16]
+    params = [GenerationParams(max_new_tokens=n, min_new_tokens=n) for n in lengths]
+    sampled = GenerationParams(max_new_tokens=10, min_new_tokens=10, temperature=0.9, top_p=0.8, top_k=20)
+    joins = {0: [(0, REQUESTS[0], params[0]), (1, REQUESTS[1], params[1])],
+             3: [(2, REQUESTS[2], params[2]), (9, REQUESTS[1], sampled)],
+             5: [(3, REQUESTS[3], params[3])]}
+    result = run(continuous, joins)
+    for key in range(4):
+        expected = alone(reference, REQUESTS[key], params[key])
+        got = result["done"][key]
+        assert got.text == expected.text, key
+        assert got.completion_tokens == expected.completion_tokens == lengths[key]
+        assert got.finish_reason == "length"
+    assert result["done"][9].completion_tokens == 10  # the sampled row shared the batch
+    assert not continuous.running
+
+
+def test_stop_tokens_end_a_row_as_generate_does(reference, continuous):
+    params = GenerationParams(max_new_tokens=40)  # no minimum: the random model may stop early
+    result = run(continuous, {0: [(k, r, params) for k, r in enumerate(REQUESTS)]})
+    for key, request in enumerate(REQUESTS):
+        expected = alone(reference, request, params)
+        assert (result["done"][key].text, result["done"][key].completion_tokens) == \
+            (expected.text, expected.completion_tokens)
+
+
+def test_an_aborted_row_frees_its_slot_and_the_others_are_unaffected(reference, continuous):
+    long = GenerationParams(max_new_tokens=30, min_new_tokens=30)
+    for key in range(5):
+        add(continuous, key, REQUESTS[key % 4], long)
+    assert not continuous.has_room()
+    for _ in range(5):
+        continuous.step()
+    text, tokens = continuous.abort(2)
+    assert tokens == 6 and continuous.has_room()
+    add(continuous, 7, REQUESTS[2], long)  # takes the freed slot
+    result = run(continuous, {0: []})
+    for key, request in ((0, 0), (1, 1), (3, 3), (4, 0), (7, 2)):
+        assert result["done"][key].text == alone(reference, REQUESTS[request], long).text
+
+
+def test_a_short_request_leaves_before_long_ones_end(continuous):
+    long, short = GenerationParams(max_new_tokens=60, min_new_tokens=60), GenerationParams(max_new_tokens=3,
+                                                                                         min_new_tokens=3)
+    add(continuous, 0, REQUESTS[0], long)
+    add(continuous, 1, REQUESTS[2], long)
+    for _ in range(4):
+        continuous.step()
+    add(continuous, 2, REQUESTS[1], short)
+    ended_at = None
+    for step in range(100):
+        if any(o.completion is not None and o.key == 2 for o in continuous.step()):
+            ended_at = step
+            break
+    assert ended_at is not None and ended_at <= 3
+    assert continuous.running == 2  # the long ones run on
+
+
+def test_a_request_longer_than_a_row_is_refused(continuous):
+    with pytest.raises(BadRequest, match="exceed a batch row"):
+        add(continuous, 0, REQUESTS[1], GenerationParams(max_new_tokens=2000))
+
+
+@pytest.mark.timeout(120)
+def test_served_with_kv_cache_continuous(start_supervisor):
+    sup = start_supervisor("--kv-cache", "continuous", "--max-batch-size", "4", "--max-inflight", "8")
+    sup.wait_ready()
+    messages = [{"role": "user", "content": [{"type": "image", "image": png((96, 64))},
+                                             {"type": "text", "text": "What is it?"}]}]
+    with sup.client(timeout=60) as client:
+        whole = client.generate(messages, max_new_tokens=24, min_new_tokens=24)
+        chunks = list(client.stream(messages, max_new_tokens=24, min_new_tokens=24))
+
+    def ask(n):
+        with sup.client(timeout=60) as c:
+            return c.ask(png((64 + 16 * n, 64)), "Describe it.", max_new_tokens=4 + 6 * n, min_new_tokens=4 + 6 * n)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(ask, range(6)))
+    assert "".join(c.text for c in chunks) == whole.text and chunks[-1].done
+    assert [r.usage["completion_tokens"] for r in results] == [4 + 6 * n for n in range(6)]
+    pids = {sup.pid, *sup.remember_workers()}
+    assert sup.stop() == 0
+    assert wait_gone(pids) == set()

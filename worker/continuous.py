@@ -1,0 +1,238 @@
+"""Continuous batching for the transformers engine: requests join and leave a running batch.
+
+The KV pool (`kv_cache_tokens`) is cut into `rows` slots of equal length. A request takes the
+lowest free slot when it is added: its prompt is prefilled alone by the model's own forward (the
+vision tower and all) and its keys and values are copied into the slot, so it joins the batch at
+the next step. Every step decodes one token for every row of the lowest power-of-two bucket of
+slots that holds all running rows, over the shortest multiple of `LENGTH_BUCKET` that holds the
+longest row; each row writes at its own position, with its own mask, rotary position and sampling
+parameters (temperature, top-k, top-p, min and max new tokens), so requests with different
+parameters share the batch and greedy rows stay exactly greedy. A row leaves the step it ends
+(a stop token after its minimum, its maximum, an abort) and its slot is free at once.
+
+On CUDA each (rows, length) bucket's step is captured once as a CUDA graph over the slots' state
+tensors and replayed; on CPU the same step runs eagerly (how it is tested against `generate`).
+Not done here: prefill in chunks (a long prompt is prefilled whole, and the running rows wait for
+it) and prefilling several new requests together.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from qvl.protocol.errors import BadRequest
+from qvl.protocol.messages import LENGTH, STOPPED, GenerationParams
+from transformers import DynamicCache
+
+from .engine import NO_IMAGES, Completion, Engine, ImageInputs, StepOutput
+from .kv_pool import LENGTH_BUCKET, cache_argument, decode_step, next_positions, next_power_of_two, round_up
+
+
+@dataclass
+class _Row:
+    key: int
+    params: GenerationParams
+    prompt_tokens: int
+    length: int  # tokens in the slot's cache once the pending token is written
+    added_at: float
+    first_at: float
+    tokens: list[int] = field(default_factory=list)
+    sent: str = ""  # text already given out in step outputs
+
+
+class ContinuousEngine:
+    steps = True  # the worker runs this engine step by step
+
+    def __init__(self, engine: Engine, rows: int):
+        self.engine = engine
+        self.device = engine.device
+        self.model = engine.model
+        config = self.model.model.language_model.config
+        kv_heads = config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.slots = max(1, min(rows, engine.options.kv_cache_tokens // LENGTH_BUCKET))
+        self.slot_length = engine.options.kv_cache_tokens // self.slots // LENGTH_BUCKET * LENGTH_BUCKET
+        shape = (self.slots, kv_heads, self.slot_length, head_dim)
+        self.kv = [(torch.zeros(shape, dtype=self.model.dtype, device=self.device),
+                    torch.zeros(shape, dtype=self.model.dtype, device=self.device))
+                   for _ in self.model.model.language_model.layers]
+        # every slot's decode state; buckets are views of their first rows
+        self.tokens = torch.zeros((self.slots, 1), dtype=torch.long, device=self.device)
+        self.positions = torch.zeros((3, self.slots, 1), dtype=torch.long, device=self.device)
+        self.write_at = torch.zeros(self.slots, dtype=torch.long, device=self.device)
+        self.live = torch.zeros(self.slots, dtype=torch.long, device=self.device)  # 1 for a running row
+        self.mask = torch.zeros((self.slots, 1, 1, self.slot_length), dtype=torch.bool, device=self.device)
+        self.mask[:, 0, 0, 0] = True  # a free slot attends somewhere: its output is dropped
+        self.row_index = torch.arange(self.slots, device=self.device)
+        self.eos = torch.tensor(sorted(engine.eos_ids), device=self.device)
+        self.rows: dict[int, _Row] = {}  # slot -> its request
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
+        self.cache_arg = cache_argument(self.model)
+
+    @property
+    def running(self) -> int:
+        return len(self.rows)
+
+    def has_room(self) -> bool:
+        return len(self.rows) < self.slots
+
+    def warm_up(self) -> None:
+        self.engine.warm_up()
+
+    def process_images(self, messages: list, frames, params: GenerationParams) -> ImageInputs:
+        return self.engine.process_images(messages, frames, params)
+
+    @torch.inference_mode()
+    def add(self, key: int, messages: list, images: ImageInputs | object, params: GenerationParams) -> None:
+        """Prefill a request into the lowest free slot; it decodes from the next step on."""
+        prompt = self.engine.prompt(messages, images if isinstance(images, ImageInputs) else NO_IMAGES, params)
+        need = len(prompt.ids) + params.max_new_tokens
+        if need > self.slot_length:
+            raise BadRequest(f"{len(prompt.ids)} prompt tokens plus max_new_tokens {params.max_new_tokens} "
+                             f"exceed a batch row of {self.slot_length} tokens (kv_cache_tokens "
+                             f"{self.engine.options.kv_cache_tokens} over {self.slots} rows)")
+        slot = next((s for s in range(self.slots) if s not in self.rows), None)
+        if slot is None:
+            raise BadRequest("no free batch row")  # the worker adds no more than it has rows
+        added_at = time.perf_counter()
+        inputs = self.engine.inputs([prompt]).to(self.device)
+        cache = DynamicCache()
+        out = self.model(**inputs, **{self.cache_arg: cache}, use_cache=True, logits_to_keep=1)
+        n = len(prompt.ids)
+        for (keys, values), layer in zip(self.kv, cache.layers):
+            keys[slot, :, :n].copy_(layer.keys[0])
+            values[slot, :, :n].copy_(layer.values[0])
+        self.mask[slot].zero_()
+        self.mask[slot, 0, 0, :n] = True
+        self.positions[:, slot, 0] = next_positions(self.model, inputs, [prompt.images])[0]
+        self.write_at[slot] = n
+        row = _Row(key, params, n, n + 1, added_at, 0.0)
+        first = self._choose(out.logits[:, -1].float(), [row])
+        self.tokens[slot, 0] = first[0]
+        row.first_at = time.perf_counter()
+        self.rows[slot] = row
+        self.live[slot] = 1
+        row.tokens.append(int(first[0]))
+
+    def abort(self, key: int) -> tuple[str, int]:
+        """Stop a running request now and free its slot: the text and tokens it had made."""
+        slot = next(s for s, row in self.rows.items() if row.key == key)
+        row = self._free(slot)
+        return self.engine.detokenize(row.tokens), len(row.tokens)
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """Every row decodes one token; a row leaves the step its token ends it (a row whose first
+        token, from its prefill, already ended it leaves before decoding)."""
+        outputs = [self._finish(slot) for slot in [s for s, row in self.rows.items() if self._ended(row)]]
+        if self.rows:
+            n = min(next_power_of_two(max(self.rows) + 1), self.slots)
+            length = round_up(max(row.length for row in self.rows.values()), LENGTH_BUCKET)
+            logits = self._decode(n, length)
+            slots = sorted(self.rows)
+            chosen = self._choose(logits[slots], [self.rows[s] for s in slots]).tolist()
+            self.tokens[slots, 0] = torch.tensor(chosen, device=self.device)
+            for slot, token in zip(slots, chosen):
+                row = self.rows[slot]
+                row.tokens.append(token)
+                row.length += 1
+                if self._ended(row):
+                    outputs.append(self._finish(slot))
+                    continue
+                text = self.engine.detokenize(row.tokens)
+                new = ""  # a half-detokenized multi-byte character shows as U+FFFD: wait for the rest
+                if len(text) > len(row.sent) and text.startswith(row.sent) and not text.endswith("\ufffd"):
+                    new, row.sent = text[len(row.sent):], text
+                outputs.append(StepOutput(row.key, new, 1))
+        return outputs
+
+    def _ended(self, row: _Row) -> bool:
+        """A stop token (never chosen before `min_new_tokens`) or `max_new_tokens` reached."""
+        return row.tokens[-1] in self.engine.eos_ids or len(row.tokens) >= row.params.max_new_tokens
+
+    def _finish(self, slot: int) -> StepOutput:
+        row = self._free(slot)
+        now = time.perf_counter()
+        tokens = self.engine.until_eos(row.tokens)
+        text = self.engine.detokenize(tokens)
+        reason = STOPPED if tokens and tokens[-1] in self.engine.eos_ids else LENGTH
+        completion = Completion(text, row.prompt_tokens, len(tokens), (row.first_at - row.added_at) * 1000.0,
+                                (now - row.first_at) * 1000.0, reason)
+        return StepOutput(row.key, text[len(row.sent):] if text.startswith(row.sent) else "", 0, completion)
+
+    def _free(self, slot: int) -> _Row:
+        row = self.rows.pop(slot)
+        self.live[slot] = 0
+        self.write_at[slot] = 0
+        self.positions[:, slot] = 0
+        self.mask[slot].zero_()
+        self.mask[slot, 0, 0, 0] = True
+        return row
+
+    def _decode(self, n: int, length: int) -> torch.Tensor:
+        """One token for the first `n` slots over `length` cache positions: logits per slot."""
+        if self.graph_pool is None:
+            return self._forward(n, length)
+        if (n, length) not in self.graphs:
+            self.graphs[(n, length)] = self._capture(n, length)
+        graph, logits = self.graphs[(n, length)]
+        graph.replay()
+        return logits
+
+    def _forward(self, n: int, length: int) -> torch.Tensor:
+        live, write_at, rows = self.live[:n], self.write_at[:n], self.row_index[:n]
+        mask = self.mask[:n, :, :, :length]
+        mask.scatter_(3, write_at.view(n, 1, 1, 1), True)
+
+        def write(cache: torch.Tensor, new: torch.Tensor) -> None:
+            cache[rows, :, write_at] = new[:, :, 0]
+
+        kv = [(keys[:n, :, :length], values[:n, :, :length]) for keys, values in self.kv]
+        logits = decode_step(self.model, self.tokens[:n], self.positions[:, :n], kv, mask, write)
+        write_at += live  # a free slot stays at 0
+        self.positions[:, :n] += live.view(1, n, 1)
+        return logits
+
+    def _capture(self, n: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The graph of one bucket's step. Capturing runs the step for real; the rows' state is put
+        back after (the keys and values written past a row's end are masked until overwritten)."""
+        saved = [t.clone() for t in (self.tokens, self.positions, self.write_at, self.mask)]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(n, length)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool, capture_error_mode="thread_local"):
+            logits = self._forward(n, length)
+        for tensor, copy in zip((self.tokens, self.positions, self.write_at, self.mask), saved):
+            tensor.copy_(copy)
+        return graph, logits
+
+    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """The next token of each row under its own parameters: argmax at temperature 0, else
+        sampling with temperature, top-k and top-p as `generate` does; no stop token before a
+        row's `min_new_tokens`."""
+        early = torch.tensor([len(r.tokens) < r.params.min_new_tokens for r in rows], device=self.device)
+        logits = logits.clone()
+        logits[:, self.eos] = logits[:, self.eos].masked_fill(early.view(-1, 1), float("-inf"))
+        chosen = logits.argmax(dim=-1)
+        sampled = [i for i, r in enumerate(rows) if r.params.temperature > 0]
+        if sampled:
+            params = [rows[i].params for i in sampled]
+            part = logits[sampled] / torch.tensor([p.temperature for p in params], device=self.device).view(-1, 1)
+            ordered, order = part.sort(dim=-1, descending=True)
+            vocab = part.shape[-1]
+            top_k = torch.tensor([min(p.top_k, vocab) if p.top_k else vocab for p in params], device=self.device)
+            outside_k = torch.arange(vocab, device=self.device).view(1, -1) >= top_k.view(-1, 1)
+            probs = ordered.masked_fill(outside_k, float("-inf")).softmax(dim=-1)
+            top_p = torch.tensor([p.top_p for p in params], device=self.device).view(-1, 1)
+            outside_p = probs.cumsum(dim=-1) - probs > top_p  # the most likely token always stays
+            ordered = ordered.masked_fill(outside_k | outside_p, float("-inf"))
+            picks = torch.multinomial(ordered.softmax(dim=-1), 1)[:, 0]
+            chosen[sampled] = order.gather(1, picks.view(-1, 1))[:, 0]
+        return chosen
