@@ -117,8 +117,9 @@ class BareVllm:
 class Qvl:
     """qvl-supervisor with one engine, over AsyncClient."""
 
-    def __init__(self, model: str, engine: str, max_concurrency: int, device: str):
+    def __init__(self, model: str, engine: str, max_concurrency: int, device: str, flags: str = ""):
         self.model, self.engine, self.max_concurrency, self.device = model, engine, max_concurrency, device
+        self.flags = flags.split()
 
     async def start(self) -> None:
         from qvl.protocol import AsyncClient, Client
@@ -126,7 +127,7 @@ class Qvl:
         run = Path(tempfile.mkdtemp(prefix="qvl-peer-"))
         self.endpoint, self.log = f"ipc://{run}/frontend", run / "supervisor.log"
         flags = ["--engine", self.engine, "--max-inflight", str(4 * self.max_concurrency),
-                 "--max-batch-size", str(self.max_concurrency)]
+                 "--max-batch-size", str(self.max_concurrency), *self.flags]
         self.process = subprocess.Popen(
             [sys.executable, "-m", "qvl.supervisor.cli", "start", "--frontend", self.endpoint,
              "--model", self.model, "--device", self.device, "--queue-size", "1024", *flags],
@@ -246,7 +247,8 @@ async def death(system) -> dict:
 
 async def run_system(args) -> dict:
     levels = [int(c) for c in args.concurrency.split(",")]
-    system = BareVllm(args.model) if args.one == "vllm" else Qvl(args.model, args.one[len("qvl-"):], max(levels), args.device)
+    system = BareVllm(args.model) if args.one == "vllm" else Qvl(args.model, args.one[len("qvl-"):], max(levels), args.device,
+                                                                  args.qvl_flags)
     peak = PeakMemory()
     peak.start()
     started = time.perf_counter()
@@ -306,6 +308,7 @@ def main() -> None:
     ap.add_argument("--parts", default="sweep,death")
     ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--device", default="cuda:0", help="qvl's device (cpu: a trial run of the script with a tiny model)")
+    ap.add_argument("--qvl-flags", default="", help="extra `qvl-supervisor start` flags for the qvl systems")
     ap.add_argument("--rounds", type=int, default=3, help="timed requests per level: rounds x concurrency, at least 12")
     ap.add_argument("--json", help="append each system's results to this file, one JSON line each")
     ap.add_argument("--report", nargs="+", metavar="FILE", help="print the tables of earlier runs")
@@ -320,7 +323,8 @@ def main() -> None:
     results = []
     for name in args.systems.split(","):
         child = subprocess.Popen([sys.executable, __file__, "--one", name, "--model", args.model, "--parts",
-                                  args.parts, "--concurrency", args.concurrency, "--rounds", str(args.rounds), "--device", args.device],
+                                  args.parts, "--concurrency", args.concurrency, "--rounds", str(args.rounds), "--device", args.device,
+                                  "--qvl-flags", args.qvl_flags],
                                  stdout=subprocess.PIPE, text=True)
         lines = []
         for line in child.stdout:  # progress as it comes
