@@ -62,6 +62,8 @@ def test_continuous_batching_graphs_give_the_eager_tokens(gpu_model):
     from qvl.worker.continuous import ContinuousEngine
     from qvl.worker.engine import Engine
 
+    images = {key: Image.effect_noise((64 + 48 * key, 96), 30 + key).convert("RGB") for key in range(6)}
+
     def serve(graphs: bool) -> dict:
         engine = ContinuousEngine(Engine(ModelOptions(str(gpu_model), "cuda:0", kv_cache="continuous",
                                                       kv_cache_tokens=16384)), rows=8)
@@ -71,12 +73,10 @@ def test_continuous_batching_graphs_give_the_eager_tokens(gpu_model):
         joins = {0: [0, 1], 2: [2], 5: [3, 4], 9: [5]}
         for step in range(400):
             for key in joins.get(step, []):
-                size = (64 + 48 * key, 96)
                 messages = [{"role": "user", "content": [{"type": "image", "frame": 0},
                                                          {"type": "text", "text": f"Picture {key}?"}]}]
                 params = GenerationParams(max_new_tokens=8 + 9 * key, min_new_tokens=8 + 9 * key)
-                image = Image.effect_noise(size, 30 + key).convert("RGB")
-                engine.add(key, messages, engine.process_images(messages, [image], params), params)
+                engine.add(key, messages, engine.process_images(messages, [images[key]], params), params)
             if step > max(joins) and not engine.running:
                 return done
             for out in engine.step():
