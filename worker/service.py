@@ -267,7 +267,7 @@ class WorkerService:
             for job, row in zip(jobs, rows()):
                 if not (job.stream and row):
                     continue
-                text, sent = self.engine.detokenize(row), streamed.get(job.key, "")
+                text, sent = self.engine.detokenize(row, job.params.stop), streamed.get(job.key, "")
                 # a half-detokenized multi-byte character shows as U+FFFD: wait for the rest of it
                 if len(text) > len(sent) and text.startswith(sent) and not text.endswith("\ufffd"):
                     self._send(Chunk(job.key, text[len(sent):]).header())
