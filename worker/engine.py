@@ -5,6 +5,9 @@ generation parameters (the service groups them); prompts are left-padded so ever
 tokens start at the same column. Two ways to generate: `generate` from transformers with its
 dynamic cache (the reference, and the default on CPU), or the static KV pool and CUDA graphs of
 `kv_pool.py` (the default on CUDA). A batch too large for the pool is split in halves.
+A row's text ends before its first stop string (`stop_strings.py`); the row itself may run on to
+the batch's end. Seeded sampling picks tokens with `kv_pool.choose_tokens` on both ways, so a
+seed gives the same text whichever way generates it and whatever the batch.
 
 `prepare` turns one request into a `Prompt` and refuses it with `BadRequest`, naming the numbers,
 when its tokens exceed the per-request cap or the KV pool: image tokens are counted from image
