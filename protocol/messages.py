@@ -28,17 +28,26 @@ MAX_TIMEOUT_MS = 7 * 24 * 3600 * 1000  # a week: longer deadlines are surely a m
 # Why an answer ended: an end-of-sequence token, max_new_tokens, or a `cancel` from its client
 STOPPED, LENGTH, CANCELLED = "stop", "length", "cancelled"
 FINISH_REASONS = frozenset({STOPPED, LENGTH, CANCELLED})
+MAX_SEED = (1 << 63) - 1  # fits a signed 64-bit integer, as msgpack and torch's generators take
+MAX_STOP_STRINGS = 4  # as OpenAI allows
+MAX_STOP_CHARS = 256
 
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """Decoding parameters. `temperature` 0 (or below `MIN_TEMPERATURE`) means greedy decoding."""
+    """Decoding parameters. `temperature` 0 (or below `MIN_TEMPERATURE`) means greedy decoding.
+
+    `seed` makes sampling repeatable: the same request with the same seed gives the same text
+    (greedy decoding ignores it). `stop` holds strings that end the answer: its text ends before
+    the first of them to appear, which is not included."""
 
     max_new_tokens: int = 128
     min_new_tokens: int = 0
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, raw: object, limits: Limits) -> "GenerationParams":
@@ -52,14 +61,21 @@ class GenerationParams:
             raise BadRequest(f"unknown generation parameters: {sorted(map(str, unknown))}")
         values = {}
         for name, value in raw.items():
-            if _PARAM_KINDS[name] is int:
+            kind = _PARAM_KINDS[name]
+            if value is None and name in _ABSENT_AS_NONE:
+                continue
+            if kind is int:
                 if not _is_int(value):
                     raise BadRequest(f"{name} must be an integer, not {type(value).__name__}")
                 values[name] = value
-            elif _is_number(value):
+            elif kind is float:
+                if not _is_number(value):
+                    raise BadRequest(f"{name} must be a number, not {type(value).__name__}")
                 values[name] = float(value)  # an int here would reach torch as an int
-            else:
-                raise BadRequest(f"{name} must be a number, not {type(value).__name__}")
+            else:  # strings: a list of them
+                if not (isinstance(value, (list, tuple)) and all(isinstance(s, str) for s in value)):
+                    raise BadRequest(f"{name} must be a list of strings, not {type(value).__name__}")
+                values[name] = tuple(value)
         params = cls(**values)
         # NaN fails every comparison, so it is refused here too
         if not 1 <= params.max_new_tokens <= limits.max_new_tokens:
@@ -72,12 +88,22 @@ class GenerationParams:
             raise BadRequest("top_p must be in (0, 1]")
         if not 0 <= params.top_k <= 1 << 31:
             raise BadRequest("top_k must be in 0..2^31")
+        if params.seed is not None and not 0 <= params.seed <= MAX_SEED:
+            raise BadRequest(f"seed must be in 0..{MAX_SEED}")
+        if len(params.stop) > MAX_STOP_STRINGS:
+            raise BadRequest(f"stop holds {len(params.stop)} strings; at most {MAX_STOP_STRINGS}")
+        if not all(1 <= len(s) <= MAX_STOP_CHARS for s in params.stop):
+            raise BadRequest(f"each stop string must be 1..{MAX_STOP_CHARS} characters")
         if 0 < params.temperature < MIN_TEMPERATURE:  # logits / 1e-300 overflow: decode as its limit does
             params = dataclasses.replace(params, temperature=0.0)
         return params
 
 
-_PARAM_KINDS = {f.name: int if f.type == "int" else float for f in dataclasses.fields(GenerationParams)}
+# The type each parameter is read as, checked before any value is: int, float, or `list` (of strings).
+_PARAM_KINDS: dict[str, type] = {"max_new_tokens": int, "min_new_tokens": int, "temperature": float,
+                                 "top_p": float, "top_k": int, "seed": int, "stop": list}
+_ABSENT_AS_NONE = frozenset({"seed", "stop"})  # None reads as the default: no seed, no stop strings
+assert _PARAM_KINDS.keys() == {f.name for f in dataclasses.fields(GenerationParams)}
 
 
 @dataclass(frozen=True)

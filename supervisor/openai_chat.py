@@ -5,6 +5,11 @@ The gateway's only way from client JSON to a request: a whitelist of roles and p
 images), with every field's type checked before its value. Image parts come out as bytes,
 never as a string, so a client's text can never name a file the protocol client would open.
 Anything else raises `BadRequest`. Pure apart from the `fetch` it is given; no HTTP framework.
+
+Parameters read: `max_completion_tokens` (or the deprecated `max_tokens`; the first wins when both
+are given), `temperature` (OpenAI's default 1.0 when absent, so an omitted temperature samples as
+it does at OpenAI; send 0 for greedy decoding), `top_p`, `seed`, `stop` (a string or a list of up
+to 4), and `n`, which must be 1. Other OpenAI fields are ignored, as before.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from qvl.protocol.errors import BadRequest
 from qvl.protocol.messages import ROLES
 
 DEFAULT_MAX_TOKENS = 256
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's default when a body names none: sampling (qvl's own default is greedy)
 # `{`, `[`, `,` and `:` in one body. A chat request has a few per message and part (prompt text
 # rarely more than one per token, and tokens are limited); a body of empty objects `[{},{},...]`
 # would otherwise become millions of Python objects, 1.5 GiB parsed from 64 MiB.
@@ -138,19 +144,42 @@ def _data_url(url: str, max_bytes: int) -> bytes:
 
 
 def _params(body: dict, limits: Limits) -> dict:
-    max_tokens = _optional(body, "max_completion_tokens", int)
+    """The generation parameters of a body. Types are checked here; the ranges of `seed` and of the
+    `stop` strings (`GenerationParams.parse`) when the client builds the request, also a 400."""
+    n = _optional(body, "n", int)
+    if n is not None and n != 1:
+        raise BadRequest("`n` must be 1: qvl answers with one choice per request")
+    max_tokens = _optional(body, "max_completion_tokens", int)  # OpenAI's name now; `max_tokens` is deprecated
     if max_tokens is None:
         max_tokens = _optional(body, "max_tokens", int)
     if max_tokens is None:
         max_tokens = min(DEFAULT_MAX_TOKENS, limits.max_new_tokens)
     if not 1 <= max_tokens <= limits.max_new_tokens:
         raise BadRequest(f"max_tokens must be in 1..{limits.max_new_tokens}")
-    params = {"max_new_tokens": max_tokens}
-    for name in ("temperature", "top_p"):
-        value = _optional(body, name, float)
-        if value is not None:
-            params[name] = value
+    temperature = _optional(body, "temperature", float)
+    params = {"max_new_tokens": max_tokens,
+              "temperature": DEFAULT_TEMPERATURE if temperature is None else temperature}
+    top_p = _optional(body, "top_p", float)
+    if top_p is not None:
+        params["top_p"] = top_p
+    seed = _optional(body, "seed", int)
+    if seed is not None:
+        params["seed"] = seed
+    stop = _stop(body.get("stop"))
+    if stop:
+        params["stop"] = stop
     return params
+
+
+def _stop(stop: object) -> list[str]:
+    """OpenAI's `stop`: null, one string, or a list of strings."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return stop
+    raise BadRequest("`stop` must be a string or a list of strings")
 
 
 def _optional(body: dict, name: str, kind: type):

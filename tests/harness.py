@@ -96,6 +96,16 @@ def png(size=(96, 64), color=(200, 30, 30)) -> bytes:
     return buf.getvalue()
 
 
+def a_stop_string(text: str) -> str:
+    """Two characters from the second half of an answer whose first appearance is not at its start:
+    a stop string that cuts it somewhere in the middle."""
+    for k in range(len(text) // 2, len(text) - 1):
+        stop = text[k:k + 2]
+        if "\ufffd" not in stop and text.find(stop) > 0:
+            return stop
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
 def events(log: str, name: str | None = None) -> list[dict]:
     """The supervisor's logged events, in order, optionally only those called `name`."""
     from qvl.supervisor.events import parse_event

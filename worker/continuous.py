@@ -6,7 +6,7 @@ vision tower and all) and its keys and values are copied into the slot, so it jo
 the next step. Every step decodes one token for every row of the lowest power-of-two bucket of
 slots that holds all running rows, over the shortest multiple of `LENGTH_BUCKET` that holds the
 longest row; each row writes at its own position, with its own mask, rotary position and sampling
-parameters (temperature, top-k, top-p, min and max new tokens), so requests with different
+parameters (temperature, top-k, top-p, a seed, stop strings, min and max new tokens), so requests with different
 parameters share the batch and greedy rows stay exactly greedy. A row leaves the step it ends
 (a stop token after its minimum, its maximum, an abort) and its slot is free at once.
 
@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 
 import torch
 from qvl.protocol.errors import BadRequest
-from qvl.protocol.messages import LENGTH, STOPPED, GenerationParams
+from qvl.protocol.messages import GenerationParams
 from transformers import DynamicCache
 
 from .engine import NO_IMAGES, Completion, Engine, ImageInputs, StepOutput
 from .kv_pool import LENGTH_BUCKET, cache_argument, decode_step, next_positions, next_power_of_two, round_up
+from .stop_strings import find_stop
 
 
 @dataclass
@@ -40,6 +41,7 @@ class _Row:
     first_at: float
     tokens: list[int] = field(default_factory=list)
     sent: str = ""  # text already given out in step outputs
+    generator: torch.Generator | None = None  # a seeded row's own draws
 
 
 class ContinuousEngine:
@@ -110,6 +112,8 @@ class ContinuousEngine:
         self.positions[:, slot, 0] = next_positions(self.model, inputs, [prompt.images])[0]
         self.write_at[slot] = n
         row = _Row(key, params, n, n + 1, added_at, 0.0)
+        if params.seed is not None and params.temperature > 0:
+            row.generator = torch.Generator(self.device).manual_seed(params.seed)
         first = self._choose(out.logits[:, -1].float(), [row])
         self.tokens[slot, 0] = first[0]
         row.first_at = time.perf_counter()
@@ -142,7 +146,7 @@ class ContinuousEngine:
                 if self._ended(row):
                     outputs.append(self._finish(slot))
                     continue
-                text = self.engine.detokenize(row.tokens)
+                text = self.engine.detokenize(row.tokens, row.params.stop)
                 new = ""  # a half-detokenized multi-byte character shows as U+FFFD: wait for the rest
                 if len(text) > len(row.sent) and text.startswith(row.sent) and not text.endswith("\ufffd"):
                     new, row.sent = text[len(row.sent):], text
@@ -150,17 +154,17 @@ class ContinuousEngine:
         return outputs
 
     def _ended(self, row: _Row) -> bool:
-        """A stop token (never chosen before `min_new_tokens`) or `max_new_tokens` reached."""
-        return row.tokens[-1] in self.engine.eos_ids or len(row.tokens) >= row.params.max_new_tokens
+        """A stop token (never chosen before `min_new_tokens`), a stop string, or `max_new_tokens`."""
+        if row.tokens[-1] in self.engine.eos_ids or len(row.tokens) >= row.params.max_new_tokens:
+            return True
+        return bool(row.params.stop) and find_stop(self.engine.detokenize(row.tokens), row.params.stop) is not None
 
     def _finish(self, slot: int) -> StepOutput:
         row = self._free(slot)
         now = time.perf_counter()
-        tokens = self.engine.until_eos(row.tokens)
-        text = self.engine.detokenize(tokens)
-        reason = STOPPED if tokens and tokens[-1] in self.engine.eos_ids else LENGTH
-        completion = Completion(text, row.prompt_tokens, len(tokens), (row.first_at - row.added_at) * 1000.0,
-                                (now - row.first_at) * 1000.0, reason)
+        completion = self.engine.completion(self.engine.until_eos(row.tokens), row.prompt_tokens, row.params.stop,
+                                            (row.first_at - row.added_at) * 1000.0, (now - row.first_at) * 1000.0)
+        text = completion.text
         return StepOutput(row.key, text[len(row.sent):] if text.startswith(row.sent) else "", 0, completion)
 
     def _free(self, slot: int) -> _Row:
@@ -233,6 +237,10 @@ class ContinuousEngine:
             top_p = torch.tensor([p.top_p for p in params], device=self.device).view(-1, 1)
             outside_p = probs.cumsum(dim=-1) - probs > top_p  # the most likely token always stays
             ordered = ordered.masked_fill(outside_k | outside_p, float("-inf"))
-            picks = torch.multinomial(ordered.softmax(dim=-1), 1)[:, 0]
+            probs = ordered.softmax(dim=-1)
+            picks = torch.multinomial(probs, 1)[:, 0]
+            for i, r in enumerate(rows[j] for j in sampled):  # a seeded row draws from its own generator
+                if r.generator is not None:
+                    picks[i] = torch.multinomial(probs[i], 1, generator=r.generator)[0]
             chosen[sampled] = order.gather(1, picks.view(-1, 1))[:, 0]
         return chosen

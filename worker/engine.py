@@ -5,6 +5,9 @@ generation parameters (the service groups them); prompts are left-padded so ever
 tokens start at the same column. Two ways to generate: `generate` from transformers with its
 dynamic cache (the reference, and the default on CPU), or the static KV pool and CUDA graphs of
 `kv_pool.py` (the default on CUDA). A batch too large for the pool is split in halves.
+A row's text ends before its first stop string (`stop_strings.py`); the row itself may run on to
+the batch's end. Seeded sampling picks tokens with `kv_pool.choose_tokens` on both ways, so a
+seed gives the same text whichever way generates it and whatever the batch.
 
 `prepare` turns one request into a `Prompt` and refuses it with `BadRequest`, naming the numbers,
 when its tokens exceed the per-request cap or the KV pool: image tokens are counted from image
@@ -24,11 +27,13 @@ from qvl.protocol.contract import ModelOptions, WorkerSpec
 from qvl.protocol.errors import BadRequest, InternalError
 from qvl.protocol.messages import LENGTH, STOPPED, GenerationParams
 from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 from .image_tokens import ImageTokens
-from .kv_pool import STOP_CHECK_EVERY, KVPool, Progress
+from .kv_pool import STOP_CHECK_EVERY, KVPool, Progress, choose_tokens
 from .prompts import PromptTokenizer
+from .stop_strings import cut_at_stop, find_stop, streamable
 
 
 @dataclass(frozen=True)
@@ -195,14 +200,30 @@ class Engine:
         else:
             generated = self.kv_pool.generate(inputs.to(self.device), [p.images for p in prompts], params, progress)
             tokens, prefill_ms, decode_ms = generated.tokens, generated.prefill_ms, generated.decode_ms
-        kept = [self.until_eos(row) for row in tokens]
-        return [Completion(self._text(row), len(p.ids), len(row), prefill_ms, decode_ms,
-                           STOPPED if row and row[-1] in self.eos_ids else LENGTH)
-                for row, p in zip(kept, prompts)]
+        return [self.completion(self.until_eos(row), len(p.ids), params.stop, prefill_ms, decode_ms)
+                for row, p in zip(tokens, prompts)]
 
-    def detokenize(self, row: list[int]) -> str:
-        """The text of a row of new tokens, up to and without its stop token."""
-        return self._text(self.until_eos(row))
+    def completion(self, row: list[int], prompt_tokens: int, stops: tuple[str, ...],
+                    prefill_ms: float, decode_ms: float) -> Completion:
+        """A row's answer: its text before the first stop string, and the tokens it took to reach
+        that string's end (a row keeps computing after it; what follows is not the answer's)."""
+        text = self._text(row)
+        if find_stop(text, stops) is None:
+            return Completion(text, prompt_tokens, len(row), prefill_ms, decode_ms,
+                              STOPPED if row and row[-1] in self.eos_ids else LENGTH)
+        low, high = 1, len(row)  # the fewest tokens whose text holds a stop string
+        while low < high:
+            middle = (low + high) // 2
+            if find_stop(self._text(row[:middle]), stops) is None:
+                low = middle + 1
+            else:
+                high = middle
+        return Completion(cut_at_stop(text, stops), prompt_tokens, high, prefill_ms, decode_ms, STOPPED)
+
+    def detokenize(self, row: list[int], stops: tuple[str, ...] = ()) -> str:
+        """The text of a row of new tokens so far that may be streamed: up to and without its stop
+        token, before its first stop string, and short of a tail that could begin one."""
+        return streamable(self._text(self.until_eos(row)), stops)
 
     def _text(self, row: list[int]) -> str:
         return self.processor.tokenizer.decode(row, skip_special_tokens=True)
@@ -246,9 +267,31 @@ class Engine:
         return row
 
 
+class _SeededChoice(LogitsProcessor):
+    """Sampling with a request's seed inside `generate`: picks each row's token with `choose_tokens`
+    from a generator seeded once per batch, and leaves only that token possible, so that `generate`
+    (run greedy) takes it. The tokens are then those the KV pool's loop picks for the same logits."""
+
+    def __init__(self, params: GenerationParams):
+        self.params = params
+        self.generator: torch.Generator | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.generator is None:
+            self.generator = torch.Generator(scores.device).manual_seed(self.params.seed)
+        chosen = choose_tokens(scores, self.params, self.generator)
+        only = torch.full_like(scores, float("-inf"))
+        return only.scatter_(1, chosen[:, None], 0.0)
+
+
 def _sampling_kwargs(params: GenerationParams) -> dict:
+    """`generate`'s arguments for `params`. Greedy decoding and unseeded sampling are transformers'
+    own; seeded sampling is `_SeededChoice`, whose generator is new for every call (every batch)."""
     kwargs = {"max_new_tokens": params.max_new_tokens, "min_new_tokens": params.min_new_tokens}
-    if params.temperature > 0:
+    if params.temperature > 0 and params.seed is not None:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None,
+                      logits_processor=LogitsProcessorList([_SeededChoice(params)]))
+    elif params.temperature > 0:
         kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
                       top_k=params.top_k or None)
     else:

@@ -99,6 +99,9 @@ class KVPool:
         finished = torch.zeros(n, dtype=torch.bool, device=self.device)
         logits = out.logits[:, -1].float()
         del out, cache
+        # one generator per batch: its rows share their parameters, the seed among them
+        seeded = params.temperature > 0 and params.seed is not None
+        generator = torch.Generator(self.device).manual_seed(params.seed) if seeded else None
         first_at = None
         for t in range(params.max_new_tokens):
             if t:
@@ -110,7 +113,7 @@ class KVPool:
                 logits = self._step(bucket)[:n]
             if t < params.min_new_tokens:
                 logits[:, self.eos] = float("-inf")
-            chosen = choose_tokens(logits, params)
+            chosen = choose_tokens(logits, params, generator)
             generated[:, t] = chosen
             bucket.tokens[:n, 0] = chosen
             finished |= torch.isin(chosen, self.eos)
@@ -231,8 +234,15 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def choose_tokens(logits: torch.Tensor, params: GenerationParams) -> torch.Tensor:
-    """Greedy at temperature 0, else sampling with temperature, top-k and top-p as `generate` does."""
+def choose_tokens(logits: torch.Tensor, params: GenerationParams,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Greedy at temperature 0, else sampling with temperature, top-k and top-p as `generate` does.
+
+    With a `generator` (seeded from the request's seed) the draw is the exponential race: the token
+    with the largest p / E, each E drawn from Exp(1), which is sampling from p exactly. The rows of
+    a batch share one draw of E per step (they share the seed too), so a row's tokens depend on its
+    own probabilities and the seed only: a seeded request gives the same text alone or in any batch.
+    """
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / params.temperature
@@ -244,7 +254,11 @@ def choose_tokens(logits: torch.Tensor, params: GenerationParams) -> torch.Tenso
         probs = ordered.softmax(dim=-1)
         outside = probs.cumsum(dim=-1) - probs > params.top_p  # the most likely token always stays
         logits = logits.scatter(1, order, ordered.masked_fill(outside, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1)[:, 0]
+    probs = logits.softmax(dim=-1)
+    if generator is None:
+        return torch.multinomial(probs, 1)[:, 0]
+    race = torch.empty(probs.shape[-1], dtype=probs.dtype, device=probs.device).exponential_(generator=generator)
+    return (probs / race.clamp_min_(torch.finfo(probs.dtype).tiny)).argmax(dim=-1)
 
 
 def _synchronized_now(device: torch.device) -> float:

@@ -357,7 +357,7 @@ class WorkerService:
                     self._answer_cancelled(job, row, streamed.get(job.key, ""))
                 if not (job.stream and row and job.key in self.running):
                     continue
-                text, sent = self.engine.detokenize(row), streamed.get(job.key, "")
+                text, sent = self.engine.detokenize(row, job.params.stop), streamed.get(job.key, "")
                 # a half-detokenized multi-byte character shows as U+FFFD: wait for the rest of it
                 if len(text) > len(sent) and text.startswith(sent) and not text.endswith("\ufffd"):
                     self._send(Chunk(job.key, text[len(sent):]).header())

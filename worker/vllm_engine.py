@@ -190,4 +190,5 @@ def sampling_params(params: GenerationParams) -> SamplingParams:
     return SamplingParams(
         max_tokens=params.max_new_tokens, min_tokens=params.min_new_tokens,
         temperature=params.temperature, top_p=params.top_p if sampled else 1.0,
-        top_k=params.top_k if sampled else 0, output_kind=RequestOutputKind.DELTA)
+        top_k=params.top_k if sampled else 0, seed=params.seed, stop=list(params.stop) or None,
+        output_kind=RequestOutputKind.DELTA)

@@ -76,3 +76,29 @@ def test_progress_reports_what_the_answer_begins_with(engines, kv_cache):
     assert lengths[:2] == [4, 8] and all(n % 4 == 0 for n in lengths)  # every STOP_CHECK_EVERY steps
     for rows in seen:
         assert all(c.text.startswith(engine.detokenize(row)) for row, c in zip(rows, answers))
+
+
+def test_seeded_sampling_is_the_same_alone_batched_and_in_both_ways_to_generate(engines):
+    params = GenerationParams(max_new_tokens=12, min_new_tokens=12, temperature=0.9, top_p=0.95, seed=11)
+    texts = {}
+    for kind, engine in engines.items():
+        batched = [c.text for c in engine.generate(prompts(engine), params)]
+        assert batched == [engine.generate([p], params)[0].text for p in prompts(engine)]
+        texts[kind] = batched
+    assert texts["dynamic"] == texts["static"]
+    other = engines["static"].generate(prompts(engines["static"]), GenerationParams(**{**vars(params), "seed": 12}))
+    assert [c.text for c in other] != texts["static"]
+
+
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+def test_a_stop_string_ends_the_text_and_progress_never_passes_it(engines, kv_cache):
+    engine, seen = engines[kv_cache], []
+    length = GenerationParams(max_new_tokens=16, min_new_tokens=16)
+    whole = engine.generate(prompts(engine)[:1], length)[0]
+    stop = next(whole.text[k:k + 2] for k in range(len(whole.text) // 2, len(whole.text) - 1)
+                if "\ufffd" not in whole.text[k:k + 2] and whole.text.find(whole.text[k:k + 2]) > 0)
+    params = GenerationParams(**{**vars(length), "stop": (stop,)})
+    cut = engine.generate(prompts(engine)[:1], params, lambda rows: seen.append(rows()[0]))[0]
+    assert cut.text == whole.text[:whole.text.find(stop)]
+    assert cut.completion_tokens <= whole.completion_tokens
+    assert all(cut.text.startswith(engine.detokenize(row, params.stop)) for row in seen)

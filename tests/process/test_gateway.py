@@ -18,7 +18,7 @@ import uuid
 import openai
 import pytest
 
-from harness import alive, events, png, wait_for, wait_gone
+from harness import a_stop_string, alive, events, png, wait_for, wait_gone
 
 KEY = "test-key-1234"
 MAX_BODY, MAX_IMAGES, MAX_IMAGE_BYTES = 1_000_000, 4, 100_000
@@ -100,6 +100,31 @@ def test_openai_package_gets_a_completion_and_a_stream(gateway):
     text = "".join(p.choices[0].delta.content or "" for p in pieces if p.choices)
     assert text == done.choices[0].message.content
     assert pieces[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_stop_seed_and_n_through_the_openai_package(gateway):
+    _, base = gateway
+    client = openai.OpenAI(base_url=base + "/v1", api_key=KEY)
+    messages = chat(png((72, 56), (90, 20, 160)))
+    whole = client.chat.completions.create(model="qvl", messages=messages, max_completion_tokens=16,
+                                           temperature=0).choices[0].message.content
+    stop = a_stop_string(whole)
+    expected = whole[:whole.find(stop)]
+    cut = client.chat.completions.create(model="qvl", messages=messages, max_completion_tokens=16,
+                                         temperature=0, stop=stop)
+    assert cut.choices[0].message.content == expected
+    pieces = list(client.chat.completions.create(model="qvl", messages=messages, max_completion_tokens=16,
+                                                 temperature=0, stop=[stop], stream=True))
+    assert "".join(p.choices[0].delta.content or "" for p in pieces if p.choices) == expected
+    # no temperature: OpenAI's default 1.0 samples, and the seed makes it repeat
+    seeded = [client.chat.completions.create(model="qvl", messages=messages, max_completion_tokens=16,
+                                             seed=seed).choices[0].message.content for seed in (7, 7, 8)]
+    assert seeded[0] == seeded[1] != seeded[2]
+    with pytest.raises(openai.BadRequestError, match="`n` must be 1"):
+        client.chat.completions.create(model="qvl", messages=messages, max_completion_tokens=4, n=2)
+    with pytest.raises(openai.BadRequestError, match="at most 4"):
+        client.chat.completions.create(model="qvl", messages=messages, max_completion_tokens=4,
+                                       stop=["a", "b", "c", "d", "e"])
 
 
 def test_wrong_or_missing_key_is_refused(gateway):

@@ -61,7 +61,7 @@ def test_a_valid_request_is_answered_with_only_text_reaching_the_supervisor(gate
     response = post(client, HELLO)
     assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == "an answer"
     assert fake.asked == [([{"role": "user", "content": [{"type": "text", "text": "hello"}]}],
-                           {"max_new_tokens": 4})]
+                           {"max_new_tokens": 4, "temperature": 1.0})]  # OpenAI's default temperature
 
 
 @pytest.mark.parametrize("body", [

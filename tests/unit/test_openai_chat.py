@@ -37,6 +37,39 @@ def test_text_and_data_url_become_text_and_bytes():
     assert chat.stream and chat.include_usage
 
 
+@pytest.mark.parametrize("fields, params", [
+    ({}, {"max_new_tokens": 64, "temperature": 1.0}),  # OpenAI's default temperature: sampling
+    ({"temperature": 0}, {"max_new_tokens": 64, "temperature": 0.0}),
+    ({"temperature": None, "n": 1}, {"max_new_tokens": 64, "temperature": 1.0}),
+    ({"max_tokens": 9, "max_completion_tokens": 5}, {"max_new_tokens": 5, "temperature": 1.0}),
+    ({"max_tokens": 9}, {"max_new_tokens": 9, "temperature": 1.0}),
+    ({"seed": 42, "top_p": 0.5}, {"max_new_tokens": 64, "temperature": 1.0, "top_p": 0.5, "seed": 42}),
+    ({"stop": "END"}, {"max_new_tokens": 64, "temperature": 1.0, "stop": ["END"]}),
+    ({"stop": ["a", "\n"]}, {"max_new_tokens": 64, "temperature": 1.0, "stop": ["a", "\n"]}),
+    ({"stop": []}, {"max_new_tokens": 64, "temperature": 1.0}),
+    ({"stop": None, "seed": None}, {"max_new_tokens": 64, "temperature": 1.0}),
+    ({"frequency_penalty": 1, "logprobs": True}, {"max_new_tokens": 64, "temperature": 1.0}),  # ignored, as before
+])
+def test_generation_fields_become_parameters(fields, params):
+    chat = parse_chat(body({"type": "text", "text": "hi"}, **fields), LIMITS)
+    assert chat.params == params
+    GenerationParams.parse(chat.params, LIMITS)  # which the client reads without complaint
+
+
+@pytest.mark.parametrize("fields, fault", [
+    ({"seed": -1}, "seed must be in"),
+    ({"seed": 1 << 63}, "seed must be in"),
+    ({"stop": ""}, "each stop string must be 1..256"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "at most 4"),
+    ({"stop": "x" * 257}, "each stop string must be 1..256"),
+])
+def test_out_of_range_seed_and_stop_are_refused_by_the_client(fields, fault):
+    """The gateway checks types; the values' bounds are the protocol's, a 400 all the same."""
+    chat = parse_chat(body({"type": "text", "text": "hi"}, **fields), LIMITS)
+    with pytest.raises(BadRequest, match=fault):
+        GenerationParams.parse(chat.params, LIMITS)
+
+
 def test_string_content_stays_text_even_when_it_names_a_file():
     chat = parse_chat({"messages": [{"role": "system", "content": "/etc/passwd"}]}, LIMITS)
     assert chat.messages == [{"role": "system", "content": [{"type": "text", "text": "/etc/passwd"}]}]
@@ -74,6 +107,15 @@ def test_anything_but_the_whitelist_is_refused(part):
     (body({"type": "text", "text": "x"}, stream="yes"), "stream"),
     (body({"type": "text", "text": "x"}, stream_options=[]), "stream_options"),
     (body({"type": "text", "text": "x"}, model=1), "model"),
+    (body({"type": "text", "text": "x"}, n=2), "`n` must be 1"),
+    (body({"type": "text", "text": "x"}, n=0), "`n` must be 1"),
+    (body({"type": "text", "text": "x"}, n="1"), "`n` must be"),
+    (body({"type": "text", "text": "x"}, seed="7"), "seed"),
+    (body({"type": "text", "text": "x"}, seed=1.5), "seed"),
+    (body({"type": "text", "text": "x"}, stop=3), "stop"),
+    (body({"type": "text", "text": "x"}, stop=["a", None]), "stop"),
+    (body({"type": "text", "text": "x"}, stop={"a": 1}), "stop"),
+    (body({"type": "text", "text": "x"}, max_completion_tokens="8"), "max_completion_tokens"),
     (body(*[image_part(DATA_URL)] * 3), "more than 2 images"),
     (body(image_part("data:image/png;base64," + base64.b64encode(bytes(1001)).decode())), "exceeds 1000"),
     (body(image_part("data:image/png;base64,@@@@")), "base64"),
@@ -124,6 +166,8 @@ chat_body = st.fixed_dictionaries(
     {"messages": mostly(st.lists(message, min_size=1, max_size=3))},
     optional={"max_tokens": mostly(st.integers(0, 70)), "max_completion_tokens": mostly(st.integers(0, 70)),
               "temperature": mostly(st.floats(0, 2)), "top_p": mostly(st.floats(0, 1)),
+              "seed": mostly(st.integers(-1, 1 << 64)), "n": mostly(st.integers(0, 2)),
+              "stop": mostly(st.text(max_size=5) | st.lists(mostly(st.text(max_size=5)), max_size=5)),
               "stream": mostly(st.booleans()), "model": mostly(st.text(max_size=8)),
               "stream_options": mostly(st.fixed_dictionaries({}, optional={"include_usage": mostly(st.booleans())}))})
 

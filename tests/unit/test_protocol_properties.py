@@ -24,7 +24,9 @@ values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
                       | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=20)
 # Values that look like the real thing, with any field swapped for any value
 params = st.dictionaries(st.sampled_from(["max_new_tokens", "min_new_tokens", "temperature", "top_p",
-                                          "top_k", "seed"]), values | st.integers(-5, 200), max_size=5)
+                                          "top_k", "seed", "stop", "unknown"]),
+                         values | st.integers(-5, 200) | st.integers(-(1 << 64), 1 << 64)
+                         | st.lists(st.text(max_size=300) | values, max_size=6), max_size=6)
 parts = st.one_of(
     st.fixed_dictionaries({"type": st.just("text"), "text": values | st.text(max_size=80)}),
     st.fixed_dictionaries({"type": st.just("image"), "frame": values | st.integers(-2, 5)}),
@@ -74,6 +76,10 @@ def test_generation_params_any_value(raw):
     assert 1 <= p.max_new_tokens <= LIMITS.max_new_tokens and 0 <= p.min_new_tokens <= p.max_new_tokens
     assert math.isfinite(p.temperature) and 0 <= p.temperature <= 100 and 0 < p.top_p <= 1
     assert all(not isinstance(getattr(p, f), bool) for f in ("max_new_tokens", "min_new_tokens", "top_k"))
+    assert p.seed is None or (type(p.seed) is int and 0 <= p.seed < 1 << 63)
+    assert isinstance(p.stop, tuple) and len(p.stop) <= 4
+    assert all(type(s) is str and 1 <= len(s) <= 256 for s in p.stop)
+    assert GenerationParams.parse(dict(vars(p)), LIMITS) == p  # what was accepted reads back the same
 
 
 @SETTINGS
