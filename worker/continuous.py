@@ -26,7 +26,7 @@ from qvl.protocol.errors import BadRequest
 from qvl.protocol.messages import GenerationParams
 from transformers import DynamicCache
 
-from .engine import NO_IMAGES, Completion, Engine, ImageInputs, StepOutput
+from .engine import NO_IMAGES, Engine, ImageInputs, StepOutput
 from .kv_pool import LENGTH_BUCKET, cache_argument, decode_step, next_positions, next_power_of_two, round_up
 from .stop_strings import find_stop
 
