@@ -104,17 +104,19 @@ class ContinuousEngine:
         cache = DynamicCache()
         out = self.model(**inputs, **{self.cache_arg: cache}, use_cache=True, logits_to_keep=1)
         n = len(prompt.ids)
+        row = _Row(key, params, n, n + 1, added_at, 0.0)
+        if params.seed is not None and params.temperature > 0:
+            row.generator = torch.Generator(self.device).manual_seed(params.seed)
+        first = self._choose(out.logits[:, -1].float(), [row])
+        position = next_positions(self.model, inputs, [prompt.images])[0]
+        # what can fail has run: only now does the free slot take the row's state
         for (keys, values), layer in zip(self.kv, cache.layers):
             keys[slot, :, :n].copy_(layer.keys[0])
             values[slot, :, :n].copy_(layer.values[0])
         self.mask[slot].zero_()
         self.mask[slot, 0, 0, :n] = True
-        self.positions[:, slot, 0] = next_positions(self.model, inputs, [prompt.images])[0]
+        self.positions[:, slot, 0] = position
         self.write_at[slot] = n
-        row = _Row(key, params, n, n + 1, added_at, 0.0)
-        if params.seed is not None and params.temperature > 0:
-            row.generator = torch.Generator(self.device).manual_seed(params.seed)
-        first = self._choose(out.logits[:, -1].float(), [row])
         self.tokens[slot, 0] = first[0]
         row.first_at = time.perf_counter()
         self.rows[slot] = row
@@ -203,18 +205,22 @@ class ContinuousEngine:
     def _capture(self, n: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The graph of one bucket's step. Capturing runs the step for real; the rows' state is put
         back after (the keys and values written past a row's end are masked until overwritten)."""
-        saved = [t.clone() for t in (self.tokens, self.positions, self.write_at, self.mask)]
+        state = (self.tokens, self.positions, self.write_at, self.mask)
+        saved = [t.clone() for t in state]
+
+        def restore() -> None:  # after every real run: a second run from a moved position could write
+            for tensor, copy in zip(state, saved):  # past the bucket's length
+                tensor.copy_(copy)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
                 self._forward(n, length)
+                restore()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool, capture_error_mode="thread_local"):
             logits = self._forward(n, length)
-        for tensor, copy in zip((self.tokens, self.positions, self.write_at, self.mask), saved):
-            tensor.copy_(copy)
         return graph, logits
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:

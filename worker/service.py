@@ -180,7 +180,7 @@ class WorkerService:
                 self.faults.before_generate([job.number])
                 self.engine.add(job.key, job.messages, job.images.result(), job.params)
             except Exception as exc:
-                self.sock.send_multipart(self._failed(job, exc))
+                self.sock.send_multipart(self._row_failed(job, exc))
             else:
                 self.running[job.key] = job
 
@@ -236,6 +236,7 @@ class WorkerService:
         job = next((job for job in self.waiting if job.key == key), None)
         if job is not None:
             self.waiting.remove(job)
+            job.images.cancel()  # its images, if not begun, are never opened
             self.done += 1
             self._send(self._cancelled(job, "", 0))
             log.info("event=cancelled key=%d where=waiting", key)
@@ -297,23 +298,12 @@ class WorkerService:
             progress = self._between_steps(jobs, streamed)
             completions = self.engine.generate([prompt for _, prompt in ready], jobs[0].params, progress)
         except Exception as exc:
-            cuda = self.engine.device.type == "cuda"
-            if cuda and isinstance(exc, torch.AcceleratorError):
-                # The CUDA context is unusable now; the supervisor retries these elsewhere.
-                log.exception("event=cuda_error slot=%d", self.spec.slot)
-                os._exit(WorkerExit.CUDA_FATAL)
-            oom = isinstance(exc, torch.OutOfMemoryError)
-            if oom and cuda:
-                torch.cuda.empty_cache()
             if len(ready) > 1:
+                self._device_error(exc)
                 log.warning("event=batch_split rows=%d error=%s", len(ready), type(exc).__name__)
                 half = len(ready) // 2
                 return self._generate(ready[:half], streamed) + self._generate(ready[half:], streamed)
-            if oom:
-                self.telemetry.ooms += 1
-                log.warning("event=out_of_memory key=%d slot=%d", jobs[0].key, self.spec.slot)
-                exc = OutOfMemory(str(exc).splitlines()[0])
-            return [(jobs[0], self._failed(jobs[0], exc))]
+            return [(jobs[0], self._row_failed(jobs[0], exc))]
         telemetry = self.read_telemetry()
         return [(job, self._reply(job, c, len(jobs), streamed.get(job.key, ""), telemetry))
                 for job, c in zip(jobs, completions)]
@@ -329,6 +319,27 @@ class WorkerService:
                             {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
                             {"prefill_ms": c.prefill_ms, "decode_ms": c.decode_ms, "batch_size": batch_size},
                             telemetry, finish_reason=c.finish_reason).header())
+
+    def _device_error(self, exc: Exception) -> None:
+        """End the process on an error that leaves the CUDA context unusable (the supervisor retries
+        its requests elsewhere); after an out-of-memory error, give cached blocks back."""
+        if self.engine.device.type != "cuda":
+            return
+        if isinstance(exc, torch.AcceleratorError):
+            log.exception("event=cuda_error slot=%d", self.spec.slot)
+            os._exit(WorkerExit.CUDA_FATAL)
+        if isinstance(exc, torch.OutOfMemoryError):
+            torch.cuda.empty_cache()
+
+    def _row_failed(self, job: Job, exc: Exception) -> list[bytes]:
+        """The error reply of one request that failed alone; its out-of-memory error counts towards
+        recycling and is answered `out_of_memory`, so the supervisor may retry it elsewhere."""
+        self._device_error(exc)
+        if isinstance(exc, torch.OutOfMemoryError):
+            self.telemetry.ooms += 1
+            log.warning("event=out_of_memory key=%d slot=%d", job.key, self.spec.slot)
+            exc = OutOfMemory(str(exc).splitlines()[0])
+        return self._failed(job, exc)
 
     def _failed(self, job: Job, exc: Exception) -> list[bytes]:
         """The error reply of a request: its own `QvlError`, or `internal` (logged) for ours."""

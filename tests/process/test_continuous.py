@@ -15,7 +15,7 @@ from qvl.protocol.messages import GenerationParams
 from qvl.worker.continuous import ContinuousEngine
 from qvl.worker.engine import NO_IMAGES, Engine
 
-from harness import png, wait_gone
+from harness import events, png, wait_gone
 
 
 def image_request(size, question, seed):
@@ -150,6 +150,25 @@ def test_served_with_kv_cache_continuous(start_supervisor):
         results = list(pool.map(ask, range(6)))
     assert "".join(c.text for c in chunks) == whole.text and chunks[-1].done
     assert [r.usage["completion_tokens"] for r in results] == [4 + 6 * n for n in range(6)]
+    pids = {sup.pid, *sup.remember_workers()}
+    assert sup.stop() == 0
+    assert wait_gone(pids) == set()
+
+
+@pytest.mark.timeout(120)
+def test_an_out_of_memory_error_while_joining_is_blamed_on_its_request(start_supervisor):
+    """A request whose prefill runs out of memory (injected) is answered `out_of_memory` by the
+    worker, counted towards recycling and retried elsewhere, not failed as `internal`."""
+    sup = start_supervisor("--kv-cache", "continuous", env={"QVL_FAULTS": "oom_at=1,generation=1"})
+    sup.wait_ready()
+    with sup.client(timeout=60) as client:
+        answer = client.ask(png((64, 64)), "What is it?", max_new_tokens=4, min_new_tokens=4)
+        status = client.status()
+    assert answer.usage["completion_tokens"] == 4
+    log = sup.log()
+    assert log.count("event=out_of_memory") == 1 and "event=request_failed" not in log
+    assert [e["reason"] for e in events(log, "recycle_wanted")] == ["out_of_memory"]
+    assert status["counters"]["oom_retries"] == 1
     pids = {sup.pid, *sup.remember_workers()}
     assert sup.stop() == 0
     assert wait_gone(pids) == set()

@@ -86,3 +86,26 @@ def test_continuous_batching_graphs_give_the_eager_tokens(gpu_model):
 
     graphed, eager = serve(True), serve(False)
     assert graphed == eager and len(graphed) == 6
+
+
+@pytest.mark.timeout(300)
+def test_a_row_ending_at_a_bucket_boundary_is_captured_safely(gpu_model):
+    """A prompt of 255 tokens fills its 256-token bucket exactly when its first step is captured;
+    the capture's warm-up runs must not write past the bucket."""
+    from qvl.protocol.contract import ModelOptions
+    from qvl.protocol.messages import GenerationParams
+    from qvl.worker.continuous import ContinuousEngine
+    from qvl.worker.engine import NO_IMAGES, Engine
+
+    base = Engine(ModelOptions(str(gpu_model), "cuda:0", kv_cache="continuous", kv_cache_tokens=4096))
+    params = GenerationParams(max_new_tokens=4, min_new_tokens=4)
+    for words in range(1, 600):
+        messages = [{"role": "user", "content": [{"type": "text", "text": "a b " * words}]}]
+        if len(base.prompt(messages, NO_IMAGES, params).ids) == 255:
+            break
+    else:
+        pytest.skip("no prompt of exactly 255 tokens")
+    engine = ContinuousEngine(base, rows=4)
+    engine.add(0, messages, NO_IMAGES, params)
+    done = [out for _ in range(10) for out in engine.step() if out.completion is not None]
+    assert done and done[0].completion.completion_tokens == 4
