@@ -90,20 +90,18 @@ def test_a_waiting_request_is_cancelled_at_once_and_others_are_unaffected(start_
     sup.wait_ready()
     raw = Raw(sup.endpoint)
     try:
-        raw.generate("slow", 80)
+        raw.generate("slow", 160)
         status_when(sup, lambda s: s["inflight"] == 1)
         raw.generate("on_worker", 8)
         raw.generate("queued", 8)
         status_when(sup, lambda s: s["inflight"] == 2 and s["queue_depth"] == 1)
-        t0 = time.monotonic()
         raw.cancel("queued")
         assert_cancelled(raw.reply("queued", timeout=5))
         raw.cancel("on_worker")
         assert_cancelled(raw.reply("on_worker", timeout=5))
-        took = time.monotonic() - t0
+        assert not raw.replies("slow")  # both answered while `slow` still runs
         slow = raw.reply("slow", timeout=60)
-        assert slow["ok"] and slow["finish_reason"] == "length" and slow["usage"]["completion_tokens"] == 80
-        assert took < 2.0, took  # long before `slow` (80 tokens at 50 ms per 4) ends
+        assert slow["ok"] and slow["finish_reason"] == "length" and slow["usage"]["completion_tokens"] == 160
         raw.read(0.5)
         assert [len(raw.replies(r)) for r in ("slow", "on_worker", "queued")] == [1, 1, 1]
     finally:
@@ -152,11 +150,10 @@ def test_a_client_that_times_out_cancels_and_its_worker_lets_go(start_supervisor
     sup = start_supervisor(env={"QVL_FAULTS": "step_ms=100"})
     sup.wait_ready()
     with sup.client(timeout=0.8) as client:
-        t0 = time.monotonic()
         with pytest.raises(RequestTimeout):
             client.generate(messages(), max_new_tokens=200, min_new_tokens=200)  # 5 s of steps at least
-    status = status_when(sup, lambda s: s["inflight"] == 0 and s["counters"].get("cancelled") == 1, timeout=4)
-    assert time.monotonic() - t0 < 4.0 and "answered" not in status["counters"]
+    status = status_when(sup, lambda s: s["inflight"] == 0 and s["counters"].get("cancelled") == 1, timeout=30)
+    assert "answered" not in status["counters"]  # it was let go, not run to its end
     assert [e["where"] for e in events(sup.log(), "request_cancelled")] == ["worker"]
     assert "where=running" in sup.log()  # the worker answered it at its next step
 

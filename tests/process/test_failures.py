@@ -3,6 +3,7 @@ deadlines, and signals to the supervisor. Every accepted request gets exactly on
 
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -78,7 +79,9 @@ def test_hung_request_is_killed_and_answered(start_supervisor):
     assert first.worker["generation"] == 1 and second.worker["generation"] == 2
     kill = events(sup.log(), "worker_kill")
     assert len(kill) == 1 and "request running" in kill[0]["reason"]
-    assert 3 <= took < 3 + 20
+    # Judged on the supervisor's clock: how long the replacement takes to start varies with load.
+    running_s = float(re.search(r"running for ([0-9.]+)s", kill[0]["reason"]).group(1))
+    assert 3 <= running_s < 3 + 2 and took >= running_s
 
 
 @pytest.mark.timeout(120)
