@@ -509,8 +509,9 @@ class Supervisor:
                         event("worker_signal", worker=slot.index, gen=worker.generation,
                               pid=worker.pid, signal=sent)
             for peer in slot.spares.values():
-                if peer.stopping and peer.process.escalate(now, self.config.kill_grace_s):
-                    event("spare_signal", worker=slot.index, spare=peer.number, pid=peer.pid, signal="SIGKILL")
+                sent = peer.process.escalate(now, self.config.kill_grace_s) if peer.stopping else None
+                if sent:
+                    event("spare_signal", worker=slot.index, spare=peer.number, pid=peer.pid, signal=sent)
 
     def stop_worker(self, worker: Worker, reason: str) -> None:
         self.backend.send_multipart([worker.identity, *encode(Stop().header())])
