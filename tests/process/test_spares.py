@@ -4,6 +4,7 @@ runs one process, as before; spares die with the supervisor; a spare alone speak
 and imports without touching CUDA."""
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -87,6 +88,46 @@ def test_killing_the_spare_disturbs_nothing_is_no_crash_and_it_comes_back(start_
     log = sup.log()
     assert len(events(log, "spare_exited")) == 1
     assert not events(log, "worker_restart") and not events(log, "slot_failed")
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_chaos_among_workers_and_spares_loses_no_request(start_supervisor):
+    """Requests from 4 sockets while workers and spares of two slots are SIGKILLed at random, 6 times:
+    every request gets exactly one reply, and afterwards each slot serves beside a waiting spare."""
+    sup = start_supervisor(*SPARES, "--max-attempts", "3", "--restart-intensity", "100",
+                           "--max-inflight", "4", workers=2, env={"QVL_FAULTS": "slow_ms=60"})
+    sup.wait_ready(workers=2)
+    rng = random.Random(11)
+    load = RawLoad(sup.endpoint, sockets=4)
+    victims = []
+    try:
+        while len(victims) < 6:
+            load.send(8)
+            load.receive(timeout=rng.uniform(0.8, 2.0))
+            with sup.client() as client:
+                slots = client.status()["workers"]
+            pids = [p for w in slots for p in (w["pid"], w["spare_pid"]) if p]
+            sup.remember_workers()
+            victim = rng.choice(pids)
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:  # it ended since the status was read
+                continue
+            victims.append(victim)
+        load.send(8)
+        load.receive(timeout=120)
+        time.sleep(1.0)  # any duplicate reply would arrive by now
+        load.receive(timeout=0.5)
+    finally:
+        load.close()
+    counts = [len(r) for r in load.replies.values()]
+    assert counts.count(1) == len(load.sent), f"lost {counts.count(0)}, duplicated {sum(c > 1 for c in counts)}"
+    assert set(load.outcomes()) <= {"ok", "worker_failed"}, load.outcomes()
+    for slot in (0, 1):
+        status = wait_for(lambda: (w := slot_status(sup, slot))["state"] == "ready"
+                          and w["spare_state"] == "waiting", 120, interval=0.2)
+        assert status, f"slot {slot} did not come back with a spare\n{sup.log()[-3000:]}"
+    sup.remember_workers()
 
 
 @pytest.mark.timeout(180)
