@@ -26,12 +26,19 @@ CLIENT_KINDS = frozenset({GENERATE, CANCEL, STATUS, RECYCLE, PING})
 HELLO, READY, HEARTBEAT, REPLY, BYE, STOP = "hello", "ready", "heartbeat", "reply", "bye", "stop"
 # Worker -> supervisor -> client: a piece of a streamed answer's text, before its reply
 CHUNK = "chunk"
+# Supervisor -> spare: load the model as the worker this spec describes
+LOAD = "load"
 
 
 def worker_identity(slot: int, generation: int, heartbeat: bool = False) -> bytes:
     """A worker's routing id on the supervisor's backend. Its heartbeats come from a socket of
     their own, so they keep their time while the model holds the worker's main thread."""
     return f"{slot}:{generation}{':beat' if heartbeat else ''}".encode()
+
+
+def spare_identity(slot: int, number: int) -> bytes:
+    """A spare's routing id until it is told to load; it then connects anew as its incarnation."""
+    return f"{slot}:spare:{number}".encode()
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """The worker contract: everything a worker process is told, as one declared object.
 
 The supervisor builds a `WorkerSpec` once from its `Config` and hands it whole to
-`python -m qvl.worker SPEC` as JSON; the worker reads it back with `WorkerSpec.from_json` and
-decodes every message with exactly `spec.limits`, the supervisor's own limits. Torch-free, so
+`python -m qvl.worker SPEC` as JSON (or to a spare, in its `load` message); the worker reads it back
+with `WorkerSpec.from_json`, every field checked for its declared type, and decodes every message
+with exactly `spec.limits`, the supervisor's own limits. A spare starts from a `SpareSpec`. Torch-free, so
 both sides import it; no second list of worker flags exists anywhere.
 """
 
@@ -52,8 +53,58 @@ class WorkerSpec:
     @classmethod
     def from_json(cls, text: str) -> "WorkerSpec":
         """The spec `to_json` wrote; `ValueError` naming the fault for anything else."""
-        try:
-            raw = json.loads(text)
-            return cls(**{**raw, "model": ModelOptions(**raw["model"]), "limits": Limits(**raw["limits"])})
-        except (TypeError, KeyError, ValueError) as exc:  # json, a missing part, or a wrong field
-            raise ValueError(f"not a worker spec: {type(exc).__name__}: {exc}") from None
+        return _from_json(cls, text, "a worker spec")
+
+
+@dataclass(frozen=True)
+class SpareSpec:
+    """A spare process of a slot (`python -m qvl.worker --spare SPEC`): where to connect, its number
+    among the slot's spares (its routing identity), the engine whose module it imports ahead, and
+    the limits it reads its one message with. Which worker it becomes comes later, as a whole
+    `WorkerSpec` in a `load` message."""
+
+    backend: str
+    slot: int
+    number: int
+    engine: str = "hf"
+    limits: Limits = field(default_factory=Limits)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SpareSpec":
+        return _from_json(cls, text, "a spare spec")
+
+
+def _from_json(cls: type, text: str, what: str):
+    try:
+        return _build(cls, json.loads(text))
+    except (TypeError, KeyError, ValueError, RecursionError) as exc:  # json, a missing part, a wrong field
+        raise ValueError(f"not {what}: {type(exc).__name__}: {exc}") from None
+
+
+_NESTED = {"ModelOptions": ModelOptions, "Limits": Limits}
+_SCALARS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "None": (type(None),)}
+
+
+def _build(cls: type, raw: object):
+    """An instance of the dataclass `cls` from a JSON map: known fields only, each of its declared
+    type (checked before any value is used), nested specs built the same way."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cls.__name__} must be a map, not {type(raw).__name__}")
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    unknown = raw.keys() - fields.keys()
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(map(str, unknown))}")
+    values = {}
+    for name, value in raw.items():
+        kind = fields[name]
+        if kind in _NESTED:
+            values[name] = _build(_NESTED[kind], value)
+            continue
+        allowed = tuple(t for part in kind.split("|") for t in _SCALARS[part.strip()])
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise ValueError(f"{cls.__name__}.{name} must be {kind}, not {type(value).__name__}")
+        values[name] = float(value) if "float" in kind and type(value) is int else value
+    return cls(**values)  # a missing field: TypeError

@@ -5,7 +5,7 @@ and its parameters). `build_generate` turns a caller's messages (images as bytes
 images) into a header and frames; `parse_generate` checks a received header against the limits
 and returns a frozen `GenerateRequest`, types first and values after, so no comparison of mixed
 types can happen. Supervisor and worker: `Hello`, `Ready`, `Heartbeat`, `Chunk`, `Reply`,
-`ErrorReply`, `Stop`, `Bye`, each with `header()` and `parse()`; no dict literal elsewhere
+`ErrorReply`, `Stop`, `Bye`, and to a spare `Load`, each with `header()` and `parse()`; no dict literal elsewhere
 builds one of these. `Cancel` travels both legs: a client names its own request's id, the supervisor
 forwards it to the worker with its own key. (Error replies to clients come from `codec.error_header`; control commands
 and their replies are small maps built by the client and by `supervisor.control`.)
@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from .codec import BYE, CANCEL, CHUNK, GENERATE, HEARTBEAT, HELLO, PROTOCOL_VERSION, READY, REPLY, STOP, Limits
+from .codec import BYE, CANCEL, CHUNK, GENERATE, HEARTBEAT, HELLO, LOAD, PROTOCOL_VERSION, READY, REPLY, STOP, Limits
 from .errors import ERROR_CODES, BadRequest, QvlError, error_from_wire
 
 ROLES = frozenset({"system", "user", "assistant"})
@@ -263,18 +263,25 @@ MAX_TELEMETRY_KEYS = 64
 
 @dataclass(frozen=True)
 class Hello:
-    """A worker connected (before it loads the model)."""
+    """A worker connected (before it loads the model); or, with `spare`, a spare finished its
+    imports and waits for `Load` (its `generation` is then its spare number)."""
 
     slot: int
     generation: int
     pid: int
+    spare: bool = False
 
     def header(self) -> dict:
-        return _header(HELLO, slot=self.slot, generation=self.generation, pid=self.pid)
+        header = _header(HELLO, slot=self.slot, generation=self.generation, pid=self.pid)
+        if self.spare:
+            header["spare"] = True
+        return header
 
     @classmethod
     def parse(cls, header: dict) -> "Hello":
-        return cls(*(_field(header, name, _is_int, "an integer") for name in ("slot", "generation", "pid")))
+        numbers = (_field(header, name, _is_int, "an integer") for name in ("slot", "generation", "pid"))
+        return cls(*numbers, spare=_field(header, "spare", lambda x: x is None or isinstance(x, bool),
+                                          "true or false") or False)
 
 
 @dataclass(frozen=True)
@@ -391,6 +398,21 @@ class Stop:
     @classmethod
     def parse(cls, header: dict) -> "Stop":
         return cls()
+
+
+@dataclass(frozen=True)
+class Load:
+    """The supervisor tells a spare which worker to become: `spec` is a `WorkerSpec` as JSON, read
+    by the spare exactly as a cold worker reads its command line."""
+
+    spec: str
+
+    def header(self) -> dict:
+        return _header(LOAD, spec=self.spec)
+
+    @classmethod
+    def parse(cls, header: dict) -> "Load":
+        return cls(_field(header, "spec", lambda x: isinstance(x, str), "a string"))
 
 
 @dataclass(frozen=True)

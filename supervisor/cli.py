@@ -105,7 +105,9 @@ def format_status(status: dict) -> str:
             f"{'-' if frag is None else f'{frag:.2f}':>5} "
             f"{_mib(w.get('host_rss_bytes') or t.get('rss_bytes')):>8}  {w['last_reason']}"
             + (f" (retry in {w['failed']['retry_in_s']:.0f}s)" if w.get("failed") else "")
-            + (f" (at start above: {', '.join(w['thresholds_at_start'])})" if w.get("thresholds_at_start") else ""))
+            + (f" (at start above: {', '.join(w['thresholds_at_start'])})" if w.get("thresholds_at_start") else "")
+            + (f" [spare {w['spare_pid']} {w['spare_state']}, {_mib(w.get('spare_rss_bytes'))} MiB]"
+               if w.get("spare_pid") else ""))
     return "\n".join(lines)
 
 

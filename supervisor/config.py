@@ -65,6 +65,7 @@ class Config:
     heartbeat_interval_s: float = setting(1.0, "seconds between worker heartbeats")
     heartbeat_liveness: int = setting(10, "missed heartbeats after which a worker is presumed hung and killed")
     start_timeout_s: float = setting(600.0, "seconds a worker may take from spawn to ready")
+    spare_workers: bool = setting(True, "keep one spare process per slot with torch, transformers and the engine imported but nothing loaded and no CUDA context (host memory only, see README); a crash or recycle loads the spare instead of starting a cold process. Spares start once the slot's worker is ready")
     stop_grace_s: float = setting(30.0, "seconds to finish accepted requests on shutdown")
     kill_grace_s: float = setting(10.0, "seconds between asking a worker to exit, SIGTERM and SIGKILL")
     restart_backoff_s: float = setting(0.5, "first delay before restarting a crashed worker; doubles per crash (0: at once)")

@@ -22,6 +22,7 @@ def status(sup, header: dict) -> dict:
         info = slot.status(time.monotonic())
         info["host_rss_bytes"] = sup.devices.rss(info["pid"])
         info["gpu_bytes"] = gpu_pids.get(slot.gpu, {}).get(info["pid"])
+        info["spare_rss_bytes"] = sup.devices.rss(info["spare_pid"]) if info["spare_pid"] else None
         workers.append(info)
     return {
         "pid": os.getpid(), "host": socket.gethostname(),

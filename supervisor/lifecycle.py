@@ -2,8 +2,9 @@
 
 A `SlotLifecycle` is a state machine in one object. Its methods take events (a worker spawned,
 said hello, became ready, exited; missed heartbeats, hung; a recycle verdict, an operator's
-recycle, shutdown; the clock's tick) and return actions (`Spawn`, `StopWorker`, `KillWorker`, `Accept`,
-`Log`, `Count`, `RecycleStarted`, `Save`) that the `Supervisor` carries out. It makes no OS or
+recycle, shutdown; a spare spawned, said hello, exited; the clock's tick) and return actions (`Spawn`,
+`StopWorker`, `KillWorker`, `Accept`, `Log`, `Count`, `RecycleStarted`, `Save`, and for the spare
+`SpawnSpare`, `LoadSpare`, `StopSpare`, `KillSpare`) that the `Supervisor` carries out. It makes no OS or
 socket call and reads no clock: `now` is passed in, so it is tested in-process with a fake clock
 (`tests/unit/test_lifecycle.py`). Nothing else changes a slot's workers, recycle or backoff.
 
@@ -18,6 +19,17 @@ Phases of a slot (`Phase`):
 
 At most two model processes live per slot, and only one when `recycle_overlap = never`
 (`max_live`): a recycle starts only once no earlier worker is still draining.
+
+Spares (`spare_workers`): beside its model processes a slot keeps at most one `Spare`, a process
+that has imported torch, transformers and the engine and waits, holding no device memory:
+
+    (none) --tick(the slot serves, nothing imports, spare backoff over)--> starting --hello--> waiting
+    waiting --a new worker is wanted--> used: `LoadSpare` makes it that incarnation (spawning)
+    starting | waiting --exited--> (none), the next one after a backoff (never a crash of the slot)
+    starting --start timeout--> killed;  any --shutdown--> stopping
+
+Every new incarnation comes from `_new_worker`, which loads the spare when one waits and starts a
+cold process otherwise. A spare never takes a request: only incarnations are dispatched to.
 """
 
 from __future__ import annotations
@@ -46,6 +58,12 @@ class WorkerState(enum.Enum):
 STARTING = (WorkerState.SPAWNING, WorkerState.LOADING)
 
 
+class SpareState(enum.Enum):
+    STARTING = "starting"  # importing torch, transformers and the engine
+    WAITING = "waiting"    # imported and connected (hello): loads the model when told to
+    STOPPING = "stopping"  # shutting down
+
+
 class Phase(enum.Enum):
     WAITING = "waiting"                # no worker: the next starts once the restart backoff is over
     STARTING = "starting"              # its worker loads; nothing serves
@@ -69,6 +87,17 @@ class Incarnation:
     started_for: str = ""    # why it was started, logged once its pid is known
 
 
+@dataclass(eq=False)
+class Spare:
+    """A slot's spare process: its number (its identity among the slot's spares) and state."""
+
+    number: int
+    state: SpareState
+    since: float
+    pid: int | None = None
+    killed: bool = False
+
+
 @dataclass
 class Recycle:
     reason: str
@@ -85,6 +114,29 @@ class Recycle:
 @dataclass(frozen=True)
 class Spawn:
     worker: Incarnation  # start its generation's process, then report `spawned` with its pid
+
+
+@dataclass(frozen=True)
+class SpawnSpare:
+    number: int  # start a spare process, then report `spare_spawned` with its pid
+
+
+@dataclass(frozen=True)
+class LoadSpare:
+    number: int
+    worker: Incarnation  # the spare becomes this incarnation: send it the spec of its generation
+
+
+@dataclass(frozen=True)
+class StopSpare:
+    number: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class KillSpare:
+    number: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -127,7 +179,8 @@ class Save:
     pass
 
 
-Action = Spawn | StopWorker | KillWorker | Accept | Log | Count | RecycleStarted | Save
+Action = (Spawn | StopWorker | KillWorker | Accept | Log | Count | RecycleStarted | Save
+          | SpawnSpare | LoadSpare | StopSpare | KillSpare)
 
 
 def restart_delay(recent_crashes: int, config: Config) -> float:
@@ -161,6 +214,10 @@ class SlotLifecycle:
         self.restarts = 0
         self.recycles = 0
         self.last_reason = ""
+        self.spare: Spare | None = None
+        self.spares = 0        # spares started: the next one's number
+        self.spare_at = now    # no spare starts before this time (after one died: a backoff)
+        self.spare_deaths: collections.deque[float] = collections.deque()
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -181,13 +238,24 @@ class SlotLifecycle:
 
     def next_due(self, now: float) -> float | None:
         """When, after `now`, `tick` has something to do by the clock alone (start timeouts aside)."""
+        due = []
         if self.phase is Phase.WAITING or self.phase is Phase.RECYCLE_WANTED:
-            due = self.respawn_at
+            due.append(self.respawn_at)
         elif self.phase is Phase.FAILED:
-            due = self.retry_at
-        else:
-            return None
-        return due if due > now else None
+            due.append(self.retry_at)
+        if self.config.spare_workers and self.spare is None:
+            due.append(self.spare_at)
+        due = [t for t in due if t > now]
+        return min(due) if due else None
+
+    def wants_spare(self, now: float) -> bool:
+        """Whether a spare should start now: spares are on, none lives, its backoff is over, and the
+        slot serves with nothing importing (so a cold start never shares the CPU with a spare's)."""
+        current = self.current
+        return (self.config.spare_workers and self.spare is None and now >= self.spare_at
+                and self.phase is not Phase.STOPPED
+                and current is not None and current.state is WorkerState.READY
+                and not any(w.state is WorkerState.SPAWNING for w in self.workers()))
 
     # --- events ----------------------------------------------------------------------------
 
@@ -304,14 +372,14 @@ class SlotLifecycle:
         """Start nothing more; a successor still loading is told to stop. A wanted recycle stays
         on record but never starts (a hard one's worker stays without traffic)."""
         self.phase = Phase.STOPPED
-        acts = []
+        acts = self._stop_spare("shutdown", now)
         if self.successor is not None and self.successor.state is not WorkerState.STOPPING:
             acts += self._stop(self.successor, "shutdown", now)
         return acts
 
     def stop_all(self, now: float) -> list[Action]:
         """The end of a shutdown: every worker not yet stopping is asked to exit."""
-        acts = []
+        acts = self._stop_spare("shutdown", now)
         for worker in self.workers():
             if worker.state is not WorkerState.STOPPING:
                 acts += self._refuse(worker) + self._stop(worker, "shutdown", now)
@@ -338,7 +406,44 @@ class SlotLifecycle:
             acts += self._start_current(f"retry after: {self.failed_reason}", now)
         elif self.phase is Phase.RECYCLE_WANTED:
             acts += self._start_recycle(now, busy, room, turn)
-        return acts
+        return acts + self._keep_spare(now)
+
+    # --- the spare's events -----------------------------------------------------------------
+
+    def spare_spawned(self, number: int, pid: int) -> list[Action]:
+        spare = self.spare
+        if spare is None or spare.number != number or spare.pid is not None:
+            return []
+        spare.pid = pid
+        return [Log("spare_state", {"worker": self.index, "spare": number, "pid": pid,
+                                        "new": SpareState.STARTING.value})]
+
+    def spare_hello(self, number: int, now: float) -> list[Action]:
+        """The spare imported everything and connected: it can be told to load."""
+        spare = self.spare
+        if spare is None or spare.number != number or spare.state is not SpareState.STARTING:
+            return []
+        return self._set_spare(spare, SpareState.WAITING, "imported", now, import_s=now - spare.since)
+
+    def spare_exited(self, number: int, code: int, now: float) -> list[Action]:
+        """A spare ended. Never a crash of the slot: the next spare starts after a backoff of its own."""
+        spare = self.spare
+        if spare is None or spare.number != number:
+            return []
+        self.spare = None
+        how = describe(code)
+        if spare.state is SpareState.STOPPING:
+            return [Log("spare_state", {"worker": self.index, "spare": number, "pid": spare.pid,
+                                            "old": spare.state.value, "new": "exited", "reason": how})]
+        self.spare_deaths.append(now)
+        while self.spare_deaths and self.spare_deaths[0] < now - self.config.restart_period_s:
+            self.spare_deaths.popleft()
+        delay = restart_delay(len(self.spare_deaths), self.config)
+        self.spare_at = now + delay
+        return [Log("spare_exited", {"worker": self.index, "spare": number, "pid": spare.pid,
+                                         "state": spare.state.value, "reason": how, "backoff_s": delay,
+                                         "deaths": len(self.spare_deaths)}, logging.WARNING),
+                Count("spare_deaths")]
 
     # --- transitions -----------------------------------------------------------------------
 
@@ -443,9 +548,43 @@ class SlotLifecycle:
         return acts
 
     def _new_worker(self, now: float, reason: str) -> tuple[Incarnation, list[Action]]:
+        """The next incarnation: the waiting spare told to load, or else a cold process."""
         self.generation += 1
         worker = Incarnation(self.generation, WorkerState.SPAWNING, now, started_for=reason)
-        return worker, [Spawn(worker)]  # its state is logged once `spawned` gives its pid
+        spare = self.spare
+        if spare is None or spare.state is not SpareState.WAITING or spare.killed:
+            return worker, [Spawn(worker)]  # its state is logged once `spawned` gives its pid
+        self.spare, worker.pid = None, spare.pid
+        return worker, [LoadSpare(spare.number, worker), Count("spares_used"),
+                        Log("worker_state", {"worker": self.index, "gen": worker.generation, "pid": spare.pid,
+                                             "old": "spare", "new": WorkerState.SPAWNING.value,
+                                             "reason": reason, "spare": spare.number})]
+
+    def _keep_spare(self, now: float) -> list[Action]:
+        """Start a spare when one is wanted; kill one that overstays the start timeout."""
+        spare = self.spare
+        if (spare is not None and spare.state is SpareState.STARTING and not spare.killed
+                and now - spare.since > self.config.start_timeout_s):
+            spare.killed = True
+            return [KillSpare(spare.number, "start timeout")]
+        if not self.wants_spare(now):
+            return []
+        self.spares += 1
+        self.spare = Spare(self.spares, SpareState.STARTING, now)
+        return [SpawnSpare(self.spares)]
+
+    def _stop_spare(self, reason: str, now: float) -> list[Action]:
+        spare = self.spare
+        if spare is None or spare.state is SpareState.STOPPING:
+            return []
+        return [StopSpare(spare.number, reason), *self._set_spare(spare, SpareState.STOPPING, reason, now)]
+
+    def _set_spare(self, spare: Spare, state: SpareState, reason: str, now: float,
+                   **fields: object) -> list[Action]:
+        log = Log("spare_state", dict(worker=self.index, spare=spare.number, pid=spare.pid,
+                                      old=spare.state.value, new=state.value, reason=reason, **fields))
+        spare.state, spare.since = state, now
+        return [log]
 
     def _retire(self, worker: Incarnation, reason: str, now: float) -> list[Action]:
         self.retiring.append(worker)

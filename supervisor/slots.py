@@ -4,8 +4,9 @@
 `Worker` is the protocol peer: routing identity, requests in flight, telemetry and counters, and
 `life`, its `Incarnation` in the slot's lifecycle (read here, changed only by the lifecycle).
 A `Slot` is a position that always wants one serving worker: its GPU, its `SlotLifecycle`
-(phase, current, successor, retiring, recycle, backoff: `lifecycle.py`) and the peers of its live
-workers by generation. Nothing here decides what happens next.
+(phase, current, successor, retiring, recycle, backoff, spare: `lifecycle.py`), the peers of its live
+workers by generation, and its spare process (`SparePeer`) by number; a spare told to load becomes
+the `Worker` of its new generation, same process. Nothing here decides what happens next.
 """
 
 import os
@@ -16,8 +17,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from qvl.protocol.codec import worker_identity
-from qvl.protocol.contract import ModelOptions, WorkerSpec
+from qvl.protocol.codec import spare_identity, worker_identity
+from qvl.protocol.contract import ModelOptions, SpareSpec, WorkerSpec
 
 from .config import Config
 from .lifecycle import Incarnation, Phase, SlotLifecycle, WorkerState
@@ -51,6 +52,11 @@ class WorkerProcess:
     def kill(self) -> None:
         self.signal(signal.SIGKILL)
         self.signals_sent = 2
+
+    def terminate(self, now: float, grace: float) -> None:
+        """SIGTERM now; SIGKILL follows if it overstays `grace` (`escalate`)."""
+        self.signal(signal.SIGTERM)
+        self.stop_deadline, self.signals_sent = now + grace, 1
 
     def begin_stop(self, now: float, grace: float) -> None:
         """It was asked to exit: signals follow if it overstays `grace`."""
@@ -107,11 +113,30 @@ class Worker:
 
 
 @dataclass(eq=False)
+class SparePeer:
+    """A spare process as the backend knows it: its number, routing identity and OS process."""
+
+    slot: int
+    number: int
+    process: WorkerProcess
+    stopping: bool = False
+
+    @property
+    def identity(self) -> bytes:
+        return spare_identity(self.slot, self.number)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+@dataclass(eq=False)
 class Slot:
     index: int
     lifecycle: SlotLifecycle
     gpu: int | None = None  # the GPU (NVML index) its workers run on; None on CPU
     peers: dict[int, Worker] = field(default_factory=dict)  # live workers by generation
+    spares: dict[int, SparePeer] = field(default_factory=dict)  # live spare processes by number
     served_total: int = 0
 
     @property
@@ -134,6 +159,22 @@ class Slot:
                         requests_jitter=random.randint(0, config.recycle_requests_jitter))
         self.peers[life.generation] = worker
         return worker
+
+    def spawn_spare(self, number: int, config: Config, backend: str) -> SparePeer:
+        spec = SpareSpec(backend, self.index, number, config.engine, config.limits)
+        popen = subprocess.Popen(spare_command(spec), env=worker_env(config, self.gpu),
+                                 stdin=subprocess.DEVNULL)
+        peer = self.spares[number] = SparePeer(self.index, number, WorkerProcess(popen))
+        return peer
+
+    def adopt_spare(self, number: int, life: Incarnation, config: Config, backend: str) -> tuple[Worker, WorkerSpec]:
+        """The spare `number` becomes the worker of `life`: the same process, a new peer; and the
+        spec to send it."""
+        peer = self.spares.pop(number)
+        worker = Worker(self.index, life, peer.process,
+                        requests_jitter=random.randint(0, config.recycle_requests_jitter))
+        self.peers[life.generation] = worker
+        return worker, worker_spec(config, backend, self.index, life.generation)
 
     def saved(self) -> dict:
         return {"served_total": self.served_total,
@@ -163,6 +204,8 @@ class Slot:
             "thresholds_at_start": list(w.exempt) if w else [],
             "successor_pid": successor.pid if successor else None,
             "retiring_pids": [x.pid for x in self.workers() if x.life in life.retiring],
+            "spare_pid": life.spare.pid if life.spare else None,
+            "spare_state": life.spare.state.value if life.spare else None,
             "age_s": round(now - w.started_at, 3) if w else None,
             "telemetry": w.telemetry if w else {},
         }
@@ -188,6 +231,10 @@ def worker_spec(config: Config, backend: str, slot: int, generation: int) -> Wor
 
 def worker_command(spec: WorkerSpec) -> list[str]:
     return [sys.executable, "-m", "qvl.worker", spec.to_json()]
+
+
+def spare_command(spec: SpareSpec) -> list[str]:
+    return [sys.executable, "-m", "qvl.worker", "--spare", spec.to_json()]
 
 
 def worker_env(config: Config, gpu: int | None) -> dict:

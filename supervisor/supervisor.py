@@ -24,7 +24,7 @@ from qvl.protocol.curve import admin_keys, serve_securely
 from qvl.protocol.errors import (BadRequest, DeadlineExceeded, InternalError, OutOfMemory, Overloaded,
                                  QvlError, ShuttingDown, WorkerFailed)
 from qvl.protocol.exits import WorkerExit
-from qvl.protocol.messages import (CANCELLED, Cancel, Chunk, ErrorReply, Hello, Ready, Reply, Stop,
+from qvl.protocol.messages import (CANCELLED, Cancel, Chunk, ErrorReply, Hello, Load, Ready, Reply, Stop,
                                    parse_generate, parse_worker_message)
 
 from .config import Config, ConfigError
@@ -33,11 +33,12 @@ from .devices import DeviceMonitor
 from .events import event
 from .gateway_process import GatewayProcess
 from .metrics import Metrics
-from .lifecycle import (Accept, Action, Count, Incarnation, KillWorker, Log, RecycleStarted, Save,
-                        SlotLifecycle, Spawn, StopWorker, WorkerState)
+from .lifecycle import (Accept, Action, Count, Incarnation, KillSpare, KillWorker, LoadSpare, Log,
+                        RecycleStarted, Save, SlotLifecycle, Spawn, SpawnSpare, StopSpare, StopWorker,
+                        WorkerState)
 from .policy import recycle_verdict, tripped_at_start
 from .requests import OpenRequests, Request, RequestQueue
-from .slots import Slot, Worker, slot_gpus, telemetry_fields
+from .slots import Slot, SparePeer, Worker, slot_gpus, telemetry_fields
 from .state import load_state, restore, save_state
 from .systemd import Notifier
 
@@ -58,6 +59,7 @@ class Supervisor:
         if not self.slots:
             raise ConfigError("gpus = all, but NVML sees no GPU")
         self.by_identity: dict[bytes, Worker] = {}
+        self.spare_by_identity: dict[bytes, SparePeer] = {}
         self.keys = itertools.count(1)
         self.counters: collections.Counter = collections.Counter()
         restore(load_state(config.state_file), self.slots, self.counters)
@@ -157,6 +159,9 @@ class Supervisor:
     def workers(self) -> list[Worker]:
         return [w for slot in self.slots for w in slot.workers()]
 
+    def spare_peers(self) -> list[SparePeer]:
+        return [p for slot in self.slots for p in slot.spares.values()]
+
     # --- input ----------------------------------------------------------------------------
 
     def poll(self) -> None:
@@ -189,6 +194,7 @@ class Supervisor:
         due = [now + min(self.config.heartbeat_interval_s, 1.0)]
         due += [t for s in self.slots if (t := s.lifecycle.next_due(now)) is not None]
         due += [w.process.stop_deadline for w in self.workers() if w.state is WorkerState.STOPPING]
+        due += [p.process.stop_deadline for p in self.spare_peers() if p.stopping]
         deadline = self.queue.next_deadline()
         if deadline is not None:
             due.append(deadline)
@@ -290,7 +296,9 @@ class Supervisor:
         mistake never ends the supervisor (a worker that stops making sense stops heartbeating)."""
         worker = self.by_identity.get(identity)
         if worker is None:
-            return  # a former incarnation's last words
+            if identity in self.spare_by_identity:
+                self.on_spare_message(self.spare_by_identity[identity], parts)
+            return  # else a former incarnation's last words
         try:
             header, _ = decode(parts, self.limits)
             message = parse_worker_message(header)
@@ -317,6 +325,19 @@ class Supervisor:
             self.counters[InternalError.code] += 1
             event("worker_message_failed", logging.ERROR, exc_info=True, worker=worker.slot,
                   gen=worker.generation, error=f"{type(exc).__name__}: {exc}")
+
+    def on_spare_message(self, peer: SparePeer, parts: list[bytes]) -> None:
+        """A spare says one thing, `hello` once its imports are done; anything else is logged and dropped."""
+        try:
+            message = parse_worker_message(decode(parts, self.limits)[0])
+            if not (isinstance(message, Hello) and message.spare and message.generation == peer.number):
+                raise BadRequest(f"a spare sends only its hello, not {type(message).__name__}")
+        except QvlError as exc:
+            self.counters["worker_bad_messages"] += 1
+            event("spare_bad_message", logging.WARNING, worker=peer.slot, spare=peer.number, error=exc.message)
+            return
+        slot = self.slots[peer.slot]
+        self.apply(slot, slot.lifecycle.spare_hello(peer.number, time.monotonic()))
 
     def on_chunk(self, worker: Worker, chunk: Chunk) -> None:
         request = worker.inflight.get(chunk.id)
@@ -423,6 +444,19 @@ class Supervisor:
                     self.metrics.recycles[reason] += 1
                 case Save():
                     save_state(self.config.state_file, self.slots, self.counters)
+                case SpawnSpare(number=number):
+                    self.spawn_spare(slot, number)
+                case LoadSpare(number=number, worker=life):
+                    self.load_spare(slot, number, life)
+                case StopSpare(number=number):
+                    peer = slot.spares[number]
+                    peer.stopping = True
+                    peer.process.terminate(time.monotonic(), self.config.kill_grace_s)
+                case KillSpare(number=number, reason=reason):
+                    peer = slot.spares[number]
+                    event("spare_kill", logging.WARNING, worker=slot.index, spare=number, pid=peer.pid,
+                          reason=reason)
+                    peer.process.kill()
 
     def judge(self, worker: Worker) -> None:
         """Apply the recycle policy to a worker's latest telemetry; its lifecycle decides what follows."""
@@ -482,6 +516,25 @@ class Supervisor:
             self.by_identity[identity] = worker
         self.apply(slot, slot.lifecycle.spawned(life.generation, worker.pid))
 
+    def spawn_spare(self, slot: Slot, number: int) -> None:
+        try:
+            peer = slot.spawn_spare(number, self.config, self.backend_endpoint)
+        except OSError as exc:  # a spare that could not start: backed off as one that died
+            event("spawn_failed", logging.ERROR, worker=slot.index, spare=number, error=str(exc))
+            self.apply(slot, slot.lifecycle.spare_exited(number, WorkerExit.SPAWN_FAILED, time.monotonic()))
+            return
+        self.spare_by_identity[peer.identity] = peer
+        self.apply(slot, slot.lifecycle.spare_spawned(number, peer.pid))
+
+    def load_spare(self, slot: Slot, number: int, life: Incarnation) -> None:
+        """The spare becomes the incarnation `life`: it is sent its spec and connects anew as that worker."""
+        peer = slot.spares[number]
+        del self.spare_by_identity[peer.identity]
+        worker, spec = slot.adopt_spare(number, life, self.config, self.backend_endpoint)
+        for identity in worker.identities:
+            self.by_identity[identity] = worker
+        self.backend.send_multipart([peer.identity, *encode(Load(spec.to_json()).header())])
+
     def manage_slots(self) -> None:
         """Let each slot's lifecycle act on the clock; escalate stops that overstay their grace."""
         now = time.monotonic()
@@ -495,6 +548,9 @@ class Supervisor:
                     if sent:
                         event("worker_signal", worker=slot.index, gen=worker.generation,
                               pid=worker.pid, signal=sent)
+            for peer in slot.spares.values():
+                if peer.stopping and peer.process.escalate(now, self.config.kill_grace_s):
+                    event("spare_signal", worker=slot.index, spare=peer.number, pid=peer.pid, signal="SIGKILL")
 
     def stop_worker(self, worker: Worker, reason: str) -> None:
         self.backend.send_multipart([worker.identity, *encode(Stop().header())])
@@ -506,6 +562,12 @@ class Supervisor:
                 code = worker.process.poll()
                 if code is not None:
                     self.on_exit(slot, worker, code)
+            for peer in list(slot.spares.values()):
+                code = peer.process.poll()
+                if code is not None:
+                    self.spare_by_identity.pop(peer.identity, None)
+                    del slot.spares[peer.number]
+                    self.apply(slot, slot.lifecycle.spare_exited(peer.number, code, time.monotonic()))
 
     def on_exit(self, slot: Slot, worker: Worker, code: int) -> None:
         for identity in worker.identities:
@@ -576,13 +638,13 @@ class Supervisor:
             worker.inflight.clear()
         for slot in self.slots:
             self.apply(slot, slot.lifecycle.stop_all(time.monotonic()))
-        self.done = not self.workers()
+        self.done = not self.workers() and not self.spare_peers()
 
     def _kill_all(self) -> None:
         """Last resort on the way out: no worker outlives the supervisor."""
-        for worker in self.workers():
-            worker.process.kill()
-            worker.process.wait()
+        for process in [w.process for w in self.workers()] + [p.process for p in self.spare_peers()]:
+            process.kill()
+            process.wait()
 
 
 def _raise_descriptor_limit(want: int = 65536) -> None:

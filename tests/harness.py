@@ -17,13 +17,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class SupervisorProcess:
-    """A `qvl-supervisor start` subprocess on a private ipc endpoint, with its log captured."""
+    """A `qvl-supervisor start` subprocess on a private ipc endpoint, with its log captured. Without
+    spare processes unless the flags ask for them (`--spare-workers true`): on a machine of few cores
+    a spare's imports beside every test's workers would only slow the tests that do not need one."""
 
     def __init__(self, run_dir: Path, model: Path, *flags: str, workers: int = 1, env: dict | None = None):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.endpoint = f"ipc://{run_dir}/frontend"
         self.log_path = run_dir / "supervisor.log"
         self.worker_pids: set[int] = set()
+        if "--spare-workers" not in flags:  # spares are tested by the tests that ask for them
+            flags = ("--spare-workers", "false", *flags)
         cmd = [sys.executable, "-m", "qvl.supervisor.cli", "start", "--frontend", self.endpoint,
                "--model", str(model), "--device", "cpu", "--workers", str(workers),
                "--heartbeat-interval-s", "0.2", "--kill-grace-s", "3", *flags]

@@ -1,4 +1,5 @@
-"""The worker's request reader trusts nothing: any message gives a request, a stop or a typed error."""
+"""The worker's request reader trusts nothing: any message gives a request, a stop or a typed error;
+so does a spare's: a load or a typed error."""
 
 import msgpack
 import pytest
@@ -6,9 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qvl.protocol.codec import PROTOCOL_VERSION, Limits
+from qvl.protocol.contract import ModelOptions, WorkerSpec
 from qvl.protocol.errors import BadRequest, QvlError, UnsupportedVersion
-from qvl.protocol.messages import Cancel, GenerateRequest, Stop
-from qvl.worker.inbox import read_message
+from qvl.protocol.messages import Cancel, GenerateRequest, Load, Stop
+from qvl.worker.inbox import read_message, read_spare_message
 
 LIMITS = Limits(max_images=3, max_messages=4, max_text_chars=100, max_new_tokens=50)
 
@@ -90,5 +92,49 @@ def test_any_header_gives_a_request_a_stop_or_a_typed_error(header, frames):
 def test_any_bytes_give_a_typed_error_or_a_message(raw, frames):
     try:
         read_message([raw, *frames], LIMITS)
+    except QvlError:
+        pass
+
+
+# --- what a spare reads: one `load`, its spec read afterwards as a cold worker reads its argument ---
+
+SPEC = WorkerSpec("ipc:///run/backend", 0, 4, ModelOptions("/models/tiny"))
+load_headers = st.fixed_dictionaries(
+    {"v": st.just(PROTOCOL_VERSION) | values, "kind": st.sampled_from(["load", "stop", "generate"]) | values},
+    optional={"spec": st.just(SPEC.to_json()) | st.text(max_size=40) | values, "id": values})
+
+
+def test_a_spare_reads_a_load_and_its_spec_reads_back_whole():
+    load = read_spare_message([msgpack.packb(Load(SPEC.to_json()).header())], LIMITS)
+    assert WorkerSpec.from_json(load.spec) == SPEC
+
+
+@pytest.mark.parametrize("parts", [
+    [b"\xc1garbage"],
+    [msgpack.packb({"v": PROTOCOL_VERSION, "kind": "stop"})],          # a spare takes only load
+    [msgpack.packb({"v": PROTOCOL_VERSION, "kind": "load"})],          # no spec
+    [msgpack.packb({"v": PROTOCOL_VERSION, "kind": "load", "spec": {"slot": 0}})],  # not a string
+    [msgpack.packb(Load(SPEC.to_json()).header()), b"frame"],
+])
+def test_what_a_spare_cannot_read_is_a_typed_error(parts):
+    with pytest.raises(BadRequest):
+        read_spare_message(parts, LIMITS)
+
+
+@settings(max_examples=400, deadline=None)
+@given(header=load_headers, frames=st.lists(st.binary(max_size=8), max_size=2))
+def test_any_message_to_a_spare_gives_a_load_or_a_typed_error(header, frames):
+    try:
+        load = read_spare_message([msgpack.packb(header), *frames], LIMITS)
+    except QvlError:
+        return
+    assert isinstance(load, Load) and isinstance(load.spec, str)
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(max_size=64), frames=st.lists(st.binary(max_size=8), max_size=2))
+def test_any_bytes_to_a_spare_give_a_typed_error_or_a_load(raw, frames):
+    try:
+        read_spare_message([raw, *frames], LIMITS)
     except QvlError:
         pass

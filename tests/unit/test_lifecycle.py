@@ -12,11 +12,17 @@ from qvl.protocol.exits import WorkerExit
 from qvl.supervisor.config import Config
 from qvl.supervisor.lifecycle import (
     Accept,
+    Count,
+    KillSpare,
     KillWorker,
+    LoadSpare,
     Log,
     Phase,
     SlotLifecycle,
     Spawn,
+    SpawnSpare,
+    SpareState,
+    StopSpare,
     StopWorker,
     WorkerState,
     failed_delay,
@@ -25,7 +31,9 @@ from qvl.supervisor.policy import Verdict
 
 CONFIG = Config(restart_backoff_s=1.0, restart_backoff_max_s=30.0, restart_intensity=3,
                 restart_period_s=60.0, start_timeout_s=100.0, recycle_soft_wait_s=30.0,
-                restart_failed_backoff_s=10.0, restart_failed_backoff_max_s=300.0)
+                restart_failed_backoff_s=10.0, restart_failed_backoff_max_s=300.0,
+                spare_workers=False)  # the tables without spares: today's behaviour, unchanged
+SPARES = dataclasses.replace(CONFIG, spare_workers=True)
 SOFT = Verdict("fragmentation", hard=False, value=0.5, threshold=0.4)
 HARD = Verdict("out_of_memory", hard=True, value=1, threshold=1)
 CRASH, KILLED = 7, -9
@@ -43,7 +51,15 @@ def names(actions) -> list[str]:
             out.append(f"stop {a.generation}")
         elif isinstance(a, KillWorker):
             out.append(f"kill {a.generation}")
-        elif isinstance(a, Log) and a.name != "worker_state":
+        elif isinstance(a, SpawnSpare):
+            out.append(f"spawn spare {a.number}")
+        elif isinstance(a, LoadSpare):
+            out.append(f"load spare {a.number} as {a.worker.generation}")
+        elif isinstance(a, StopSpare):
+            out.append(f"stop spare {a.number}")
+        elif isinstance(a, KillSpare):
+            out.append(f"kill spare {a.number}")
+        elif isinstance(a, Log) and a.name not in ("worker_state", "spare_state"):
             out.append(f"log {a.name}")
     return out
 
@@ -53,6 +69,8 @@ def tick(life, now, busy=(), room=True, turn=True):
     for a in acts:
         if isinstance(a, Spawn):
             life.spawned(a.worker.generation, pid=1000 + a.worker.generation)
+        elif isinstance(a, SpawnSpare):
+            life.spare_spawned(a.number, pid=2000 + a.number)
     return acts
 
 
@@ -263,6 +281,131 @@ def test_stop_all_asks_every_worker_to_exit_once():
     assert life.stop_all(4.0) == []
 
 
+# --- the spare ---------------------------------------------------------------------------------
+
+def spare_starting():
+    life = serving(SPARES)
+    tick(life, 0.0)
+    return life
+
+
+def spare_waiting():
+    life = spare_starting()
+    life.spare_hello(1, 0.0)
+    return life
+
+
+def spare_died():
+    life = spare_waiting()
+    life.spare_exited(1, KILLED, 2.0)
+    return life
+
+
+def recycle_with_spare(room):
+    def event(life):
+        life.operator_recycle("operator", 1.0)
+        acts = tick(life, 1.0, room=room)
+        if not room:  # the old worker drains and exits first
+            tick(life, 2.0)
+            life.exited(1, 0, 3.0)
+            acts = tick(life, 3.0)
+        return acts
+    return event
+
+
+SPARE_TRANSITIONS = {
+    "spares on, starting: no spare while the first worker imports": (
+        lambda: starting(SPARES), lambda l: tick(l, 0.5), [], ["spawn spare 1"], Phase.STARTING),
+    "spares on, starting: nor while it loads": (
+        lambda: starting(SPARES), lambda l: (l.hello(1, 0.5), tick(l, 0.6))[1], [], ["spawn spare 1"],
+        Phase.STARTING),
+    "spares on, serving: the tick starts a spare": (
+        lambda: serving(SPARES), lambda l: tick(l, 0.0), ["spawn spare 1"], [], Phase.SERVING),
+    "spare starting: a second tick starts no second spare": (
+        spare_starting, lambda l: tick(l, 1.0), [], ["spawn spare 2"], Phase.SERVING),
+    "spare starting: its hello changes nothing but the spare": (
+        spare_starting, lambda l: l.spare_hello(1, 1.0), [], ["accept 1 off"], Phase.SERVING),
+    "spare waiting: a crash loads it once the backoff is over, no cold start": (
+        spare_waiting, lambda l: (l.exited(1, CRASH, 5.0), tick(l, 6.0))[1], ["load spare 1 as 2"],
+        ["spawn 2", "spawn spare 2"], Phase.STARTING),
+    "spare waiting: a hang kill's exit loads it too": (
+        spare_waiting, lambda l: (l.hang(1, 700.0), l.exited(1, KILLED, 5.0), tick(l, 6.0))[2],
+        ["load spare 1 as 2"], ["spawn 2"], Phase.STARTING),
+    "spare still importing: a crash starts cold, the spare goes on importing": (
+        spare_starting, lambda l: (l.exited(1, CRASH, 5.0), tick(l, 6.0))[1], ["spawn 2"],
+        ["load spare 1 as 2", "kill spare 1"], Phase.STARTING),
+    "spare waiting: a recycle with overlap loads it as the successor": (
+        spare_waiting, recycle_with_spare(room=True), ["log recycle", "load spare 1 as 2"], ["spawn 2"],
+        Phase.OVERLAPPING),
+    "spare waiting: a recycle without overlap loads it once the old worker exited": (
+        spare_waiting, recycle_with_spare(room=False), ["load spare 1 as 2"], ["spawn 2"], Phase.STARTING),
+    "spare waiting: the loaded spare cannot load the model: the slot fails as after a cold start": (
+        spare_waiting, lambda l: (l.exited(1, CRASH, 5.0), tick(l, 6.0), l.exited(2, WorkerExit.LOAD_FAILED, 7.0))[2],
+        ["log slot_failed"], [], Phase.FAILED),
+    "spare waiting: its death is no crash of the slot": (
+        spare_waiting, lambda l: l.spare_exited(1, KILLED, 2.0), ["log spare_exited"],
+        ["log worker_restart", "log slot_failed", "accept 1 off", "kill 1"], Phase.SERVING),
+    "spare died: none starts before its backoff": (
+        spare_died, lambda l: tick(l, 2.5), [], ["spawn spare 2"], Phase.SERVING),
+    "spare died: the next starts after its backoff": (
+        spare_died, lambda l: tick(l, 3.0), ["spawn spare 2"], [], Phase.SERVING),
+    "spare starting: the start timeout kills it, not the worker": (
+        spare_starting, lambda l: tick(l, 101.0), ["kill spare 1"], ["kill 1"], Phase.SERVING),
+    "spare waiting: shutdown stops it with the successor": (
+        spare_waiting, lambda l: l.shutdown(2.0), ["stop spare 1"], ["stop 1"], Phase.STOPPED),
+    "spares on, failed slot: no spare": (
+        lambda: failed(SPARES), lambda l: tick(l, 5.0), [], ["spawn spare 1"], Phase.FAILED),
+    "spares off, serving: no spare": (
+        serving, lambda l: tick(l, 50.0), [], ["spawn spare 1"], Phase.SERVING),
+}
+
+
+@pytest.mark.parametrize("name", SPARE_TRANSITIONS)
+def test_spare_transition(name):
+    build, event, given, not_given, phase = SPARE_TRANSITIONS[name]
+    life = build()
+    got = names(event(life))
+    it = iter(got)
+    assert all(any(g == want for g in it) for want in given), got  # in this order
+    assert not set(not_given) & set(got), got
+    assert life.phase is phase
+
+
+def test_a_used_spare_is_the_new_worker_and_a_new_spare_starts_once_it_serves():
+    life = spare_waiting()
+    life.exited(1, CRASH, 5.0)
+    acts = tick(life, 6.0)
+    assert life.current.generation == 2 and life.current.pid == 2001 and life.spare is None
+    assert any(isinstance(a, Count) and a.key == "spares_used" for a in acts)
+    assert names(tick(life, 6.1)) == []        # spawning: it connects anew as gen 2
+    life.hello(2, 6.2)
+    assert names(tick(life, 6.3)) == []        # loading
+    assert "accept 2 on" in names(life.ready(2, 7.0))
+    assert names(tick(life, 7.0)) == ["spawn spare 2"]
+    assert life.spare.number == 2 and life.spare.state is SpareState.STARTING
+
+
+def test_spare_deaths_back_off_doubling_capped_and_never_touch_the_slot():
+    life = spare_starting()
+    now = 1.0
+    for death in range(7):  # within restart_period_s: the seventh waits the cap
+        acts = life.spare_exited(life.spare.number, CRASH, now)
+        assert not any(isinstance(a, Count) and a.key == "worker_crashes" for a in acts)
+        assert life.spare_at - now == min(2.0 ** death, 30.0)
+        now = life.spare_at
+        assert names(tick(life, now)) == [f"spawn spare {death + 2}"]
+    assert life.phase is Phase.SERVING and not life.crashes and life.restarts == 0 and not life.failures
+    assert life.current.accepting
+
+
+def test_a_spare_that_stops_on_shutdown_is_not_a_death():
+    life = spare_waiting()
+    life.shutdown(2.0)
+    assert names(life.spare_exited(1, -15, 3.0)) == []
+    assert life.spare is None and not life.spare_deaths
+    assert names(tick(life, 100.0)) == []  # stopped: no spare, no worker
+
+
 # --- random interleavings ----------------------------------------------------------------------
 
 class Sim:
@@ -279,6 +422,8 @@ class Sim:
         self.requests = 0
         self.stopped_all = False
         self.room = True  # whether a second copy of the model fits
+        self.spares: dict[tuple[int, int], str] = {}  # spare processes: alive | stopping | killed
+        self.spare_hellos: set[tuple[int, int]] = set()  # spares that finished importing
 
     def apply(self, i: int, actions) -> None:
         for a in actions:
@@ -291,6 +436,19 @@ class Sim:
                 self.procs[(i, a.generation)] = "stopping"
             elif isinstance(a, KillWorker):
                 self.procs[(i, a.generation)] = "killed"
+            elif isinstance(a, SpawnSpare):
+                assert not [key for key in self.spares if key[0] == i], "a second spare"
+                self.spares[(i, a.number)] = "alive"
+                self.apply(i, self.lives[i].spare_spawned(a.number, pid=10_000 + 100 * i + a.number))
+            elif isinstance(a, LoadSpare):  # the same process goes on as that generation
+                key = (i, a.number)
+                assert self.spares.pop(key) == "alive" and key in self.spare_hellos
+                assert a.worker.state is WorkerState.SPAWNING and not a.worker.accepting
+                self.procs[(i, a.worker.generation)] = "alive"
+            elif isinstance(a, StopSpare):
+                self.spares[(i, a.number)] = "stopping"
+            elif isinstance(a, KillSpare):
+                self.spares[(i, a.number)] = "killed"
 
     def event(self, i: int, actions) -> None:
         """Carry out an event's actions, then tick every slot, as one turn of the loop does."""
@@ -317,9 +475,10 @@ def pick(items, k):
 
 class LifecycleMachine(RuleBasedStateMachine):
     @initialize(slots=st.integers(1, 3), overlap=st.sampled_from(["auto", "auto", "never"]),
-                intensity=st.integers(1, 3))
-    def setup(self, slots, overlap, intensity):
-        config = dataclasses.replace(CONFIG, recycle_overlap=overlap, restart_intensity=intensity)
+                intensity=st.integers(1, 3), spares=st.booleans())
+    def setup(self, slots, overlap, intensity, spares):
+        config = dataclasses.replace(CONFIG, recycle_overlap=overlap, restart_intensity=intensity,
+                                     spare_workers=spares)
         self.sim = Sim(slots, config)
         self.sim.tick()
 
@@ -340,9 +499,40 @@ class LifecycleMachine(RuleBasedStateMachine):
         if key:
             self.sim.event(key[0], self.sim.lives[key[0]].hello(key[1], self.sim.now))
 
+    @rule(k=st.integers(0, 99))
+    def spare_hello(self, k):
+        key = pick(self.sim.spares, k)
+        if key:
+            self.say_spare_hello(key)
+
+    def say_spare_hello(self, key):
+        self.sim.spare_hellos.add(key)
+        self.sim.event(key[0], self.sim.lives[key[0]].spare_hello(key[1], self.sim.now))
+
+    @rule(k=st.integers(0, 99), code=st.sampled_from([0, 1, 4, 6, -9, -15]), rare=st.integers(0, 2))
+    def spare_exits(self, k, code, rare):
+        """A spare ends: the slot's workers, crash record, backoff and phase stay as they were."""
+        sim = self.sim
+        key = pick(sim.spares, k)
+        if not key or (rare and sim.spares[key] == "alive"):
+            return
+        life = sim.lives[key[0]]
+        before = (life.phase, list(life.crashes), life.failures, life.restarts, life.respawn_at,
+                  life.retry_at, life.recycle, life.workers())
+        acts = life.spare_exited(key[1], code, sim.now)
+        assert not any(isinstance(a, Count) and a.key == "worker_crashes" for a in acts)
+        assert not any(isinstance(a, (Spawn, KillWorker, StopWorker, Accept)) for a in acts)
+        assert (life.phase, list(life.crashes), life.failures, life.restarts, life.respawn_at,
+                life.retry_at, life.recycle, life.workers()) == before
+        del sim.spares[key]
+        sim.event(key[0], acts)
+
     @rule()
     def all_load(self):
-        """Every worker still starting says hello and ready, as most do."""
+        """Every worker still starting says hello and ready, as most do; every spare says hello."""
+        for key in sorted(self.sim.spares):
+            if key in self.sim.spares:  # an earlier hello's turn may have used it already
+                self.say_spare_hello(key)
         for key in sorted(self.sim.procs):
             self.sim.event(key[0], self.sim.lives[key[0]].hello(key[1], self.sim.now))
             self.load(key)
@@ -451,6 +641,27 @@ class LifecycleMachine(RuleBasedStateMachine):
                        and not (life.recycle and life.recycle.hard) and not self.sim.stopped_all)
             if healthy:
                 assert (i, current.generation) in self.sim.accepting, life.phase
+
+    @invariant()
+    def at_most_one_spare_per_slot_and_it_never_serves(self):
+        sim = self.sim
+        for i, life in enumerate(sim.lives):
+            spares = {n for (s, n) in sim.spares if s == i}
+            assert spares == ({life.spare.number} if life.spare else set())
+            if life.spare is not None:
+                assert life.config.spare_workers
+                assert all(w.pid != life.spare.pid for w in life.workers())
+        busy = {key for key, reqs in sim.inflight.items() if reqs}
+        assert (sim.accepting | busy) <= set(sim.procs)  # traffic only to model processes, never a spare
+
+    @invariant()
+    def a_serving_slot_gets_its_spare_back_within_a_bounded_time(self):
+        """After each turn no spare is wanted and missing; and one that is missing waits at most the
+        longest restart backoff, however it was lost (used, died, killed)."""
+        for life in self.sim.lives:
+            assert not life.wants_spare(self.sim.now), (life.phase, life.spare_at, self.sim.now)
+            if life.config.spare_workers and life.spare is None:
+                assert life.spare_at - self.sim.now <= life.config.restart_backoff_max_s
 
     @invariant()
     def a_failed_slot_has_a_capped_retry(self):

@@ -1,6 +1,8 @@
 """Property-based tests of every parser on the wire: any bytes and any msgpack value give a
 valid message or a `QvlError`, never another exception; what parses keeps its promises."""
 
+import dataclasses
+import json
 import math
 
 import msgpack
@@ -9,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qvl.protocol.codec import PROTOCOL_VERSION, Limits, decode, encode
-from qvl.protocol.contract import WorkerSpec
+from qvl.protocol.contract import ModelOptions, SpareSpec, WorkerSpec
 from qvl.protocol.errors import BadRequest, QvlError
 from qvl.protocol.messages import (FINISH_REASONS, ROLES, Cancel, GenerationParams, build_generate,
                                    parse_generate, parse_worker_message)
@@ -108,7 +110,7 @@ def test_parse_generate_any_header(header, images):
                                        "timings": values, "telemetry": values, "error": values,
                                        "finish_reason": st.sampled_from(sorted(FINISH_REASONS)) | values,
                                        "slot": values, "generation": values, "pid": values,
-                                       "load_s": values, "device": values}))
+                                       "load_s": values, "device": values, "spare": values}))
 def test_parse_worker_message_any_header(header):
     try:
         message = parse_worker_message(header)
@@ -146,10 +148,68 @@ def test_a_cancel_without_an_id_is_a_bad_request(header):
 @SETTINGS
 @given(st.text(max_size=200) | values.map(lambda v: __import__("json").dumps(v, default=str)))
 def test_worker_spec_any_text(text):
+    for spec in (WorkerSpec, SpareSpec):
+        try:
+            spec.from_json(text)
+        except ValueError:
+            pass
+
+
+SPEC = WorkerSpec("ipc:///run/backend", 1, 7, ModelOptions("/models/tiny"), heartbeat_interval_s=0.5)
+SPARE = SpareSpec("ipc:///run/backend", 1, 3, "hf", LIMITS)
+
+
+def _swapped(spec, path: tuple[str, ...], value) -> str:
+    raw = dataclasses.asdict(spec)
+    inner = raw
+    for name in path[:-1]:
+        inner = inner[name]
+    inner[path[-1]] = value
+    return json.dumps(raw, default=str)
+
+
+def _fields(spec) -> list[tuple[str, ...]]:
+    paths = []
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if dataclasses.is_dataclass(value):
+            paths += [(f.name, g.name) for g in dataclasses.fields(value)] + [(f.name,)]
+        else:
+            paths.append((f.name,))
+    return paths + [("unknown",)]
+
+
+def _well_typed(spec) -> bool:
+    """Every field holds a value of its declared type (bool is no int, int is no float)."""
+    kinds = {"str": (str,), "int": (int,), "float": (float,), "bool": (bool,), "None": (type(None),)}
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if dataclasses.is_dataclass(value):
+            if not _well_typed(value):
+                return False
+            continue
+        allowed = tuple(t for part in f.type.split("|") for t in kinds[part.strip()])
+        if type(value) not in allowed:
+            return False
+    return True
+
+
+@SETTINGS
+@given(st.sampled_from([SPEC, SPARE]), st.data(), values)
+def test_a_spec_with_any_field_swapped_reads_back_well_typed_or_fails_by_name(spec, data, value):
+    """What a spare is sent (and a worker is given): any field of a real spec replaced by any value
+    gives a spec whose every field has its declared type, or a ValueError."""
+    path = data.draw(st.sampled_from(_fields(spec)))
     try:
-        WorkerSpec.from_json(text)
+        got = type(spec).from_json(_swapped(spec, path, value))
     except ValueError:
         return
+    assert _well_typed(got)
+
+
+def test_a_spec_nested_too_deep_for_the_parser_fails_by_name():
+    with pytest.raises(ValueError):
+        WorkerSpec.from_json("[" * 100_000 + "]" * 100_000)
 
 
 def test_generate_round_trip_keeps_every_field():
