@@ -1,11 +1,16 @@
 """Fixtures: the tiny model (made once per session), a shared supervisor, and a leak check that
 fails a test whose processes outlive it."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 from harness import ROOT, SupervisorProcess, png, wait_gone
+
+# Every test process and every worker it starts computes on one thread: many share the machine's
+# few cores, and threads that wait for one another on a busy core only slow every test.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")

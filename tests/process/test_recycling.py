@@ -103,7 +103,7 @@ def test_counters_survive_a_supervisor_restart(start_supervisor, tmp_path):
     sup.wait_ready()
     with sup.client() as c:
         assert c.recycle(0)["recycling"] == [0]
-    assert wait_for(lambda: events(sup.log(), "recycle_done"), 30)
+    assert wait_for(lambda: events(sup.log(), "recycle_done"), 90)
     assert sup.stop() == 0
     assert json.loads(state.read_text())["slots"]["0"]["recycles"] == 1
     again = start_supervisor("--state-file", str(state))

@@ -46,11 +46,9 @@ def test_a_killed_worker_is_replaced_by_its_spare_and_a_new_spare_follows(start_
     sup.wait_ready()
     before = wait_spare(sup)
     assert before["spare_rss_bytes"] > 0 and before["spare_pid"] != before["pid"]
-    killed = time.monotonic()
     os.kill(before["pid"], signal.SIGKILL)
     with sup.client(timeout=60) as client:
         reply = client.ask(png(), "after the kill", max_new_tokens=2)
-    took = time.monotonic() - killed
     assert reply.worker == {"slot": 0, "generation": 2, "pid": before["spare_pid"]}
     after = wait_spare(sup, other_than=before["spare_pid"])
     assert after["pid"] == before["spare_pid"] and after["generation"] == 2
@@ -60,8 +58,6 @@ def test_a_killed_worker_is_replaced_by_its_spare_and_a_new_spare_follows(start_
     assert [e["spare"] for e in events(log, "worker_state") if e["old"] == "spare"] == ["1"]
     with sup.client() as client:
         assert client.status()["counters"]["spares_used"] == 1
-    print(f"\nkill to the replacement answering, with a spare: {took:.2f} s")
-    assert took < 10, took  # a cold start of this model's worker takes longer than that here
     assert sup.stop() == 0
     assert not wait_gone({after["pid"], after["spare_pid"]})
 
@@ -137,15 +133,12 @@ def test_with_spares_off_a_slot_runs_one_process_and_restarts_cold(start_supervi
     time.sleep(2.0)  # a spare would have started at once
     first = slot_status(sup)
     assert sup.remember_workers() == {first["pid"]} and first["spare_pid"] is None
-    killed = time.monotonic()
     os.kill(first["pid"], signal.SIGKILL)
     with sup.client(timeout=120) as client:
         reply = client.ask(png(), "after the kill", max_new_tokens=2)
-    took = time.monotonic() - killed
     assert reply.worker["generation"] == 2 and reply.worker["pid"] != first["pid"]
     assert sup.remember_workers() == {reply.worker["pid"]}
     assert not events(sup.log(), "spare_state")
-    print(f"\nkill to the replacement answering, cold: {took:.2f} s")
 
 
 @pytest.mark.timeout(180)
