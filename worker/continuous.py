@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 
 import torch
 from qvl.protocol.errors import BadRequest
-from qvl.protocol.messages import GenerationParams
+from qvl.protocol.messages import LENGTH, STOPPED, GenerationParams
 from transformers import DynamicCache
 
-from .engine import NO_IMAGES, Engine, ImageInputs, StepOutput
+from .detokenizer import Detokenizer
+from .engine import NO_IMAGES, Completion, Engine, ImageInputs, StepOutput
 from .kv_pool import LENGTH_BUCKET, cache_argument, decode_step, next_positions, next_power_of_two, round_up
-from .stop_strings import find_stop
 
 
 @dataclass
@@ -39,8 +39,8 @@ class _Row:
     length: int  # tokens in the slot's cache once the pending token is written
     added_at: float
     first_at: float
+    text: Detokenizer
     tokens: list[int] = field(default_factory=list)
-    sent: str = ""  # text already given out in step outputs
     generator: torch.Generator | None = None  # a seeded row's own draws
 
 
@@ -104,7 +104,7 @@ class ContinuousEngine:
         cache = DynamicCache()
         out = self.model(**inputs, **{self.cache_arg: cache}, use_cache=True, logits_to_keep=1)
         n = len(prompt.ids)
-        row = _Row(key, params, n, n + 1, added_at, 0.0)
+        row = _Row(key, params, n, n + 1, added_at, 0.0, Detokenizer(self.engine.text_of, params.stop))
         if params.seed is not None and params.temperature > 0:
             row.generator = torch.Generator(self.device).manual_seed(params.seed)
         first = self._choose(out.logits[:, -1].float(), [row])
@@ -122,12 +122,13 @@ class ContinuousEngine:
         self.rows[slot] = row
         self.live[slot] = 1
         row.tokens.append(int(first[0]))
+        row.text.advance(row.tokens)
 
     def abort(self, key: int) -> tuple[str, int]:
         """Stop a running request now and free its slot: the text and tokens it had made."""
         slot = next(s for s, row in self.rows.items() if row.key == key)
         row = self._free(slot)
-        return self.engine.detokenize(row.tokens), len(row.tokens)
+        return row.text.so_far(), len(row.tokens)
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
@@ -145,29 +146,24 @@ class ContinuousEngine:
                 row = self.rows[slot]
                 row.tokens.append(token)
                 row.length += 1
-                if self._ended(row):
-                    outputs.append(self._finish(slot))
-                    continue
-                text = self.engine.detokenize(row.tokens, row.params.stop)
-                new = ""  # a half-detokenized multi-byte character shows as U+FFFD: wait for the rest
-                if len(text) > len(row.sent) and text.startswith(row.sent) and not text.endswith("\ufffd"):
-                    new, row.sent = text[len(row.sent):], text
-                outputs.append(StepOutput(row.key, new, 1))
+                row.text.advance(row.tokens)
+                outputs.append(self._finish(slot) if self._ended(row) else StepOutput(row.key, row.text.take(), 1))
         return outputs
 
     def _ended(self, row: _Row) -> bool:
         """A stop token (never chosen before `min_new_tokens`), a stop string, or `max_new_tokens`."""
-        if row.tokens[-1] in self.engine.eos_ids or len(row.tokens) >= row.params.max_new_tokens:
-            return True
-        return bool(row.params.stop) and find_stop(self.engine.detokenize(row.tokens), row.params.stop) is not None
+        return (row.tokens[-1] in self.engine.eos_ids or len(row.tokens) >= row.params.max_new_tokens
+                or row.text.stopped)
 
     def _finish(self, slot: int) -> StepOutput:
+        """Free an ended row's slot: its completion, and the text of it not yet given out."""
         row = self._free(slot)
         now = time.perf_counter()
-        completion = self.engine.completion(self.engine.until_eos(row.tokens), row.prompt_tokens, row.params.stop,
-                                            (row.first_at - row.added_at) * 1000.0, (now - row.first_at) * 1000.0)
-        text = completion.text
-        return StepOutput(row.key, text[len(row.sent):] if text.startswith(row.sent) else "", 0, completion)
+        stopped = row.text.stopped or row.tokens[-1] in self.engine.eos_ids
+        answer = row.text.answer()
+        completion = Completion(answer, row.prompt_tokens, len(row.tokens), (row.first_at - row.added_at) * 1000.0,
+                                (now - row.first_at) * 1000.0, STOPPED if stopped else LENGTH)
+        return StepOutput(row.key, answer[row.text.sent:], 0, completion)
 
     def _free(self, slot: int) -> _Row:
         row = self.rows.pop(slot)

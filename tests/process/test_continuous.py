@@ -83,6 +83,7 @@ def test_rows_joining_at_different_steps_give_their_greedy_tokens_alone(referenc
         assert got.text == expected.text, key
         assert got.completion_tokens == expected.completion_tokens == lengths[key]
         assert got.finish_reason == "length"
+        assert result["streamed"][key] == got.text
     assert result["done"][9].completion_tokens == 10  # the sampled row shared the batch
     assert not continuous.running
 
@@ -94,6 +95,48 @@ def test_stop_tokens_end_a_row_as_generate_does(reference, continuous):
         expected = alone(reference, request, params)
         assert (result["done"][key].text, result["done"][key].completion_tokens) == \
             (expected.text, expected.completion_tokens)
+
+
+def test_stop_strings_end_rows_where_the_static_engine_ends_them(reference, continuous):
+    """A stop string spanning two tokens, one inside the first token, one further on: the answer,
+    its token count and its finish reason are the static engine's, and the text streamed is the answer."""
+    def greedy(n, stop=()):
+        return GenerationParams(max_new_tokens=n, min_new_tokens=n, stop=stop)
+    one, two = (alone(reference, REQUESTS[1], greedy(n)).text for n in (1, 2))
+    far = alone(reference, REQUESTS[2], greedy(20)).text
+    assert len(one) >= 2 and len(two) > len(one) and len(far) > 12  # the tiny model's tokens suit the cases
+    cases = [(REQUESTS[1], greedy(20, (one[-1] + two[len(one)],))),
+             (REQUESTS[1], greedy(20, (one[1:],))),
+             (REQUESTS[2], greedy(20, ("never", far[9:12])))]
+    result = run(continuous, {0: [(key, request, params) for key, (request, params) in enumerate(cases)]})
+    for key, (request, params) in enumerate(cases):
+        expected, got = alone(reference, request, params), result["done"][key]
+        assert (got.text, got.completion_tokens, got.finish_reason) == \
+            (expected.text, expected.completion_tokens, "stop"), key
+        assert expected.completion_tokens < 20 and result["streamed"][key] == got.text
+    assert result["done"][1].completion_tokens == 1
+
+
+def test_each_step_detokenizes_only_the_new_tokens(continuous, monkeypatch):
+    """Detokenizing is linear in the answer's length: the tokens decoded per step do not grow with it."""
+    tokenizer, decoded = continuous.engine.processor.tokenizer, []
+    decode = tokenizer.decode
+    monkeypatch.setattr(tokenizer, "decode", lambda ids, **kw: decoded.append(len(ids)) or decode(ids, **kw))
+    params = GenerationParams(max_new_tokens=60, min_new_tokens=60, stop=("never said",))
+    result = run(continuous, {0: [(0, REQUESTS[1], params)]})
+    assert result["done"][0].completion_tokens == 60 and result["streamed"][0] == result["done"][0].text
+    assert sum(decoded) < 8 * 60
+
+
+def test_an_aborted_row_never_ends_in_a_half_made_character(continuous):
+    """The tiny model's first tokens for this request decode to U+FFFD until a later one."""
+    params = GenerationParams(max_new_tokens=20, min_new_tokens=20)
+    add(continuous, 0, REQUESTS[0], params)
+    streamed = "".join(out.text for out in continuous.step())
+    (row,) = continuous.rows.values()
+    assert continuous.engine.text_of(row.tokens).endswith("\ufffd")
+    text, tokens = continuous.abort(0)
+    assert tokens == 2 and not text.endswith("\ufffd") and text.startswith(streamed)
 
 
 def test_an_aborted_row_frees_its_slot_and_the_others_are_unaffected(reference, continuous):
