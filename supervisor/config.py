@@ -43,7 +43,7 @@ class Config:
     dtype: str = setting("auto", "model dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32")
     attn_implementation: str = setting("sdpa", "attention implementation passed to transformers (sdpa, eager, flash_attention_2)")
     engine: str = setting("hf", "hf: the model through transformers; vllm: vLLM's engine inside each worker (`pip install qvl[vllm]`, CUDA only); noop: empty answers at once, to measure the serving path alone")
-    kv_cache: str = setting("auto", "static: a KV pool allocated at load and the decode step replayed as CUDA graphs; continuous: the same pool cut into max_batch_size rows that requests join and leave at every step (continuous batching); dynamic: transformers' generate; auto: static on CUDA, dynamic on CPU")
+    kv_cache: str = setting("auto", "static: a KV pool allocated at load and the decode step replayed as CUDA graphs; continuous: the same pool cut into max_batch_size rows that requests join and leave at every step (continuous batching; requests ready together are prefilled together, grouped by length); dynamic: transformers' generate; auto: static on CUDA, dynamic on CPU")
     kv_cache_tokens: int = setting(32768, "size of the static KV pool in tokens: a batch's rows (to a power of two) times its length (prompt + max_new_tokens, to a multiple of 256) must fit; larger batches are split")
     vllm_memory_share: float = setting(0.4, "engine vllm: the share of the device a worker takes at load (vLLM's gpu_memory_utilization); an overlapped recycle needs room for two, so keep it below (1 - recycle_overlap_margin) / 2 of what is free")
     vllm_max_model_len: int = setting(32768, "engine vllm: most prompt plus new tokens in one request (vLLM's max_model_len)")

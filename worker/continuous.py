@@ -1,34 +1,40 @@
 """Continuous batching for the transformers engine: requests join and leave a running batch.
 
-The KV pool (`kv_cache_tokens`) is cut into `rows` slots of equal length. A request takes the
-lowest free slot when it is added: its prompt is prefilled alone by the model's own forward (the
-vision tower and all) and its keys and values are copied into the slot, so it joins the batch at
-the next step. Every step decodes one token for every row of the lowest power-of-two bucket of
-slots that holds all running rows, over the shortest multiple of `LENGTH_BUCKET` that holds the
-longest row; each row writes at its own position, with its own mask, rotary position and sampling
-parameters (temperature, top-k, top-p, a seed, stop strings, min and max new tokens), so requests with different
-parameters share the batch and greedy rows stay exactly greedy. A row leaves the step it ends
-(a stop token after its minimum, its maximum, an abort) and its slot is free at once.
+The KV pool (`kv_cache_tokens`) is cut into `rows` slots of equal length. Requests join between
+steps, each in the lowest free slot: the worker hands over, in one `add`, every request ready
+whose row is free, while the prompt tokens joining stay under `PREFILL_TOKENS`. Their prompts are
+prefilled by the model's own forward (the vision tower and all), one forward per group of prompts
+whose lengths round up to the same multiple of `LENGTH_BUCKET`, left-padded to the longest; each
+row's keys and values, without the padding, are copied into its slot. Every step decodes one
+token for every row of the lowest power-of-two bucket of slots that holds all running rows, over
+the shortest multiple of `LENGTH_BUCKET` that holds the longest row; each row writes at its own
+position, with its own mask, rotary position and sampling parameters (temperature, top-k, top-p,
+a seed, stop strings, min and max new tokens), so requests with different parameters share the
+batch and greedy rows stay exactly greedy. A row leaves the step it ends (a stop token after its
+minimum, its maximum, a stop string, an abort) and its slot is free at once. Each row's text is
+made incrementally (`detokenizer.py`), so a step's work does not grow with the answers' length.
 
 On CUDA each (rows, length) bucket's step is captured once as a CUDA graph over the slots' state
 tensors and replayed; on CPU the same step runs eagerly (how it is tested against `generate`).
 Not done here: prefill in chunks (a long prompt is prefilled whole, and the running rows wait for
-it) and prefilling several new requests together.
+it).
 """
-
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from qvl.protocol.errors import BadRequest
-from qvl.protocol.messages import GenerationParams
-from transformers import DynamicCache
+from qvl.protocol.messages import LENGTH, STOPPED, GenerationParams
 
-from .engine import NO_IMAGES, Engine, ImageInputs, StepOutput
-from .kv_pool import LENGTH_BUCKET, cache_argument, decode_step, next_positions, next_power_of_two, round_up
-from .stop_strings import find_stop
+from .detokenizer import Detokenizer
+from .engine import NO_IMAGES, Completion, Engine, ImageInputs, Prompt, StepOutput
+from .kv_pool import (LENGTH_BUCKET, cache_argument, decode_step, next_positions, next_power_of_two, prefill,
+                      round_up)
+
+PREFILL_TOKENS = 8192  # prompt tokens a step prefills; a longer prompt is prefilled alone, whole
 
 
 @dataclass
@@ -39,8 +45,8 @@ class _Row:
     length: int  # tokens in the slot's cache once the pending token is written
     added_at: float
     first_at: float
+    text: Detokenizer
     tokens: list[int] = field(default_factory=list)
-    sent: str = ""  # text already given out in step outputs
     generator: torch.Generator | None = None  # a seeded row's own draws
 
 
@@ -73,13 +79,20 @@ class ContinuousEngine:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         self.cache_arg = cache_argument(self.model)
+        self.prefill_forwards = 0  # model forwards that prefilled joining requests
 
     @property
     def running(self) -> int:
         return len(self.rows)
 
-    def has_room(self) -> bool:
-        return len(self.rows) < self.slots
+    def has_room(self, joining: Sequence[Prompt] = ()) -> bool:
+        """Whether one more request may join at this step beside the prompts `joining`: a free row
+        for it, and the tokens joining so far under the step's prefill budget."""
+        return len(self.rows) + len(joining) < self.slots and sum(len(p.ids) for p in joining) < PREFILL_TOKENS
+
+    def stats(self) -> dict:
+        """Figures sent beside the allocator's in every heartbeat and reply."""
+        return {"running_requests": len(self.rows), "prefill_forwards": self.prefill_forwards}
 
     def warm_up(self) -> None:
         self.engine.warm_up()
@@ -87,47 +100,76 @@ class ContinuousEngine:
     def process_images(self, messages: list, frames, params: GenerationParams) -> ImageInputs:
         return self.engine.process_images(messages, frames, params)
 
-    @torch.inference_mode()
-    def add(self, key: int, messages: list, images: ImageInputs | object, params: GenerationParams) -> None:
-        """Prefill a request into the lowest free slot; it decodes from the next step on."""
+    def prompt(self, messages: list, images: ImageInputs | object, params: GenerationParams) -> Prompt:
+        """A request's prompt (`images` as `process_images` made them, or anything else for none),
+        refused with `BadRequest` when it and its new tokens do not fit a row."""
         prompt = self.engine.prompt(messages, images if isinstance(images, ImageInputs) else NO_IMAGES, params)
-        need = len(prompt.ids) + params.max_new_tokens
-        if need > self.slot_length:
+        if len(prompt.ids) + params.max_new_tokens > self.slot_length:
             raise BadRequest(f"{len(prompt.ids)} prompt tokens plus max_new_tokens {params.max_new_tokens} "
                              f"exceed a batch row of {self.slot_length} tokens (kv_cache_tokens "
                              f"{self.engine.options.kv_cache_tokens} over {self.slots} rows)")
-        slot = next((s for s in range(self.slots) if s not in self.rows), None)
-        if slot is None:
-            raise BadRequest("no free batch row")  # the worker adds no more than it has rows
+        return prompt
+
+    @torch.inference_mode()
+    def add(self, requests: Sequence[tuple[int, Prompt, GenerationParams]]) -> None:
+        """Prefill (key, prompt, params) requests into the lowest free slots; they decode from the
+        next step on. One forward per group of prompts of like length (`length_groups`). All join,
+        or none does: where a forward fails, the slots taken so far are freed and the error raised."""
+        free = [slot for slot in range(self.slots) if slot not in self.rows]
+        if len(requests) > len(free):
+            raise BadRequest("no free batch row")  # the worker adds no more than has_room allows
+        taken: list[int] = []
+        try:
+            for group in length_groups(requests):
+                slots = free[len(taken):len(taken) + len(group)]
+                self._prefill(group, slots)
+                taken += slots
+        except BaseException:
+            for slot in taken:
+                self._free(slot)
+            raise
+
+    def _prefill(self, group: Sequence[tuple[int, Prompt, GenerationParams]], slots: list[int]) -> None:
+        """One forward over prompts left-padded to the longest, then each row's state in its slot:
+        its keys and values without the padding, so its positions are those of a prompt alone."""
         added_at = time.perf_counter()
-        inputs = self.engine.inputs([prompt]).to(self.device)
-        cache = DynamicCache()
-        out = self.model(**inputs, **{self.cache_arg: cache}, use_cache=True, logits_to_keep=1)
-        n = len(prompt.ids)
-        row = _Row(key, params, n, n + 1, added_at, 0.0)
+        prompts = [prompt for _, prompt, _ in group]
+        inputs = self.engine.inputs(prompts).to(self.device)
+        logits, cache = prefill(self.model, inputs, self.cache_arg)
+        self.prefill_forwards += 1
+        rows = [self._new_row(key, len(prompt.ids), params, added_at) for key, prompt, params in group]
+        first = self._choose(logits, rows).tolist()
+        positions = next_positions(self.model, inputs, [prompt.images for prompt in prompts])
+        width = inputs["input_ids"].shape[1]
+        # what can fail has run: only now do the free slots take the rows' state
+        for index, (slot, row) in enumerate(zip(slots, rows)):
+            n = row.prompt_tokens
+            for (keys, values), layer in zip(self.kv, cache.layers):
+                keys[slot, :, :n].copy_(layer.keys[index, :, width - n:])
+                values[slot, :, :n].copy_(layer.values[index, :, width - n:])
+            self.mask[slot].zero_()
+            self.mask[slot, 0, 0, :n] = True
+            self.positions[:, slot, 0] = positions[index]
+            self.write_at[slot] = n
+            self.tokens[slot, 0] = first[index]
+            self.live[slot] = 1
+            self.rows[slot] = row
+            row.first_at = time.perf_counter()
+            row.tokens.append(first[index])
+            row.text.advance(row.tokens)
+
+    def _new_row(self, key: int, prompt_tokens: int, params: GenerationParams, added_at: float) -> _Row:
+        row = _Row(key, params, prompt_tokens, prompt_tokens + 1, added_at, 0.0,
+                   Detokenizer(self.engine.text_of, params.stop))
         if params.seed is not None and params.temperature > 0:
             row.generator = torch.Generator(self.device).manual_seed(params.seed)
-        first = self._choose(out.logits[:, -1].float(), [row])
-        position = next_positions(self.model, inputs, [prompt.images])[0]
-        # what can fail has run: only now does the free slot take the row's state
-        for (keys, values), layer in zip(self.kv, cache.layers):
-            keys[slot, :, :n].copy_(layer.keys[0])
-            values[slot, :, :n].copy_(layer.values[0])
-        self.mask[slot].zero_()
-        self.mask[slot, 0, 0, :n] = True
-        self.positions[:, slot, 0] = position
-        self.write_at[slot] = n
-        self.tokens[slot, 0] = first[0]
-        row.first_at = time.perf_counter()
-        self.rows[slot] = row
-        self.live[slot] = 1
-        row.tokens.append(int(first[0]))
+        return row
 
     def abort(self, key: int) -> tuple[str, int]:
         """Stop a running request now and free its slot: the text and tokens it had made."""
         slot = next(s for s, row in self.rows.items() if row.key == key)
         row = self._free(slot)
-        return self.engine.detokenize(row.tokens), len(row.tokens)
+        return row.text.so_far(), len(row.tokens)
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
@@ -145,29 +187,24 @@ class ContinuousEngine:
                 row = self.rows[slot]
                 row.tokens.append(token)
                 row.length += 1
-                if self._ended(row):
-                    outputs.append(self._finish(slot))
-                    continue
-                text = self.engine.detokenize(row.tokens, row.params.stop)
-                new = ""  # a half-detokenized multi-byte character shows as U+FFFD: wait for the rest
-                if len(text) > len(row.sent) and text.startswith(row.sent) and not text.endswith("\ufffd"):
-                    new, row.sent = text[len(row.sent):], text
-                outputs.append(StepOutput(row.key, new, 1))
+                row.text.advance(row.tokens)
+                outputs.append(self._finish(slot) if self._ended(row) else StepOutput(row.key, row.text.take(), 1))
         return outputs
 
     def _ended(self, row: _Row) -> bool:
         """A stop token (never chosen before `min_new_tokens`), a stop string, or `max_new_tokens`."""
-        if row.tokens[-1] in self.engine.eos_ids or len(row.tokens) >= row.params.max_new_tokens:
-            return True
-        return bool(row.params.stop) and find_stop(self.engine.detokenize(row.tokens), row.params.stop) is not None
+        return (row.tokens[-1] in self.engine.eos_ids or len(row.tokens) >= row.params.max_new_tokens
+                or row.text.stopped)
 
     def _finish(self, slot: int) -> StepOutput:
+        """Free an ended row's slot: its completion, and the text of it not yet given out."""
         row = self._free(slot)
         now = time.perf_counter()
-        completion = self.engine.completion(self.engine.until_eos(row.tokens), row.prompt_tokens, row.params.stop,
-                                            (row.first_at - row.added_at) * 1000.0, (now - row.first_at) * 1000.0)
-        text = completion.text
-        return StepOutput(row.key, text[len(row.sent):] if text.startswith(row.sent) else "", 0, completion)
+        stopped = row.text.stopped or row.tokens[-1] in self.engine.eos_ids
+        answer = row.text.answer()
+        completion = Completion(answer, row.prompt_tokens, len(row.tokens), (row.first_at - row.added_at) * 1000.0,
+                                (now - row.first_at) * 1000.0, STOPPED if stopped else LENGTH)
+        return StepOutput(row.key, answer[row.text.sent:], 0, completion)
 
     def _free(self, slot: int) -> _Row:
         row = self.rows.pop(slot)
@@ -250,3 +287,12 @@ class ContinuousEngine:
                     picks[i] = torch.multinomial(probs[i], 1, generator=r.generator)[0]
             chosen[sampled] = order.gather(1, picks.view(-1, 1))[:, 0]
         return chosen
+
+
+def length_groups(requests: Sequence[tuple[int, Prompt, GenerationParams]]) -> list[list]:
+    """`requests` grouped by prompt length rounded up to `LENGTH_BUCKET`, in order of their first
+    request: a prompt is padded by less than one bucket in its group's forward."""
+    groups: dict[int, list] = {}
+    for request in requests:
+        groups.setdefault(round_up(len(request[1].ids), LENGTH_BUCKET), []).append(request)
+    return list(groups.values())

@@ -207,14 +207,14 @@ class Engine:
                     prefill_ms: float, decode_ms: float) -> Completion:
         """A row's answer: its text before the first stop string, and the tokens it took to reach
         that string's end (a row keeps computing after it; what follows is not the answer's)."""
-        text = self._text(row)
+        text = self.text_of(row)
         if find_stop(text, stops) is None:
             return Completion(text, prompt_tokens, len(row), prefill_ms, decode_ms,
                               STOPPED if row and row[-1] in self.eos_ids else LENGTH)
         low, high = 1, len(row)  # the fewest tokens whose text holds a stop string
         while low < high:
             middle = (low + high) // 2
-            if find_stop(self._text(row[:middle]), stops) is None:
+            if find_stop(self.text_of(row[:middle]), stops) is None:
                 low = middle + 1
             else:
                 high = middle
@@ -223,9 +223,10 @@ class Engine:
     def detokenize(self, row: list[int], stops: tuple[str, ...] = ()) -> str:
         """The text of a row of new tokens so far that may be streamed: up to and without its stop
         token, before its first stop string, and short of a tail that could begin one."""
-        return streamable(self._text(self.until_eos(row)), stops)
+        return streamable(self.text_of(self.until_eos(row)), stops)
 
-    def _text(self, row: list[int]) -> str:
+    def text_of(self, row: Sequence[int]) -> str:
+        """The text of tokens, special tokens left out."""
         return self.processor.tokenizer.decode(row, skip_special_tokens=True)
 
     def inputs(self, prompts: list[Prompt]) -> BatchFeature:

@@ -92,13 +92,11 @@ class KVPool:
         n, prompt_len = inputs["input_ids"].shape
         bucket = self._bucket(next_power_of_two(n), round_up(prompt_len + params.max_new_tokens, LENGTH_BUCKET))
         started = time.perf_counter()
-        cache = DynamicCache()
-        out = self.model(**inputs, **{self.cache_arg: cache}, use_cache=True, logits_to_keep=1)
+        logits, cache = prefill(self.model, inputs, self.cache_arg)
         self._load_bucket(bucket, cache, inputs["attention_mask"], next_positions(self.model, inputs, images_per_row))
         generated = torch.full((n, params.max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
         finished = torch.zeros(n, dtype=torch.bool, device=self.device)
-        logits = out.logits[:, -1].float()
-        del out, cache
+        del cache
         # one generator per batch: its rows share their parameters, the seed among them
         seeded = params.temperature > 0 and params.seed is not None
         generator = torch.Generator(self.device).manual_seed(params.seed) if seeded else None
@@ -180,6 +178,18 @@ def cache_argument(model) -> str:
     """The name of the forward's cache argument: transformers renamed `past_key_values` to `cache`
     (the old name warns in newer releases)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def prefill(model, inputs, cache_arg: str) -> tuple[torch.Tensor, DynamicCache]:
+    """The model's own forward over left-padded prompts: each row's next-token logits, and the
+    cache. Every row's tokens are numbered from 0 after its padding, as `next_positions` goes on:
+    transformers numbers the rows of a batch without images from its first column, padding included."""
+    positions = {}
+    if inputs.get("image_grid_thw") is None:
+        positions["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    cache = DynamicCache()
+    out = model(**inputs, **positions, **{cache_arg: cache}, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float(), cache
 
 
 def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, kv: list, mask: torch.Tensor,

@@ -171,18 +171,39 @@ class WorkerService:
                 self._step()
 
     def _admit(self) -> None:
-        """Add every waiting job whose inputs are ready to the engine; answer those it refuses."""
+        """Hand the engine, in one call, the waiting jobs whose inputs are ready, as many as it has
+        room for at this step; answer those whose prompt it refuses."""
+        joining: list[tuple[Job, object]] = []
         for job in [job for job in self.waiting if job.images.done()]:
-            if not self.engine.has_room():
-                return
+            if not self.engine.has_room([prompt for _, prompt in joining]):
+                break
             self.waiting.remove(job)
             try:
-                self.faults.before_generate([job.number])
-                self.engine.add(job.key, job.messages, job.images.result(), job.params)
+                joining.append((job, self.engine.prompt(job.messages, job.images.result(), job.params)))
             except Exception as exc:
                 self.sock.send_multipart(self._row_failed(job, exc))
-            else:
-                self.running[job.key] = job
+        if joining:
+            self._join(joining)
+
+    def _join(self, joining: list[tuple[Job, object]]) -> None:
+        """Add jobs with their prompts to the engine together. Where that fails, as in `_generate`,
+        the jobs are split in halves and each half added again, down to the job at fault: only a job
+        that fails alone is answered with the error."""
+        jobs = [job for job, _ in joining]
+        try:
+            self.faults.before_generate([job.number for job in jobs])
+            self.engine.add([(job.key, prompt, job.params) for job, prompt in joining])
+        except Exception as exc:
+            if len(joining) == 1:
+                self.sock.send_multipart(self._row_failed(jobs[0], exc))
+                return
+            self._device_error(exc)
+            log.warning("event=batch_split rows=%d error=%s", len(joining), type(exc).__name__)
+            half = len(joining) // 2
+            self._join(joining[:half])
+            self._join(joining[half:])
+        else:
+            self.running.update((job.key, job) for job in jobs)
 
     def _step(self) -> None:
         try:

@@ -95,7 +95,7 @@ class VllmEngine:
     def running(self) -> int:
         return len(self.rows)
 
-    def has_room(self) -> bool:
+    def has_room(self, joining: Sequence[Rendered] = ()) -> bool:
         return True  # vLLM queues what it cannot schedule yet
 
     def stats(self) -> dict:
@@ -107,7 +107,7 @@ class VllmEngine:
         image = Image.new("RGB", (64, 64), (127, 127, 127))
         messages = [{"role": "user", "content": [{"type": "image", "frame": 0}, {"type": "text", "text": "hi"}]}]
         params = GenerationParams(max_new_tokens=2)
-        self.add(-1, messages, self.process_images(messages, [image], params), params)
+        self.add([(-1, self.process_images(messages, [image], params), params)])
         while self.rows:
             self.step()
 
@@ -142,16 +142,26 @@ class VllmEngine:
             raise BadRequest(f"{tokens} {what} plus max_new_tokens {params.max_new_tokens} exceed "
                              f"vllm_max_model_len {self.options.vllm_max_model_len}")
 
-    def add(self, key: int, messages: list, rendered: Rendered | object, params: GenerationParams) -> None:
-        """Start a request; `rendered` is what `process_images` made, or anything else for a request
-        without images (rendered here, on the main thread)."""
-        if not isinstance(rendered, Rendered):
-            rendered = self._render(messages, [], 0, params)
+    def prompt(self, messages: list, rendered: Rendered | object, params: GenerationParams) -> Rendered:
+        """A request's engine input: what `process_images` made, or, for a request without images
+        (anything else), rendered here on the main thread."""
+        return rendered if isinstance(rendered, Rendered) else self._render(messages, [], 0, params)
+
+    def add(self, requests: Sequence[tuple[int, Rendered, GenerationParams]]) -> None:
+        """Start (key, engine input, params) requests: all start, or none does (those started are
+        aborted and the error raised; vLLM's refusal of an input as `BadRequest`)."""
+        started: list[int] = []
         try:
-            self.llm.add_request(str(key), rendered.engine_input, sampling_params(params))
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
-        self.rows[str(key)] = _Row(time.perf_counter(), rendered.prompt_tokens)
+            for key, rendered, params in requests:
+                self.llm.add_request(str(key), rendered.engine_input, sampling_params(params))
+                self.rows[str(key)] = _Row(time.perf_counter(), rendered.prompt_tokens)
+                started.append(key)
+        except Exception as exc:
+            for key in started:
+                self.abort(key)
+            if isinstance(exc, ValueError):  # vLLM's own refusal of an input
+                raise BadRequest(str(exc)) from None
+            raise
 
     def abort(self, key: int) -> tuple[str, int]:
         """Stop a running request now: the text and the number of tokens it had made."""

@@ -56,6 +56,17 @@ def test_static_decoder_gives_the_tokens_of_generate(engines):
     assert all(c.completion_tokens >= 4 for c in static)
 
 
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+def test_text_only_prompts_padded_in_a_batch_give_their_tokens_alone(engines, kv_cache):
+    """Without images transformers numbers a padded row's tokens from the batch's first column; the
+    static decoder must go on from the row's own numbering."""
+    engine, params = engines[kv_cache], GenerationParams(max_new_tokens=8, min_new_tokens=8)
+    requests = [text_request("Why?"), text_request("What is the colour of the sky at noon in May?")]
+    batched = engine.generate(prompts(engine, requests), params)
+    alone = [engines["dynamic"].generate(prompts(engines["dynamic"], [r]), params)[0] for r in requests]
+    assert [c.text for c in batched] == [c.text for c in alone]
+
+
 def test_batch_larger_than_the_pool_is_split(tiny_model, engines):
     small = Engine(ModelOptions(str(tiny_model), "cpu", kv_cache="static", kv_cache_tokens=512))
     params = GenerationParams(max_new_tokens=10)

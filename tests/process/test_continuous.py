@@ -50,7 +50,7 @@ def alone(engine, request, params):
 def add(engine, key, request, params):
     messages, images = request
     inputs = engine.process_images(messages, images, params) if images else NO_IMAGES
-    engine.add(key, messages, inputs, params)
+    engine.add([(key, engine.prompt(messages, inputs, params), params)])
 
 
 def run(engine, joins: dict[int, list], steps_limit=500) -> dict:
@@ -83,6 +83,7 @@ def test_rows_joining_at_different_steps_give_their_greedy_tokens_alone(referenc
         assert got.text == expected.text, key
         assert got.completion_tokens == expected.completion_tokens == lengths[key]
         assert got.finish_reason == "length"
+        assert result["streamed"][key] == got.text
     assert result["done"][9].completion_tokens == 10  # the sampled row shared the batch
     assert not continuous.running
 
@@ -94,6 +95,89 @@ def test_stop_tokens_end_a_row_as_generate_does(reference, continuous):
         expected = alone(reference, request, params)
         assert (result["done"][key].text, result["done"][key].completion_tokens) == \
             (expected.text, expected.completion_tokens)
+
+
+def test_requests_prefilled_together_give_their_tokens_alone(reference, continuous):
+    """Prompts of different lengths, images and text only, join in one call: those within one length
+    bucket share one prefill forward, and each gives its greedy tokens alone."""
+    requests = [*REQUESTS[:3], text_request("Why? " * 80), text_request("Why? " * 100)]
+    params = [GenerationParams(max_new_tokens=n, min_new_tokens=n) for n in (9, 14, 6, 11, 8)]
+    prompts = [continuous.prompt(m, continuous.process_images(m, i, p) if i else NO_IMAGES, p)
+               for (m, i), p in zip(requests, params)]
+    assert len({len(p.ids) for p in prompts}) == 5 and min(len(p.ids) for p in prompts[3:]) > 256
+    continuous.add([(key, prompt, p) for key, (prompt, p) in enumerate(zip(prompts, params))])
+    assert continuous.stats() == {"running_requests": 5, "prefill_forwards": 2}
+    result = run(continuous, {0: []})
+    for key, (request, p) in enumerate(zip(requests, params)):
+        assert result["done"][key].text == alone(reference, request, p).text, key
+        assert result["streamed"][key] == result["done"][key].text
+
+
+def test_rows_join_while_there_are_free_rows_and_the_step_prefill_budget_lasts(continuous, monkeypatch):
+    prompt = continuous.prompt(*text_request("Tell me a story."), GenerationParams(max_new_tokens=4))
+    assert continuous.has_room([prompt] * 4) and not continuous.has_room([prompt] * 5)  # 5 rows
+    monkeypatch.setattr("qvl.worker.continuous.PREFILL_TOKENS", len(prompt.ids) + 1)
+    assert continuous.has_room() and continuous.has_room([prompt]) and not continuous.has_room([prompt] * 2)
+
+
+def test_a_failed_joint_prefill_takes_no_slot(continuous, monkeypatch):
+    params = GenerationParams(max_new_tokens=4)
+    prompt = continuous.prompt(*text_request("Tell me a story."), params)
+    long = continuous.prompt(*text_request("Tell me a story " * 80), params)
+    forward = continuous.model.forward
+    calls = []
+
+    def fail_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return forward(*args, **kwargs)
+    monkeypatch.setattr(continuous.model, "forward", fail_second)
+    with pytest.raises(RuntimeError, match="injected"):
+        continuous.add([(0, prompt, params), (1, long, params)])
+    assert continuous.running == 0 and continuous.has_room([prompt] * 4)
+
+
+def test_stop_strings_end_rows_where_the_static_engine_ends_them(reference, continuous):
+    """A stop string spanning two tokens, one inside the first token, one further on: the answer,
+    its token count and its finish reason are the static engine's, and the text streamed is the answer."""
+    def greedy(n, stop=()):
+        return GenerationParams(max_new_tokens=n, min_new_tokens=n, stop=stop)
+    one, two = (alone(reference, REQUESTS[1], greedy(n)).text for n in (1, 2))
+    far = alone(reference, REQUESTS[2], greedy(20)).text
+    assert len(one) >= 2 and len(two) > len(one) and len(far) > 12  # the tiny model's tokens suit the cases
+    cases = [(REQUESTS[1], greedy(20, (one[-1] + two[len(one)],))),
+             (REQUESTS[1], greedy(20, (one[1:],))),
+             (REQUESTS[2], greedy(20, ("never", far[9:12])))]
+    result = run(continuous, {0: [(key, request, params) for key, (request, params) in enumerate(cases)]})
+    for key, (request, params) in enumerate(cases):
+        expected, got = alone(reference, request, params), result["done"][key]
+        assert (got.text, got.completion_tokens, got.finish_reason) == \
+            (expected.text, expected.completion_tokens, "stop"), key
+        assert expected.completion_tokens < 20 and result["streamed"][key] == got.text
+    assert result["done"][1].completion_tokens == 1
+
+
+def test_each_step_detokenizes_only_the_new_tokens(continuous, monkeypatch):
+    """Detokenizing is linear in the answer's length: the tokens decoded per step do not grow with it."""
+    tokenizer, decoded = continuous.engine.processor.tokenizer, []
+    decode = tokenizer.decode
+    monkeypatch.setattr(tokenizer, "decode", lambda ids, **kw: decoded.append(len(ids)) or decode(ids, **kw))
+    params = GenerationParams(max_new_tokens=60, min_new_tokens=60, stop=("never said",))
+    result = run(continuous, {0: [(0, REQUESTS[1], params)]})
+    assert result["done"][0].completion_tokens == 60 and result["streamed"][0] == result["done"][0].text
+    assert sum(decoded) < 8 * 60
+
+
+def test_an_aborted_row_never_ends_in_a_half_made_character(continuous):
+    """The tiny model's first tokens for this request decode to U+FFFD until a later one."""
+    params = GenerationParams(max_new_tokens=20, min_new_tokens=20)
+    add(continuous, 0, REQUESTS[0], params)
+    streamed = "".join(out.text for out in continuous.step())
+    (row,) = continuous.rows.values()
+    assert continuous.engine.text_of(row.tokens).endswith("\ufffd")
+    text, tokens = continuous.abort(0)
+    assert tokens == 2 and not text.endswith("\ufffd") and text.startswith(streamed)
 
 
 def test_an_aborted_row_frees_its_slot_and_the_others_are_unaffected(reference, continuous):
@@ -172,3 +256,53 @@ def test_an_out_of_memory_error_while_joining_is_blamed_on_its_request(start_sup
     pids = {sup.pid, *sup.remember_workers()}
     assert sup.stop() == 0
     assert wait_gone(pids) == set()
+
+
+def ask_together(sup, questions: list[tuple[str, int]]) -> list:
+    """Send text-only questions (question, max_new_tokens) at once: their answers, or the errors raised."""
+    def ask(question):
+        text, tokens = question
+        with sup.client(timeout=60) as client:
+            try:
+                return client.generate(text_request(text)[0], max_new_tokens=tokens, min_new_tokens=min(tokens, 8))
+            except Exception as exc:
+                return exc
+    with concurrent.futures.ThreadPoolExecutor(len(questions)) as pool:
+        return list(pool.map(ask, questions))
+
+
+QUESTIONS = [("Tell me a story.", 8), ("Why?", 8), ("What is the colour of the sky at noon in May?", 8),
+             ("Name three birds.", 8)]
+
+
+@pytest.mark.timeout(120)
+def test_requests_waiting_together_are_prefilled_in_one_forward(start_supervisor):
+    """While the worker joins the first request (slowed by 400 ms), the others wait; the next step
+    hands them all to the engine in one call and they share one prefill forward. One whose prompt
+    does not fit a row is refused alone."""
+    sup = start_supervisor("--kv-cache", "continuous", env={"QVL_FAULTS": "slow_ms=400"})
+    sup.wait_ready()
+    alone_answers = [ask_together(sup, [question])[0].text for question in QUESTIONS]
+    with sup.client() as client:
+        before = client.status()["workers"][0]["telemetry"]["prefill_forwards"]
+    results = ask_together(sup, QUESTIONS + [("too long for a row", 4096)])
+    with sup.client() as client:
+        forwards = client.status()["workers"][0]["telemetry"]["prefill_forwards"] - before
+    assert [r.text for r in results[:4]] == alone_answers
+    assert isinstance(results[4], BadRequest) and "exceed a batch row" in str(results[4])
+    assert forwards <= 2
+
+
+@pytest.mark.timeout(120)
+def test_a_joint_prefill_out_of_memory_splits_until_each_request_joins(start_supervisor):
+    """Every join of more than one request runs out of memory (injected): the requests are split
+    and join one by one, and none is answered with an error or counted towards recycling."""
+    sup = start_supervisor("--kv-cache", "continuous", env={"QVL_FAULTS": "slow_ms=400,oom_rows_over=1"})
+    sup.wait_ready()
+    results = ask_together(sup, QUESTIONS)
+    with sup.client() as client:
+        telemetry = client.status()["workers"][0]["telemetry"]
+    assert [r.usage["completion_tokens"] for r in results] == [8] * 4
+    log = sup.log()
+    assert "event=batch_split" in log and "event=out_of_memory" not in log
+    assert telemetry["prefill_forwards"] == 4  # each alone

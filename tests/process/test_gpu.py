@@ -72,11 +72,15 @@ def test_continuous_batching_graphs_give_the_eager_tokens(gpu_model):
         texts, done = {}, {}
         joins = {0: [0, 1], 2: [2], 5: [3, 4], 9: [5]}
         for step in range(400):
+            joining = []  # the requests of a step join together
             for key in joins.get(step, []):
                 messages = [{"role": "user", "content": [{"type": "image", "frame": 0},
                                                          {"type": "text", "text": f"Picture {key}?"}]}]
                 params = GenerationParams(max_new_tokens=8 + 9 * key, min_new_tokens=8 + 9 * key)
-                engine.add(key, messages, engine.process_images(messages, [images[key]], params), params)
+                images_in = engine.process_images(messages, [images[key]], params)
+                joining.append((key, engine.prompt(messages, images_in, params), params))
+            if joining:
+                engine.add(joining)
             if step > max(joins) and not engine.running:
                 return done
             for out in engine.step():
@@ -106,6 +110,6 @@ def test_a_row_ending_at_a_bucket_boundary_is_captured_safely(gpu_model):
     else:
         pytest.skip("no prompt of exactly 255 tokens")
     engine = ContinuousEngine(base, rows=4)
-    engine.add(0, messages, NO_IMAGES, params)
+    engine.add([(0, engine.prompt(messages, NO_IMAGES, params), params)])
     done = [out for _ in range(10) for out in engine.step() if out.completion is not None]
     assert done and done[0].completion.completion_tokens == 4
