@@ -3,8 +3,9 @@
 The supervisor builds a `WorkerSpec` once from its `Config` and hands it whole to
 `python -m qvl.worker SPEC` as JSON (or to a spare, in its `load` message); the worker reads it back
 with `WorkerSpec.from_json`, every field checked for its declared type, and decodes every message
-with exactly `spec.limits`, the supervisor's own limits. A spare starts from a `SpareSpec`. Torch-free, so
-both sides import it; no second list of worker flags exists anywhere.
+with exactly `spec.limits`, the supervisor's own limits. A spare starts from a `SpareSpec`. Its
+environment names the supervisor's pid. Torch-free, so both sides import it; no second list of
+worker flags exists anywhere.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import json
 from dataclasses import dataclass, field
 
 from .codec import Limits
+
+SUPERVISOR_PID_ENV = "QVL_SUPERVISOR_PID"  # in a worker's environment: the supervisor that started it
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,8 @@ class SpareSpec:
 def _from_json(cls: type, text: str, what: str):
     try:
         return _build(cls, json.loads(text))
-    except (TypeError, KeyError, ValueError, RecursionError) as exc:  # json, a missing part, a wrong field
+    except (TypeError, KeyError, ValueError, RecursionError, ArithmeticError) as exc:  # json, a missing
+        # part, a wrong field, an integer no float can hold
         raise ValueError(f"not {what}: {type(exc).__name__}: {exc}") from None
 
 

@@ -250,12 +250,12 @@ class SlotLifecycle:
 
     def wants_spare(self, now: float) -> bool:
         """Whether a spare should start now: spares are on, none lives, its backoff is over, and the
-        slot serves with nothing importing (so a cold start never shares the CPU with a spare's)."""
+        slot serves with nothing starting (so no start shares the CPU with a spare's imports)."""
         current = self.current
         return (self.config.spare_workers and self.spare is None and now >= self.spare_at
                 and self.phase is not Phase.STOPPED
                 and current is not None and current.state is WorkerState.READY
-                and not any(w.state is WorkerState.SPAWNING for w in self.workers()))
+                and not any(w.state in (WorkerState.SPAWNING, WorkerState.LOADING) for w in self.workers()))
 
     # --- events ----------------------------------------------------------------------------
 
@@ -435,10 +435,11 @@ class SlotLifecycle:
         if spare.state is SpareState.STOPPING:
             return [Log("spare_state", {"worker": self.index, "spare": number, "pid": spare.pid,
                                             "old": spare.state.value, "new": "exited", "reason": how})]
-        self.spare_deaths.append(now)
-        while self.spare_deaths and self.spare_deaths[0] < now - self.config.restart_period_s:
-            self.spare_deaths.popleft()
-        delay = restart_delay(len(self.spare_deaths), self.config)
+        n = self._record(self.spare_deaths, now)
+        if is_permanent(code) or n >= self.config.restart_intensity:  # not worth a start every backoff
+            delay = failed_delay(n, self.config)
+        else:
+            delay = restart_delay(n, self.config)
         self.spare_at = now + delay
         return [Log("spare_exited", {"worker": self.index, "spare": number, "pid": spare.pid,
                                          "state": spare.state.value, "reason": how, "backoff_s": delay,
@@ -537,10 +538,14 @@ class SlotLifecycle:
                                         **fields), logging.ERROR), Save()]
 
     def _record_crash(self, now: float) -> int:
-        self.crashes.append(now)
-        while self.crashes and self.crashes[0] < now - self.config.restart_period_s:
-            self.crashes.popleft()
-        return len(self.crashes)
+        return self._record(self.crashes, now)
+
+    def _record(self, times: collections.deque, now: float) -> int:
+        """Add `now` to `times`: how many fall within the last `restart_period_s`."""
+        times.append(now)
+        while times and times[0] < now - self.config.restart_period_s:
+            times.popleft()
+        return len(times)
 
     def _start_current(self, reason: str, now: float) -> list[Action]:
         self.current, acts = self._new_worker(now, reason)

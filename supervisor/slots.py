@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from qvl.protocol.codec import spare_identity, worker_identity
-from qvl.protocol.contract import ModelOptions, SpareSpec, WorkerSpec
+from qvl.protocol.contract import SUPERVISOR_PID_ENV, ModelOptions, SpareSpec, WorkerSpec
 
 from .config import Config
 from .lifecycle import Incarnation, Phase, SlotLifecycle, WorkerState
@@ -238,9 +238,11 @@ def spare_command(spec: SpareSpec) -> list[str]:
 
 
 def worker_env(config: Config, gpu: int | None) -> dict:
-    """The worker sees only its own device, as cuda:0, numbered as NVML numbers it."""
+    """The worker sees only its own device, as cuda:0, numbered as NVML numbers it, and knows its
+    supervisor by pid (`qvl.worker.parent`: a worker re-parented before it could ask to die with it
+    still sees it is orphaned)."""
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=config.alloc_conf,
-               CUDA_DEVICE_ORDER="PCI_BUS_ID")
+               CUDA_DEVICE_ORDER="PCI_BUS_ID", **{SUPERVISOR_PID_ENV: str(os.getpid())})
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     return env

@@ -15,13 +15,15 @@ import sys
 from qvl.protocol.contract import SpareSpec, WorkerSpec
 from qvl.protocol.exits import WorkerExit
 
-from .service import WorkerService, exit_with_parent
+from .parent import exit_with_parent, orphaned
 
 _FORMAT = "%(asctime)s qvl.worker[{slot}:{name}] %(message)s"
 
 
 def main(argv: list[str] | None = None) -> int:
-    exit_with_parent()
+    exit_with_parent()  # before the imports below: a supervisor can die in the seconds they take
+    if orphaned():
+        return WorkerExit.ORPHANED
     # Ctrl-C reaches the whole process group; only the supervisor decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     args = sys.argv[1:] if argv is None else argv
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             return spec  # an exit code
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
                         format=_FORMAT.format(slot=spec.slot, name=spec.generation))
+    from .service import WorkerService
     return WorkerService(spec).run()
 
 

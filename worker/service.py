@@ -20,12 +20,9 @@ CUDA error that leaves the context unusable ends the process (`WorkerExit.CUDA_F
 from __future__ import annotations
 
 import collections
-import ctypes
 import itertools
 import logging
 import os
-import signal
-import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,6 +43,7 @@ from .faults import Faults
 from .images import open_image
 from .inbox import read_message
 from .kv_pool import Progress
+from .parent import orphaned
 from .telemetry import Telemetry
 
 log = logging.getLogger("qvl.worker")
@@ -63,13 +61,6 @@ class Job:
     stream: bool = False
 
 
-def exit_with_parent() -> None:
-    """Have the kernel kill this process when the supervisor dies, so no orphan holds a GPU."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 class HeartbeatSender(threading.Thread):
     """Sends this worker's telemetry every interval from its own socket until stopped."""
 
@@ -85,7 +76,7 @@ class HeartbeatSender(threading.Thread):
         sock.setsockopt(zmq.ROUTING_ID, worker_identity(spec.slot, spec.generation, heartbeat=True))
         sock.connect(spec.backend)
         while not self.stopped.is_set():
-            if os.getppid() != self.service.parent:
+            if orphaned():
                 log.error("event=orphaned slot=%d", spec.slot)
                 os._exit(WorkerExit.ORPHANED)
             sock.send_multipart(encode(Heartbeat(self.service.read_telemetry()).header()))
@@ -96,7 +87,6 @@ class HeartbeatSender(threading.Thread):
 class WorkerService:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
-        self.parent = os.getppid()
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 2000)

@@ -7,11 +7,12 @@ its slot's environment, `CUDA_VISIBLE_DEVICES` included, as a worker is. The pro
     supervisor -> spare   load {spec: a WorkerSpec as JSON}                         become that worker
 
 Told to load, the spare closes its socket and runs the spec exactly as a worker started cold does:
-hello, ready and heartbeats under its generation's identities. Anything else it is sent is logged
-and dropped; a `load` whose spec cannot be read (or names another slot or backend) ends it with
-`BAD_SPEC`, as an unreadable command line ends a cold worker. It makes no CUDA call before the
-load; it dies with the supervisor (`exit_with_parent`, and a parent check every second while it
-waits), and on SIGTERM.
+hello, ready and heartbeats under its generation's identities. Anything else it is sent, and a
+`load` whose spec cannot be read (or names another slot or backend), ends it with `BAD_SPEC`, as an
+unreadable command line ends a cold worker: the supervisor already counts it as that worker, and
+its exit starts the next one at once. It makes no CUDA call before the load (an import that made a
+context ends it with `CUDA_FATAL`); it dies with the supervisor (`parent.py`, and a check every
+second while it waits), and on SIGTERM.
 """
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ from qvl.protocol.exits import WorkerExit
 from qvl.protocol.messages import Hello
 
 from .inbox import read_spare_message
+from .parent import orphaned
 
 log = logging.getLogger("qvl.worker")
 _PARENT_CHECK_MS = 1000
 
 
 def import_engine(engine: str) -> None:
-    """Import what loading `engine` would import first. The default engine's module comes with the
-    service already; vLLM's is imported only for it, as the service does."""
+    """Import what a worker of `engine` would import first: the service, with the default engine's
+    module; vLLM's only for it, as the service does."""
+    from . import service  # noqa: F401
     if engine == "vllm":
         from . import vllm_engine  # noqa: F401
 
@@ -46,9 +49,9 @@ def wait_for_load(spare: SpareSpec) -> WorkerSpec | int:
     the exit code to end with (`ORPHANED` once the supervisor is gone, `BAD_SPEC`)."""
     started = time.monotonic()
     import_engine(spare.engine)
-    if torch.cuda.is_initialized():  # an import that made a CUDA context: it holds device memory now
+    if torch.cuda.is_initialized():  # an import made a CUDA context: a spare holding device memory is none
         log.error("event=spare_cuda_initialized slot=%d spare=%d", spare.slot, spare.number)
-    parent = os.getppid()
+        return WorkerExit.CUDA_FATAL
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTING_ID, spare_identity(spare.slot, spare.number))
@@ -59,15 +62,16 @@ def wait_for_load(spare: SpareSpec) -> WorkerSpec | int:
                  time.monotonic() - started)
         while True:
             if not sock.poll(_PARENT_CHECK_MS):
-                if os.getppid() != parent:
+                if orphaned():
                     log.error("event=orphaned slot=%d spare=%d", spare.slot, spare.number)
                     return WorkerExit.ORPHANED
                 continue
-            try:
+            try:  # the one message a spare is sent: the supervisor counts it as a worker from now on
                 load = read_spare_message(sock.recv_multipart(), spare.limits)
             except QvlError as exc:
-                log.warning("event=bad_message code=%s error=%s", exc.code, exc.message)
-                continue
+                log.error("event=bad_load slot=%d spare=%d code=%s error=%s", spare.slot, spare.number,
+                          exc.code, exc.message)
+                return WorkerExit.BAD_SPEC
             return _worker_spec(load.spec, spare)
     finally:
         sock.close()

@@ -183,16 +183,12 @@ def receive(sock, timeout: float) -> tuple[bytes, dict]:
 
 
 @pytest.mark.timeout(180)
-def test_a_spare_alone_says_hello_drops_what_it_cannot_read_and_becomes_the_worker_it_is_told(
-        bare_backend, tiny_model):
+def test_a_spare_alone_says_hello_and_becomes_the_worker_it_is_told(bare_backend, tiny_model):
     backend, sock, start = bare_backend
     proc = start(SpareSpec(backend, 0, 5))
     identity, hello = receive(sock, 120)
     assert identity == spare_identity(0, 5)
     assert (hello["kind"], hello["spare"], hello["generation"], hello["pid"]) == ("hello", True, 5, proc.pid)
-    for garbage in ([b"\xc1"], encode({"v": PROTOCOL_VERSION, "kind": "generate", "id": 1}),
-                    encode({"v": PROTOCOL_VERSION, "kind": "load", "spec": 7}), encode(Stop().header())):
-        sock.send_multipart([identity, *garbage])
     spec = WorkerSpec(backend, 0, 9, ModelOptions(str(tiny_model), "cpu"), heartbeat_interval_s=0.5)
     sock.send_multipart([identity, *encode(Load(spec.to_json()).header())])
     seen = []
@@ -207,16 +203,35 @@ def test_a_spare_alone_says_hello_drops_what_it_cannot_read_and_becomes_the_work
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("spec", ["not json", '{"slot": 0}', "for another slot", "on another backend"])
-def test_a_spare_told_to_load_a_spec_it_cannot_use_exits_bad_spec(bare_backend, tiny_model, spec):
+@pytest.mark.parametrize("sent", ["not json", '{"slot": 0}', "for another slot", "on another backend",
+                                  "a load of a number", "a stop", "no message"])
+def test_a_spare_told_what_it_cannot_use_exits_bad_spec(bare_backend, tiny_model, sent):
+    """The supervisor counts a spare it sent a `load` as that worker: it must not wait for one that
+    dropped it, so a spare that cannot become a worker ends, whatever it was sent."""
     backend, sock, start = bare_backend
     proc = start(SpareSpec(backend, 1, 1))
     identity, _ = receive(sock, 120)
     other = {"for another slot": WorkerSpec(backend, 0, 2, ModelOptions(str(tiny_model), "cpu")),
              "on another backend": WorkerSpec(backend + "x", 1, 2, ModelOptions(str(tiny_model), "cpu"))}
-    text = other[spec].to_json() if spec in other else spec
-    sock.send_multipart([identity, *encode(Load(text).header())])
+    garbage = {"a load of a number": encode({"v": PROTOCOL_VERSION, "kind": "load", "spec": 7}),
+               "a stop": encode(Stop().header()), "no message": [b"\xc1"]}
+    text = other[sent].to_json() if sent in other else sent
+    sock.send_multipart([identity, *garbage.get(sent, encode(Load(text).header()))])
     assert proc.wait(timeout=30) == WorkerExit.BAD_SPEC
+
+
+@pytest.mark.timeout(150)
+def test_a_spare_whose_supervisor_died_during_its_imports_exits(tmp_path):
+    """The supervisor dies before the spare could ask the kernel to be told: it is re-parented, and
+    must still see that it is orphaned."""
+    spec = SpareSpec(f"ipc://{tmp_path}/backend", 0, 1)
+    code = ("import os, subprocess, sys\n"
+            f"p = subprocess.Popen([sys.executable, '-m', 'qvl.worker', '--spare', {spec.to_json()!r}],\n"
+            "                     env=dict(os.environ, QVL_SUPERVISOR_PID=str(os.getpid())))\n"
+            "print(p.pid, flush=True)\n"
+            "os._exit(0)\n")
+    pid = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30).stdout)
+    assert not wait_gone({pid}, timeout=120)
 
 
 @pytest.mark.timeout(120)

@@ -385,13 +385,32 @@ def test_a_used_spare_is_the_new_worker_and_a_new_spare_starts_once_it_serves():
     assert life.spare.number == 2 and life.spare.state is SpareState.STARTING
 
 
-def test_spare_deaths_back_off_doubling_capped_and_never_touch_the_slot():
+def test_no_spare_starts_while_an_overlapping_successor_loads():
+    life = spare_waiting()
+    recycle_with_spare(room=True)(life)  # the spare is the successor; the old worker serves on
+    life.hello(2, 1.5)
+    assert life.current.state is WorkerState.READY and life.spare is None
+    assert not any(n.startswith("spawn spare") for n in names(tick(life, 1.6, room=True)))
+    life.ready(2, 2.0)
+    assert any(n.startswith("spawn spare") for n in names(tick(life, 2.1, room=True)))
+
+
+def test_a_spare_that_cannot_start_for_good_waits_as_a_failed_slot_does():
     life = spare_starting()
+    life.spare_exited(life.spare.number, WorkerExit.BAD_SPEC, 1.0)
+    assert life.spare_at - 1.0 == 10.0 and life.phase is Phase.SERVING and not life.crashes
+
+
+def test_spare_deaths_back_off_doubling_capped_and_never_touch_the_slot():
+    """Doubling from restart_backoff_s; from restart_intensity deaths in the period on, a spare that
+    keeps dying waits as a failed slot does (from 10 s, capped at 300 s), not a start every 30 s."""
+    life = serving(dataclasses.replace(SPARES, restart_period_s=10_000.0))
+    tick(life, 0.0)
     now = 1.0
-    for death in range(7):  # within restart_period_s: the seventh waits the cap
+    for death, wait in enumerate([1.0, 2.0, 40.0, 80.0, 160.0, 300.0, 300.0]):
         acts = life.spare_exited(life.spare.number, CRASH, now)
         assert not any(isinstance(a, Count) and a.key == "worker_crashes" for a in acts)
-        assert life.spare_at - now == min(2.0 ** death, 30.0)
+        assert life.spare_at - now == wait
         now = life.spare_at
         assert names(tick(life, now)) == [f"spawn spare {death + 2}"]
     assert life.phase is Phase.SERVING and not life.crashes and life.restarts == 0 and not life.failures
@@ -657,11 +676,11 @@ class LifecycleMachine(RuleBasedStateMachine):
     @invariant()
     def a_serving_slot_gets_its_spare_back_within_a_bounded_time(self):
         """After each turn no spare is wanted and missing; and one that is missing waits at most the
-        longest restart backoff, however it was lost (used, died, killed)."""
+        longest backoff of a failed slot, however it was lost (used, died, killed)."""
         for life in self.sim.lives:
             assert not life.wants_spare(self.sim.now), (life.phase, life.spare_at, self.sim.now)
             if life.config.spare_workers and life.spare is None:
-                assert life.spare_at - self.sim.now <= life.config.restart_backoff_max_s
+                assert life.spare_at - self.sim.now <= life.config.restart_failed_backoff_max_s
 
     @invariant()
     def a_failed_slot_has_a_capped_retry(self):

@@ -211,6 +211,12 @@ def test_a_spec_with_any_field_swapped_reads_back_well_typed_or_fails_by_name(sp
     assert _well_typed(got)
 
 
+def test_a_spec_with_an_integer_no_float_can_hold_fails_by_name():
+    with pytest.raises(ValueError):
+        WorkerSpec.from_json(SPEC.to_json().replace('"heartbeat_interval_s": 0.5',
+                                                    '"heartbeat_interval_s": 1' + "0" * 400))
+
+
 def test_a_spec_nested_too_deep_for_the_parser_fails_by_name():
     with pytest.raises(ValueError):
         WorkerSpec.from_json("[" * 100_000 + "]" * 100_000)

@@ -1,0 +1,37 @@
+"""A worker's tie to the supervisor that started it: die with it, and tell when it is gone.
+
+Imports nothing heavy, so the tie is made before the seconds of importing torch in which a
+supervisor could die unseen. The supervisor names itself in `QVL_SUPERVISOR_PID`; a process whose
+parent is no longer that one (re-parented to init or a subreaper) is an orphan, even one whose
+supervisor died before it could ask the kernel to be told.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+from qvl.protocol.contract import SUPERVISOR_PID_ENV
+
+_PARENT_AT_START = os.getppid()
+
+
+def exit_with_parent() -> None:
+    """Have the kernel kill this process when the supervisor dies, so no orphan holds a GPU."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _supervisor_pid() -> int:
+    """The supervisor's pid as it named it; this process's parent at start where it did not."""
+    try:
+        return int(os.environ[SUPERVISOR_PID_ENV])
+    except (KeyError, ValueError):
+        return _PARENT_AT_START
+
+
+def orphaned() -> bool:
+    return os.getppid() != _supervisor_pid()
