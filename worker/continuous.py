@@ -1,8 +1,9 @@
 """Continuous batching for the transformers engine: requests join and leave a running batch.
 
 The KV pool (`kv_cache_tokens`) is cut into `rows` slots of equal length. Requests join between
-steps, each in the lowest free slot: the worker hands over, in one `add`, every request ready
-whose row is free, while the prompt tokens joining stay under `PREFILL_TOKENS`. Their prompts are
+steps, each in the lowest free slot: the worker hands over, in one `add`, the requests ready, in
+order, while each has a free row and their prompt tokens stay within `PREFILL_TOKENS` (a longer
+prompt joins alone). Their prompts are
 prefilled by the model's own forward (the vision tower and all), one forward per group of prompts
 whose lengths round up to the same multiple of `LENGTH_BUCKET`, left-padded to the longest; each
 row's keys and values, without the padding, are copied into its slot. Every step decodes one
@@ -85,10 +86,11 @@ class ContinuousEngine:
     def running(self) -> int:
         return len(self.rows)
 
-    def has_room(self, joining: Sequence[Prompt] = ()) -> bool:
-        """Whether one more request may join at this step beside the prompts `joining`: a free row
-        for it, and the tokens joining so far under the step's prefill budget."""
-        return len(self.rows) + len(joining) < self.slots and sum(len(p.ids) for p in joining) < PREFILL_TOKENS
+    def has_room(self, joining: Sequence[Prompt], prompt: Prompt) -> bool:
+        """Whether `prompt` may join at this step beside the prompts `joining`: a free row for it,
+        and all of them within the step's prefill budget (a longer prompt joins alone)."""
+        tokens = sum(len(p.ids) for p in joining) + len(prompt.ids)
+        return len(self.rows) + len(joining) < self.slots and (not joining or tokens <= PREFILL_TOKENS)
 
     def stats(self) -> dict:
         """Figures sent beside the allocator's in every heartbeat and reply."""
@@ -118,15 +120,15 @@ class ContinuousEngine:
         free = [slot for slot in range(self.slots) if slot not in self.rows]
         if len(requests) > len(free):
             raise BadRequest("no free batch row")  # the worker adds no more than has_room allows
-        taken: list[int] = []
+        taken = 0
         try:
             for group in length_groups(requests):
-                slots = free[len(taken):len(taken) + len(group)]
-                self._prefill(group, slots)
-                taken += slots
+                self._prefill(group, free[taken:taken + len(group)])
+                taken += len(group)
         except BaseException:
-            for slot in taken:
-                self._free(slot)
+            for slot in free[:len(requests)]:  # a group that failed midway may hold some of its slots
+                if slot in self.rows:
+                    self._free(slot)
             raise
 
     def _prefill(self, group: Sequence[tuple[int, Prompt, GenerationParams]], slots: list[int]) -> None:
@@ -141,7 +143,7 @@ class ContinuousEngine:
         first = self._choose(logits, rows).tolist()
         positions = next_positions(self.model, inputs, [prompt.images for prompt in prompts])
         width = inputs["input_ids"].shape[1]
-        # what can fail has run: only now do the free slots take the rows' state
+        # the forward has run: only now do the free slots take the rows' state
         for index, (slot, row) in enumerate(zip(slots, rows)):
             n = row.prompt_tokens
             for (keys, values), layer in zip(self.kv, cache.layers):

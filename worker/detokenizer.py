@@ -9,7 +9,8 @@ newly be complete: in the new text and the `longest stop - 1` settled characters
 that could begin a stop string is held back from the stream, as `stop_strings.streamable` does.
 
 Pure text: `text_of` (token ids to text, the tokenizer's own decoding) is passed in. So the work
-per token is constant, not the length of the row.
+per token is constant, not the length of the row (while a character stays half-made, its window
+grows until it is complete, as in vLLM).
 """
 
 from __future__ import annotations

@@ -59,6 +59,7 @@ class Job:
     params: GenerationParams
     images: Future  # its ImageInputs, made on the image pool while the model runs earlier batches
     stream: bool = False
+    prompt: object = None  # a step engine's input, made once its images are ready
 
 
 class HeartbeatSender(threading.Thread):
@@ -165,13 +166,17 @@ class WorkerService:
         room for at this step; answer those whose prompt it refuses."""
         joining: list[tuple[Job, object]] = []
         for job in [job for job in self.waiting if job.images.done()]:
-            if not self.engine.has_room([prompt for _, prompt in joining]):
-                break
-            self.waiting.remove(job)
             try:
-                joining.append((job, self.engine.prompt(job.messages, job.images.result(), job.params)))
+                if job.prompt is None:
+                    job.prompt = self.engine.prompt(job.messages, job.images.result(), job.params)
             except Exception as exc:
+                self.waiting.remove(job)
                 self.sock.send_multipart(self._row_failed(job, exc))
+                continue
+            if not self.engine.has_room([prompt for _, prompt in joining], job.prompt):
+                break  # in order: it joins first at a later step
+            self.waiting.remove(job)
+            joining.append((job, job.prompt))
         if joining:
             self._join(joining)
 
@@ -210,7 +215,7 @@ class WorkerService:
                 del self.running[out.key]
                 self.sock.send_multipart(self._reply(job, out.completion, self.engine.running + 1, "",
                                                      self.read_telemetry()))
-            elif job.stream and out.tokens:  # a chunk per step that made tokens, as vLLM streams
+            elif job.stream and out.text:  # text held back (a half-made character, a stop's start) waits
                 self._send(Chunk(job.key, out.text).header())
 
     def _take_requests(self) -> None:

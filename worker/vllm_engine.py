@@ -95,7 +95,7 @@ class VllmEngine:
     def running(self) -> int:
         return len(self.rows)
 
-    def has_room(self, joining: Sequence[Rendered] = ()) -> bool:
+    def has_room(self, joining: Sequence[Rendered], prompt: Rendered) -> bool:
         return True  # vLLM queues what it cannot schedule yet
 
     def stats(self) -> dict:

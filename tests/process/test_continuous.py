@@ -13,6 +13,7 @@ from qvl.protocol.contract import ModelOptions
 from qvl.protocol.errors import BadRequest
 from qvl.protocol.messages import GenerationParams
 from qvl.worker.continuous import ContinuousEngine
+from qvl.worker.detokenizer import Detokenizer
 from qvl.worker.engine import NO_IMAGES, Engine
 
 from harness import events, png, wait_gone
@@ -114,10 +115,15 @@ def test_requests_prefilled_together_give_their_tokens_alone(reference, continuo
 
 
 def test_rows_join_while_there_are_free_rows_and_the_step_prefill_budget_lasts(continuous, monkeypatch):
-    prompt = continuous.prompt(*text_request("Tell me a story."), GenerationParams(max_new_tokens=4))
-    assert continuous.has_room([prompt] * 4) and not continuous.has_room([prompt] * 5)  # 5 rows
-    monkeypatch.setattr("qvl.worker.continuous.PREFILL_TOKENS", len(prompt.ids) + 1)
-    assert continuous.has_room() and continuous.has_room([prompt]) and not continuous.has_room([prompt] * 2)
+    params = GenerationParams(max_new_tokens=4)
+    prompt = continuous.prompt(*text_request("Tell me a story."), params)
+    long = continuous.prompt(*text_request("Tell me a story " * 80), params)
+    assert continuous.has_room([prompt] * 3, prompt)  # 5 rows
+    assert not continuous.has_room([prompt] * 4, prompt)
+    monkeypatch.setattr("qvl.worker.continuous.PREFILL_TOKENS", 2 * len(prompt.ids))
+    assert continuous.has_room([prompt], prompt) and not continuous.has_room([prompt] * 2, prompt)
+    assert not continuous.has_room([prompt], long)  # the one that would go over the budget waits
+    assert continuous.has_room([], long)  # and joins alone: a prompt over the budget never starves
 
 
 def test_a_failed_joint_prefill_takes_no_slot(continuous, monkeypatch):
@@ -135,7 +141,24 @@ def test_a_failed_joint_prefill_takes_no_slot(continuous, monkeypatch):
     monkeypatch.setattr(continuous.model, "forward", fail_second)
     with pytest.raises(RuntimeError, match="injected"):
         continuous.add([(0, prompt, params), (1, long, params)])
-    assert continuous.running == 0 and continuous.has_room([prompt] * 4)
+    assert continuous.running == 0 and continuous.has_room([prompt] * 4, prompt)
+
+
+def test_a_joint_prefill_that_fails_after_its_forward_takes_no_slot(continuous, monkeypatch):
+    """A failure while the rows of a group take their slots (here the second row's first text)."""
+    params = GenerationParams(max_new_tokens=4)
+    prompts = [continuous.prompt(*text_request(f"Tell me story {i}."), params) for i in range(2)]
+    advance, calls = Detokenizer.advance, []
+
+    def fail_second(self, tokens):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return advance(self, tokens)
+    monkeypatch.setattr(Detokenizer, "advance", fail_second)
+    with pytest.raises(RuntimeError, match="injected"):
+        continuous.add([(0, prompts[0], params), (1, prompts[1], params)])
+    assert continuous.running == 0 and continuous.has_room([prompts[0]] * 4, prompts[0])
 
 
 def test_stop_strings_end_rows_where_the_static_engine_ends_them(reference, continuous):
@@ -184,11 +207,12 @@ def test_an_aborted_row_frees_its_slot_and_the_others_are_unaffected(reference, 
     long = GenerationParams(max_new_tokens=30, min_new_tokens=30)
     for key in range(5):
         add(continuous, key, REQUESTS[key % 4], long)
-    assert not continuous.has_room()
+    one = continuous.prompt(*text_request("Hi."), long)
+    assert not continuous.has_room([], one)
     for _ in range(5):
         continuous.step()
     text, tokens = continuous.abort(2)
-    assert tokens == 6 and continuous.has_room()
+    assert tokens == 6 and continuous.has_room([], one)
     add(continuous, 7, REQUESTS[2], long)  # takes the freed slot
     result = run(continuous, {0: []})
     for key, request in ((0, 0), (1, 1), (3, 3), (4, 0), (7, 2)):
