@@ -51,8 +51,10 @@ _NO_IMAGES: Future = Future()
 _NO_IMAGES.set_result(NO_IMAGES)
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Job:
+    """A request this worker took: waiting for its images and its turn, then running."""
+
     key: int
     number: int  # the how-many-th request this worker received (fault injection names requests by it)
     messages: list

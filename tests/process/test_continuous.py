@@ -7,6 +7,7 @@ processes with `--kv-cache continuous`."""
 import concurrent.futures
 
 import pytest
+import torch
 from PIL import Image
 
 from qvl.protocol.contract import ModelOptions
@@ -118,8 +119,8 @@ def test_rows_join_while_there_are_free_rows_and_the_step_prefill_budget_lasts(c
     params = GenerationParams(max_new_tokens=4)
     prompt = continuous.prompt(*text_request("Tell me a story."), params)
     long = continuous.prompt(*text_request("Tell me a story " * 80), params)
-    assert continuous.has_room([prompt] * 3, prompt)  # 5 rows
-    assert not continuous.has_room([prompt] * 4, prompt)
+    assert continuous.has_room([prompt] * 4, prompt)  # 5 rows
+    assert not continuous.has_room([prompt] * 5, prompt)
     monkeypatch.setattr("qvl.worker.continuous.PREFILL_TOKENS", 2 * len(prompt.ids))
     assert continuous.has_room([prompt], prompt) and not continuous.has_room([prompt] * 2, prompt)
     assert not continuous.has_room([prompt], long)  # the one that would go over the budget waits
@@ -192,15 +193,21 @@ def test_each_step_detokenizes_only_the_new_tokens(continuous, monkeypatch):
     assert sum(decoded) < 8 * 60
 
 
-def test_an_aborted_row_never_ends_in_a_half_made_character(continuous):
-    """The tiny model's first tokens for this request decode to U+FFFD until a later one."""
+def test_an_aborted_row_never_ends_in_a_half_made_character(continuous, monkeypatch):
+    """The row's tokens are chosen for it: a word, then the first byte of a character that would
+    need more tokens; it is cancelled then."""
+    tokenizer, text_of = continuous.engine.processor.tokenizer, continuous.engine.text_of
+    word = tokenizer.encode(" cat", add_special_tokens=False)
+    half = next(t for t in range(len(tokenizer)) if text_of([t]) == "\ufffd")
+    chosen = iter([*word, half])
+    monkeypatch.setattr(continuous, "_choose", lambda logits, rows: torch.tensor([next(chosen) for _ in rows]))
     params = GenerationParams(max_new_tokens=20, min_new_tokens=20)
     add(continuous, 0, REQUESTS[0], params)
-    streamed = "".join(out.text for out in continuous.step())
+    streamed = "".join(out.text for _ in word for out in continuous.step())
     (row,) = continuous.rows.values()
-    assert continuous.engine.text_of(row.tokens).endswith("\ufffd")
+    assert row.tokens == [*word, half] and text_of(row.tokens).endswith("\ufffd")
     text, tokens = continuous.abort(0)
-    assert tokens == 2 and not text.endswith("\ufffd") and text.startswith(streamed)
+    assert tokens == len(word) + 1 and text == " cat" and text.startswith(streamed)
 
 
 def test_an_aborted_row_frees_its_slot_and_the_others_are_unaffected(reference, continuous):
