@@ -143,7 +143,8 @@ def create_app(spec: GatewaySpec, api_key: str = "", client: AsyncClient | None 
         except QvlError as exc:
             return JSONResponse({"status": "unavailable", "reason": exc.message}, status_code=503)
         ready = sum(w["state"] == "ready" for w in status["workers"])
-        body = {"status": "ok" if ready else "unavailable", "ready_workers": ready,
+        failed = [{"slot": w["slot"], **w["failed"]} for w in status["workers"] if w.get("failed")]
+        body = {"status": "ok" if ready else "unavailable", "ready_workers": ready, "failed_slots": failed,
                 "gateway": status.get("gateway")}
         return JSONResponse(body, status_code=200 if ready and not status["shutting_down"] else 503)
 

@@ -135,6 +135,48 @@ def test_overload_is_refused_at_once_and_memory_stays_flat(start_supervisor):
     assert rss[-1] - rss[1] < 8 << 20, rss
 
 
+def noise_png(n: int, seed: int) -> bytes:
+    """A PNG of random pixels: about 3 bytes a pixel, however PNG compresses."""
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (n, n), random.Random(seed).randbytes(n * n * 3)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.timeout(120)
+def test_the_queues_byte_budget_refuses_what_its_count_would_take(start_supervisor):
+    """Memory bounds at the frontend: 12 requests of about 50 kB against a queue of 100 requests
+    but 120 kB: those past the bytes get `overloaded` saying so, every one gets one reply; a message
+    over `max_request_bytes` is refused alone and the service goes on."""
+    from qvl.protocol import AsyncClient, BadRequest, Overloaded
+    import asyncio
+    sup = start_supervisor("--queue-size", "100", "--queue-bytes", "120000", "--max-request-bytes", "200000",
+                           "--max-inflight", "1", "--max-batch-size", "1", env={"QVL_FAULTS": "slow_ms=300"})
+    sup.wait_ready()
+    images = [noise_png(128, i) for i in range(12)]
+    assert all(45_000 < len(b) < 60_000 for b in images), [len(b) for b in images]
+
+    async def burst():
+        async with AsyncClient(sup.endpoint, timeout=60) as c:
+            return await asyncio.gather(*(c.ask(img, f"q{i}", max_new_tokens=2) for i, img in enumerate(images)),
+                                        return_exceptions=True)
+
+    results = asyncio.run(burst())
+    refused = [r for r in results if isinstance(r, Overloaded)]
+    answered = [r for r in results if not isinstance(r, BaseException)]
+    assert len(refused) + len(answered) == len(images), results
+    # at most one in flight and two queued (2 x 50 kB within 120 kB), one more if the worker took
+    # one before the burst was read
+    assert 2 <= len(answered) <= 4 and refused, [type(r).__name__ for r in results]
+    assert all("budget" in r.message for r in refused), refused[0].message
+    with sup.client(timeout=60) as c:
+        with pytest.raises(BadRequest, match="exceeds 200000"):
+            c.ask(noise_png(300, 99), "too big", max_new_tokens=2)  # about 270 kB in one frame
+        assert c.ask(images[0], "after", max_new_tokens=2).text is not None
+        assert c.status()["queue_depth"] == 0
+
+
 @pytest.mark.timeout(60)
 def test_deadline_expires_in_the_queue_and_never_runs(start_supervisor):
     sup = start_supervisor("--max-inflight", "1", "--max-batch-size", "1",

@@ -364,6 +364,9 @@ def test_health_is_503_while_no_worker_is_ready(start_supervisor):
     status, body = get(base + "/health")
     assert status == 503 and json.loads(body)["ready_workers"] == 0
     wait_for(lambda: events(sup.log(), "slot_failed"), timeout=30)
+    status, body = get(base + "/health")
+    failed = json.loads(body)["failed_slots"]
+    assert status == 503 and [f["slot"] for f in failed] == [0] and "crash" in failed[0]["reason"], failed
     status, body = post(base + "/v1/chat/completions", json.dumps({"messages": chat(png())}).encode(),
                         "application/json", key=None)
     assert status == 503 and body["error"]["code"] == "worker_failed"

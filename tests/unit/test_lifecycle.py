@@ -704,9 +704,10 @@ class LifecycleMachine(RuleBasedStateMachine):
 EXAMPLES = 200
 
 
-def test_random_event_orders_keep_every_invariant(capsys):
+def test_random_event_orders_keep_every_invariant(record_property):
     """The stateful test: `EXAMPLES` random runs of up to 40 events over one to three slots, every
-    invariant checked after each step. It counts the runs it made, so the record is a reading."""
+    invariant checked after each step. It counts the runs it made, so the record is a reading: the
+    count goes into the test's report and the session's summary prints it (under xdist too)."""
     runs = collections.Counter()
 
     class Counted(LifecycleMachine):
@@ -716,6 +717,5 @@ def test_random_event_orders_keep_every_invariant(capsys):
 
     run_state_machine_as_test(Counted, settings=settings(max_examples=EXAMPLES, stateful_step_count=40,
                                                          deadline=None))
-    with capsys.disabled():
-        print(f"\nstateful lifecycle test: {runs['runs']} runs of up to 40 steps")
+    record_property("stateful_runs", runs["runs"])
     assert runs["runs"] >= EXAMPLES
