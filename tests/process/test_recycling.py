@@ -83,7 +83,6 @@ def test_operator_recycle_loses_nothing(start_supervisor, overlap):
     assert (ready_2 < draining_1) == (overlap == "always")
 
 
-@pytest.mark.timeout(120)
 @pytest.mark.timeout(300)
 def test_sighup_recycles_every_slot_one_at_a_time(start_supervisor):
     sup = start_supervisor(workers=2)
