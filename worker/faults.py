@@ -12,6 +12,7 @@ Inert when the variable is unset. Its value is comma-separated `name=value` item
 - `garble_at=N`: as the N-th request arrives, send the supervisor malformed messages first;
 - `oom_batch_step=K`: a generate call of several rows runs out of memory at its K-th progress report
   (after streamed text has gone out; the rows run again alone);
+- `step_fail_at=K`: the K-th step of a step-scheduled engine (`kv_cache = continuous`, vLLM) raises;
 - `telemetry.KEY=VALUE`: report VALUE for telemetry KEY, once `telemetry_after=N` requests are done;
 - `generation=G`, `slot=S`: only incarnations with that generation number / slot misbehave.
 
@@ -81,6 +82,11 @@ class Faults:
             time.sleep(self.get("step_ms") / 1000.0)
         if rows > 1 and step == self.get("oom_batch_step"):
             raise torch.OutOfMemoryError("CUDA out of memory mid-batch (injected by QVL_FAULTS)")
+
+    def on_step(self, step: int) -> None:
+        """Called before the `step`-th step (from 1) of a step-scheduled engine."""
+        if step == self.get("step_fail_at"):
+            raise RuntimeError("engine step failed (injected by QVL_FAULTS)")
 
     def apply(self, telemetry: dict, done: int) -> dict:
         if self.telemetry and done >= self.get("telemetry_after"):

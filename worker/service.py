@@ -14,7 +14,9 @@ generation step while its batch runs (`WorkerService.cancel`).
 No request ends the worker: a message that cannot be read is answered `bad_request` (or dropped
 when it names no key), a request that fails is answered with its own error, and a batch that
 fails is split until the failing row is found, so the other rows still get answers. Only a
-CUDA error that leaves the context unusable ends the process (`WorkerExit.CUDA_FATAL`).
+CUDA error that leaves the context unusable ends the process (`WorkerExit.CUDA_FATAL`), and a
+failed step of a step-scheduled engine, whose running rows are then in an unknown state
+(`WorkerExit.ENGINE_FAILED`); either way the supervisor retries their requests elsewhere.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class WorkerService:
         self.stopping = False  # the supervisor said stop: finish what is waiting, then exit
         self.arrived = 0  # requests received
         self.done = 0     # requests answered
+        self.steps_run = 0  # steps of a step-scheduled engine
         self.telemetry: Telemetry | None = None
         self.image_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="images")
 
@@ -204,11 +207,13 @@ class WorkerService:
 
     def _step(self) -> None:
         try:
+            self.steps_run += 1
+            self.faults.on_step(self.steps_run)
             outputs = self.engine.step()
-        except Exception:
+        except Exception as exc:
             # the engine's state is unknown now; the supervisor retries its requests elsewhere
             log.exception("event=engine_failed slot=%d", self.spec.slot)
-            os._exit(WorkerExit.CUDA_FATAL)
+            os._exit(WorkerExit.CUDA_FATAL if isinstance(exc, torch.AcceleratorError) else WorkerExit.ENGINE_FAILED)
         for out in outputs:
             job = self.running.get(out.key)
             if job is None:

@@ -271,6 +271,26 @@ def test_served_with_kv_cache_continuous(start_supervisor):
 
 
 @pytest.mark.timeout(120)
+def test_a_failed_step_ends_the_worker_by_name_and_its_rows_are_answered_by_the_next(start_supervisor):
+    """A step that raises leaves the running rows in an unknown state: the worker exits
+    `engine_failed` and the supervisor answers all three requests from the next worker."""
+    sup = start_supervisor("--kv-cache", "continuous", "--restart-backoff-s", "0.1",
+                           env={"QVL_FAULTS": "step_fail_at=3,generation=1"})
+    sup.wait_ready()
+
+    def ask(n):
+        with sup.client(timeout=90) as c:
+            return c.ask(png((64 + 16 * n, 64)), "Describe it.", max_new_tokens=6, min_new_tokens=6)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(ask, range(3)))
+    assert [r.usage["completion_tokens"] for r in results] == [6, 6, 6]
+    assert {r.worker["generation"] for r in results} == {2}
+    exits = [e for e in events(sup.log(), "worker_state") if e["gen"] == "1" and e["new"] == "exited"]
+    assert len(exits) == 1 and "exit code 8 (engine_failed)" in exits[0]["reason"], exits
+    sup.remember_workers()
+
+
+@pytest.mark.timeout(120)
 def test_an_out_of_memory_error_while_joining_is_blamed_on_its_request(start_supervisor):
     """A request whose prefill runs out of memory (injected) is answered `out_of_memory` by the
     worker, counted towards recycling and retried elsewhere, not failed as `internal`."""
