@@ -34,6 +34,7 @@ class ModelOptions:
     vllm_memory_share: float = 0.4  # vLLM's gpu_memory_utilization: the device share it takes at load
     vllm_max_model_len: int = 32768  # prompt plus new tokens of one request, for vLLM
     vllm_compile: bool = True  # vLLM's torch.compile (slower start); off keeps full CUDA graphs for decode
+    prefill_tokens: int = 8192  # continuous batching: prompt tokens a step prefills; longer prompts go in chunks
 
 
 @dataclass(frozen=True)

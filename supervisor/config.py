@@ -44,6 +44,7 @@ class Config:
     attn_implementation: str = setting("sdpa", "attention implementation passed to transformers (sdpa, eager, flash_attention_2)")
     engine: str = setting("hf", "hf: the model through transformers; vllm: vLLM's engine inside each worker (`pip install qvl[vllm]`, CUDA only); noop: empty answers at once, to measure the serving path alone")
     kv_cache: str = setting("auto", "static: a KV pool allocated at load and the decode step replayed as CUDA graphs; continuous: the same pool cut into max_batch_size rows that requests join and leave at every step (continuous batching; requests ready together are prefilled together, grouped by length); dynamic: transformers' generate; auto: static on CUDA, dynamic on CPU")
+    prefill_tokens: int = setting(8192, "kv_cache = continuous: prompt tokens prefilled at one step; requests join while theirs fit, and a longer prompt is prefilled in chunks of this many, one per step, while the running rows go on decoding")
     kv_cache_tokens: int = setting(32768, "size of the static KV pool in tokens: a batch's rows (to a power of two) times its length (prompt + max_new_tokens, to a multiple of 256) must fit; larger batches are split")
     vllm_memory_share: float = setting(0.4, "engine vllm: the share of the device a worker takes at load (vLLM's gpu_memory_utilization); an overlapped recycle needs room for two, so keep it below (1 - recycle_overlap_margin) / 2 of what is free")
     vllm_max_model_len: int = setting(32768, "engine vllm: most prompt plus new tokens in one request (vLLM's max_model_len)")
@@ -118,7 +119,7 @@ class Config:
         for name in ("workers", "max_batch_size", "max_inflight", "queue_size", "max_attempts",
                      "max_new_tokens", "max_images", "heartbeat_liveness", "restart_intensity",
                      "max_concurrent_recycles", "frontend_hwm", "queue_bytes", "max_request_bytes",
-                     "max_prompt_tokens", "vllm_max_model_len"):
+                     "max_prompt_tokens", "vllm_max_model_len", "prefill_tokens"):
             if getattr(self, name) < 1:
                 faults.append(f"{name} must be at least 1")
         if not 0 <= self.memory_fraction <= 1:

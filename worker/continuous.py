@@ -2,7 +2,7 @@
 
 The KV pool (`kv_cache_tokens`) is cut into `rows` slots of equal length. Requests join between
 steps, each in the lowest free slot: the worker hands over, in one `add`, the requests ready, in
-order, while each has a free row and their prompt tokens stay within `PREFILL_TOKENS` (a longer
+order, while each has a free row and their prompt tokens stay within `prefill_tokens` (a longer
 prompt joins alone). Their prompts are
 prefilled by the model's own forward (the vision tower and all), one forward per group of prompts
 whose lengths round up to the same multiple of `LENGTH_BUCKET`, left-padded to the longest; each
@@ -17,8 +17,10 @@ made incrementally (`detokenizer.py`), so a step's work does not grow with the a
 
 On CUDA each (rows, length) bucket's step is captured once as a CUDA graph over the slots' state
 tensors and replayed; on CPU the same step runs eagerly (how it is tested against `generate`).
-Not done here: prefill in chunks (a long prompt is prefilled whole, and the running rows wait for
-it).
+A prompt longer than `prefill_tokens` joins alone and is prefilled in chunks of that many tokens,
+one chunk per step before the running rows decode (`kv_pool.ChunkedPrefill`), so a 10 000-token
+image prompt delays each step by one chunk instead of stalling every row for its whole prefill;
+one such prompt is prefilled at a time, in a slot reserved for it.
 """
 from __future__ import annotations
 
@@ -32,10 +34,9 @@ from qvl.protocol.messages import LENGTH, STOPPED, GenerationParams
 
 from .detokenizer import Detokenizer
 from .engine import NO_IMAGES, Completion, Engine, ImageInputs, Prompt, StepOutput
-from .kv_pool import (LENGTH_BUCKET, cache_argument, decode_step, next_positions, next_power_of_two, prefill,
-                      round_up)
+from .kv_pool import (LENGTH_BUCKET, ChunkedPrefill, cache_argument, decode_step, next_positions,
+                      next_power_of_two, prefill, round_up)
 
-PREFILL_TOKENS = 8192  # prompt tokens a step prefills; a longer prompt is prefilled alone, whole
 
 
 @dataclass
@@ -49,6 +50,16 @@ class _Row:
     text: Detokenizer
     tokens: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None  # a seeded row's own draws
+
+
+@dataclass
+class _Chunked:
+    """A prompt longer than a step's prefill budget, prefilled a chunk per step into its slot."""
+    slot: int
+    row: _Row
+    inputs: object
+    images: int
+    prefill: ChunkedPrefill
 
 
 class ContinuousEngine:
@@ -81,20 +92,28 @@ class ContinuousEngine:
         self.graph_pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         self.cache_arg = cache_argument(self.model)
         self.prefill_forwards = 0  # model forwards that prefilled joining requests
+        self.chunked: _Chunked | None = None  # the one long prompt being prefilled a chunk per step
+        self.prefill_chunks = 0
+        self.prefill_tokens = engine.options.prefill_tokens  # the step's prefill budget
 
     @property
     def running(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + (self.chunked is not None)
 
     def has_room(self, joining: Sequence[Prompt], prompt: Prompt) -> bool:
         """Whether `prompt` may join at this step beside the prompts `joining`: a free row for it,
-        and all of them within the step's prefill budget (a longer prompt joins alone)."""
-        tokens = sum(len(p.ids) for p in joining) + len(prompt.ids)
-        return len(self.rows) + len(joining) < self.slots and (not joining or tokens <= PREFILL_TOKENS)
+        and all of them within the step's prefill budget. A prompt over the budget joins alone, one
+        at a time, and is prefilled in chunks."""
+        if self.running + len(joining) >= self.slots:
+            return False
+        if len(prompt.ids) > self.prefill_tokens:
+            return not joining and self.chunked is None
+        return not joining or sum(len(p.ids) for p in joining) + len(prompt.ids) <= self.prefill_tokens
 
     def stats(self) -> dict:
         """Figures sent beside the allocator's in every heartbeat and reply."""
-        return {"running_requests": len(self.rows), "prefill_forwards": self.prefill_forwards}
+        return {"running_requests": self.running, "prefill_forwards": self.prefill_forwards,
+                "prefill_chunks": self.prefill_chunks}
 
     def warm_up(self) -> None:
         self.engine.warm_up()
@@ -117,9 +136,13 @@ class ContinuousEngine:
         """Prefill (key, prompt, params) requests into the lowest free slots; they decode from the
         next step on. One forward per group of prompts of like length (`length_groups`). All join,
         or none does: where a forward fails, the slots taken so far are freed and the error raised."""
-        free = [slot for slot in range(self.slots) if slot not in self.rows]
+        free = [slot for slot in range(self.slots)
+                if slot not in self.rows and (self.chunked is None or slot != self.chunked.slot)]
         if len(requests) > len(free):
             raise BadRequest("no free batch row")  # the worker adds no more than has_room allows
+        if len(requests) == 1 and len(requests[0][1].ids) > self.prefill_tokens:
+            self._start_chunked(*requests[0], free[0])
+            return
         taken = 0
         try:
             for group in length_groups(requests):
@@ -142,23 +165,59 @@ class ContinuousEngine:
         rows = [self._new_row(key, len(prompt.ids), params, added_at) for key, prompt, params in group]
         first = self._choose(logits, rows).tolist()
         positions = next_positions(self.model, inputs, [prompt.images for prompt in prompts])
-        width = inputs["input_ids"].shape[1]
         # the forward has run: only now do the free slots take the rows' state
         for index, (slot, row) in enumerate(zip(slots, rows)):
-            n = row.prompt_tokens
-            for (keys, values), layer in zip(self.kv, cache.layers):
-                keys[slot, :, :n].copy_(layer.keys[index, :, width - n:])
-                values[slot, :, :n].copy_(layer.values[index, :, width - n:])
-            self.mask[slot].zero_()
-            self.mask[slot, 0, 0, :n] = True
-            self.positions[:, slot, 0] = positions[index]
-            self.write_at[slot] = n
-            self.tokens[slot, 0] = first[index]
-            self.live[slot] = 1
-            self.rows[slot] = row
-            row.first_at = time.perf_counter()
-            row.tokens.append(first[index])
-            row.text.advance(row.tokens)
+            self._seat(slot, row, cache, index, positions[index], first[index])
+
+    def _seat(self, slot: int, row: _Row, cache, index: int, position: int, first: int) -> None:
+        """Slot `slot` takes `row`: its keys and values, row `index` of the prefill's `cache`
+        without the padding on its left, so its positions are those of a prompt alone."""
+        n = row.prompt_tokens
+        for (keys, values), layer in zip(self.kv, cache.layers):
+            width = layer.keys.shape[2]
+            keys[slot, :, :n].copy_(layer.keys[index, :, width - n:])
+            values[slot, :, :n].copy_(layer.values[index, :, width - n:])
+        self.mask[slot].zero_()
+        self.mask[slot, 0, 0, :n] = True
+        self.positions[:, slot, 0] = position
+        self.write_at[slot] = n
+        self.tokens[slot, 0] = first
+        self.live[slot] = 1
+        self.rows[slot] = row
+        row.first_at = time.perf_counter()
+        row.tokens.append(first)
+        row.text.advance(row.tokens)
+
+    def _start_chunked(self, key: int, prompt: Prompt, params: GenerationParams, slot: int) -> None:
+        """Reserve `slot` for a prompt over the step's budget and prefill its first chunk (the vision
+        tower runs here, whole); the rest follows a chunk per step. A failure here takes no slot."""
+        inputs = self.engine.inputs([prompt]).to(self.device)
+        row = self._new_row(key, len(prompt.ids), params, time.perf_counter())
+        chunked = _Chunked(slot, row, inputs, prompt.images, ChunkedPrefill(self.model, inputs))
+        chunked.prefill.advance(self.prefill_tokens)
+        self.prefill_chunks += 1
+        self.chunked = chunked
+
+    def _next_chunk(self) -> StepOutput | None:
+        """Prefill the long prompt's next chunk; once its last is in, its row takes its slot. A
+        failure ends that request alone, with its error."""
+        chunked = self.chunked
+        try:
+            logits = chunked.prefill.advance(self.prefill_tokens)
+            self.prefill_chunks += 1
+            if logits is None:
+                return None
+            self.chunked = None
+            self.prefill_forwards += 1
+            first = int(self._choose(logits, [chunked.row])[0])
+            position = next_positions(self.model, chunked.inputs, [chunked.images])[0]
+            self._seat(chunked.slot, chunked.row, chunked.prefill.cache, 0, position, first)
+        except Exception as exc:
+            self.chunked = None
+            if chunked.slot in self.rows:
+                self._free(chunked.slot)
+            return StepOutput(chunked.row.key, "", 0, error=exc)
+        return None
 
     def _new_row(self, key: int, prompt_tokens: int, params: GenerationParams, added_at: float) -> _Row:
         row = _Row(key, params, prompt_tokens, prompt_tokens + 1, added_at, 0.0,
@@ -169,15 +228,21 @@ class ContinuousEngine:
 
     def abort(self, key: int) -> tuple[str, int]:
         """Stop a running request now and free its slot: the text and tokens it had made."""
+        if self.chunked is not None and self.chunked.row.key == key:
+            self.chunked = None  # still prefilling: nothing made yet, its slot was only reserved
+            return "", 0
         slot = next(s for s, row in self.rows.items() if row.key == key)
         row = self._free(slot)
         return row.text.so_far(), len(row.tokens)
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        """Every row decodes one token; a row leaves the step its token ends it (a row whose first
-        token, from its prefill, already ended it leaves before decoding)."""
-        outputs = [self._finish(slot) for slot in [s for s, row in self.rows.items() if self._ended(row)]]
+        """The long prompt being prefilled takes its next chunk; then every row decodes one token,
+        and a row leaves the step its token ends it (a row whose first token, from its prefill,
+        already ended it leaves before decoding)."""
+        failed = self._next_chunk() if self.chunked is not None else None
+        outputs = [failed] if failed else []
+        outputs += [self._finish(slot) for slot in [s for s, row in self.rows.items() if self._ended(row)]]
         if self.rows:
             n = min(next_power_of_two(max(self.rows) + 1), self.slots)
             length = round_up(max(row.length for row in self.rows.values()), LENGTH_BUCKET)

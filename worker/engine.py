@@ -75,12 +75,13 @@ class Completion:
 @dataclass(frozen=True)
 class StepOutput:
     """What one step of an engine that schedules every step gave one request: its new tokens and
-    their text, and its completion once it has ended."""
+    their text, and its completion once it has ended, or the error that ended it alone."""
 
     key: int
     text: str
     tokens: int
     completion: Completion | None = None
+    error: Exception | None = None
 
 
 class _Steps(BaseStreamer):

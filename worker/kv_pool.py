@@ -192,6 +192,74 @@ def prefill(model, inputs, cache_arg: str) -> tuple[torch.Tensor, DynamicCache]:
     return out.logits[:, -1].float(), cache
 
 
+class _Captured(Exception):
+    """Raised by the hook that takes the text decoder's inputs, to end the forward there."""
+
+
+def decoder_inputs(model, inputs) -> dict:
+    """What the model's own forward hands its text decoder for `inputs` (one row, no padding): the
+    embeddings with the image features in place, the rotary positions, and the visual positions
+    and features that deepstack adds in the first layers. The forward stops there: the decoder
+    runs later, in chunks (`ChunkedPrefill`)."""
+    text = model.model.language_model
+    captured: dict = {}
+
+    def take(module, args, kwargs):
+        captured.update(kwargs)
+        raise _Captured
+
+    hook = text.register_forward_pre_hook(take, with_kwargs=True)
+    try:
+        model.model(**inputs)
+    except _Captured:
+        pass
+    finally:
+        hook.remove()
+    return captured
+
+
+class ChunkedPrefill:
+    """One prompt prefilled a chunk at a time, so a long prompt does not stall the rows that decode
+    meanwhile. The vision tower runs once, at the start (`decoder_inputs`); then each `advance`
+    runs the text decoder over the next tokens with the cache of those before, slicing the rotary
+    positions and the deepstack features to the chunk. The keys and values and the logits are
+    those of one whole forward, up to the arithmetic's rounding."""
+
+    def __init__(self, model, inputs):
+        self.model = model
+        self.text = model.model.language_model
+        self.cache_arg = cache_argument(self.text)
+        self.given = decoder_inputs(model, inputs)
+        self.length = self.given["inputs_embeds"].shape[1]
+        self.done = 0
+        self.cache = DynamicCache()
+
+    @property
+    def left(self) -> int:
+        return self.length - self.done
+
+    @torch.inference_mode()
+    def advance(self, tokens: int) -> torch.Tensor | None:
+        """Prefill the next `tokens` prompt tokens; the next-token logits once the last is in."""
+        start, end = self.done, min(self.length, self.done + tokens)
+        given = self.given
+        chunk = {"inputs_embeds": given["inputs_embeds"][:, start:end],
+                 "position_ids": given["position_ids"][..., start:end] if given.get("position_ids") is not None
+                 else None,
+                 self.cache_arg: self.cache, "use_cache": True}
+        visual = given.get("visual_pos_masks")
+        if visual is not None and bool(visual[:, start:end].any()):
+            before, inside = int(visual[:, :start].sum()), int(visual[:, start:end].sum())
+            chunk["visual_pos_masks"] = visual[:, start:end]
+            chunk["deepstack_visual_embeds"] = [embeds[before:before + inside]
+                                                for embeds in given["deepstack_visual_embeds"]]
+        hidden = self.text(**chunk).last_hidden_state
+        self.done = end
+        if self.left:
+            return None
+        return self.model.lm_head(hidden[:, -1]).float()
+
+
 def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, kv: list, mask: torch.Tensor,
                 write: Callable[[torch.Tensor, torch.Tensor], object]) -> torch.Tensor:
     """One new token per row through the Qwen3-VL text decoder's own modules: each layer's new keys

@@ -218,7 +218,10 @@ class WorkerService:
             job = self.running.get(out.key)
             if job is None:
                 continue
-            if out.completion is not None:
+            if out.error is not None:
+                del self.running[out.key]
+                self.sock.send_multipart(self._row_failed(job, out.error))
+            elif out.completion is not None:
                 del self.running[out.key]
                 self.sock.send_multipart(self._reply(job, out.completion, self.engine.running + 1, "",
                                                      self.read_telemetry()))

@@ -16,6 +16,7 @@ from qvl.protocol.messages import GenerationParams
 from qvl.worker.continuous import ContinuousEngine
 from qvl.worker.detokenizer import Detokenizer
 from qvl.worker.engine import NO_IMAGES, Engine
+from qvl.worker.kv_pool import ChunkedPrefill
 
 from harness import events, png, wait_gone
 
@@ -108,7 +109,7 @@ def test_requests_prefilled_together_give_their_tokens_alone(reference, continuo
                for (m, i), p in zip(requests, params)]
     assert len({len(p.ids) for p in prompts}) == 5 and min(len(p.ids) for p in prompts[3:]) > 256
     continuous.add([(key, prompt, p) for key, (prompt, p) in enumerate(zip(prompts, params))])
-    assert continuous.stats() == {"running_requests": 5, "prefill_forwards": 2}
+    assert continuous.stats() == {"running_requests": 5, "prefill_forwards": 2, "prefill_chunks": 0}
     result = run(continuous, {0: []})
     for key, (request, p) in enumerate(zip(requests, params)):
         assert result["done"][key].text == alone(reference, request, p).text, key
@@ -121,10 +122,69 @@ def test_rows_join_while_there_are_free_rows_and_the_step_prefill_budget_lasts(c
     long = continuous.prompt(*text_request("Tell me a story " * 80), params)
     assert continuous.has_room([prompt] * 4, prompt)  # 5 rows
     assert not continuous.has_room([prompt] * 5, prompt)
-    monkeypatch.setattr("qvl.worker.continuous.PREFILL_TOKENS", 2 * len(prompt.ids))
+    continuous.prefill_tokens = 2 * len(prompt.ids)
     assert continuous.has_room([prompt], prompt) and not continuous.has_room([prompt] * 2, prompt)
     assert not continuous.has_room([prompt], long)  # the one that would go over the budget waits
     assert continuous.has_room([], long)  # and joins alone: a prompt over the budget never starves
+
+
+LONG = image_request((200, 120), "Look closely and describe the whole picture, every part of it.", 4)
+
+
+def test_a_prompt_over_the_budget_is_prefilled_a_chunk_per_step_while_the_others_decode(
+        reference, continuous, monkeypatch):
+    """With a budget the size of a short text prompt, an image prompt several times longer (its
+    image tokens cut by the chunks) takes a chunk at each step, the running row makes a token at
+    each of them, and every row gives its greedy tokens alone."""
+    params = GenerationParams(max_new_tokens=12, min_new_tokens=12)
+    story = continuous.prompt(*REQUESTS[1], params)
+    long = continuous.prompt(LONG[0], continuous.process_images(*LONG, params), params)
+    budget = len(story.ids)
+    chunks = -(-len(long.ids) // budget)
+    assert chunks >= 3, (len(story.ids), len(long.ids))
+    continuous.prefill_tokens = budget
+    continuous.add([(0, story, params)])
+    for _ in range(2):
+        continuous.step()
+    assert continuous.has_room([], long)
+    continuous.add([(1, long, params)])
+    assert continuous.running == 2 and continuous.stats()["prefill_chunks"] == 1
+    assert not continuous.has_room([], long)  # one long prompt at a time
+    assert continuous.has_room([], story)  # short ones still join beside it
+    made, early = [], ""
+    for _ in range(chunks - 1):
+        outs = continuous.step()
+        made.append(sum(o.tokens for o in outs if o.key == 0))
+        early += "".join(o.text for o in outs if o.key == 1)
+    assert continuous.stats()["prefill_chunks"] == chunks
+    assert made == [1] * (chunks - 1)  # the running row made a token at every chunk's step
+    assert {row.key for row in continuous.rows.values()} == {0, 1}
+    result = run(continuous, {0: []})
+    assert result["done"][1].text == alone(reference, LONG, params).text
+    assert result["done"][0].text == alone(reference, REQUESTS[1], params).text
+    assert early + result["streamed"][1] == result["done"][1].text
+
+
+def test_a_long_prompt_cancelled_or_failing_while_prefilled_frees_its_slot(reference, continuous, monkeypatch):
+    params = GenerationParams(max_new_tokens=6, min_new_tokens=6)
+    story = continuous.prompt(*REQUESTS[1], params)
+    long = continuous.prompt(LONG[0], continuous.process_images(*LONG, params), params)
+    continuous.prefill_tokens = len(story.ids)
+    continuous.add([(1, long, params)])
+    continuous.step()
+    assert continuous.abort(1) == ("", 0) and continuous.running == 0
+    continuous.add([(0, story, params)])
+    continuous.add([(2, long, params)])
+
+    def fail(self, tokens):
+        raise torch.OutOfMemoryError("injected")
+    monkeypatch.setattr(ChunkedPrefill, "advance", fail)  # its second chunk fails
+    outs = continuous.step()
+    (failed,) = [o for o in outs if o.error is not None]
+    assert failed.key == 2 and isinstance(failed.error, torch.OutOfMemoryError)
+    assert continuous.running == 1 and continuous.chunked is None
+    result = run(continuous, {0: []})
+    assert result["done"][0].text == alone(reference, REQUESTS[1], params).text
 
 
 def test_a_failed_joint_prefill_takes_no_slot(continuous, monkeypatch):
@@ -268,6 +328,32 @@ def test_served_with_kv_cache_continuous(start_supervisor):
     pids = {sup.pid, *sup.remember_workers()}
     assert sup.stop() == 0
     assert wait_gone(pids) == set()
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_prefills_a_long_prompt_in_chunks_and_answers_it_as_generate_does(start_supervisor,
+                                                                                   shared_supervisor):
+    """`--prefill-tokens 16`: an image prompt of about 90 tokens goes in chunks while short requests
+    run beside it; its greedy answer is the one `generate` gives (the shared supervisor's workers)."""
+    sup = start_supervisor("--kv-cache", "continuous", "--prefill-tokens", "16", "--max-inflight", "8")
+    sup.wait_ready()
+    image = png((200, 120), (40, 90, 160))
+    question = "Look closely and describe the whole picture, every part of it."
+
+    def ask(endpoint_sup, n=0):
+        with endpoint_sup.client(timeout=60) as c:
+            if n:
+                return c.ask(png((64, 64)), "Hi?", max_new_tokens=n, min_new_tokens=n)
+            return c.ask(image, question, max_new_tokens=10, min_new_tokens=10)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        short = [pool.submit(ask, sup, n) for n in (30, 20, 25)]
+        long = pool.submit(ask, sup).result()
+        assert [f.result().usage["completion_tokens"] for f in short] == [30, 20, 25]
+    assert long.usage["prompt_tokens"] > 16 * 3
+    assert long.text == ask(shared_supervisor).text
+    with sup.client() as c:
+        telemetry = c.status()["workers"][0]["telemetry"]
+    assert telemetry["prefill_chunks"] >= -(-long.usage["prompt_tokens"] // 16), telemetry
 
 
 @pytest.mark.timeout(120)
