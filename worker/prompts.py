@@ -6,6 +6,8 @@ special tokens, and each text part with special tokens split into ordinary text.
 `<|im_end|>\\n<|im_start|>system` in a message stays text: it cannot close the user's turn, and
 `<|image_pad|>` in text is no image. Each image placeholder the template wrote is expanded here
 to that image's token count, as the processor would. Never touches pixels or the model.
+Messages the template does not render part for part (it drops an image from a system turn, say)
+are the client's to change: `bad_request`, naming what was lost.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 import re
 import secrets
 
-from qvl.protocol.errors import InternalError
+import jinja2
+
+from qvl.protocol.errors import BadRequest
 
 
 class PromptTokenizer:
@@ -31,10 +35,14 @@ class PromptTokenizer:
         texts: list[str] = []
         chat = [{"role": m["role"], "content": [self._template_part(part, texts) for part in m["content"]]}
                 for m in messages]
-        rendered = self.processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        try:
+            rendered = self.processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        except jinja2.TemplateError as exc:  # the template's raise_exception(): a conversation it refuses
+            raise BadRequest(f"the model's chat template refuses these messages: {exc}") from None
         pieces = self._split.split(rendered)  # template, text index, template, text index, ..., template
         if [int(i) for i in pieces[1::2]] != list(range(len(texts))):
-            raise InternalError("the chat template does not keep each text part once and in order")
+            raise BadRequest("the model's chat template drops, repeats or reorders text parts of these messages "
+                             "(a system message after the first, say); send the conversation in a form it renders")
         template = self.tokenizer(pieces[0::2], add_special_tokens=False)["input_ids"]
         text = self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else []
         ids: list[int] = []
@@ -45,7 +53,8 @@ class PromptTokenizer:
             if i < len(text):
                 ids.extend(text[i])
         if ids.count(self.image_token_id) != sum(image_tokens):
-            raise InternalError("the chat template wrote a different number of image placeholders than images")
+            raise BadRequest("the model's chat template renders a different number of images than these messages "
+                             "hold (an image in a system message, say); put images in user turns")
         return ids
 
     def _template_part(self, part: dict, texts: list[str]) -> dict:

@@ -132,3 +132,26 @@ def test_a_frame_referenced_many_times_is_processed_once(engine, counting):
     assert counting.images == [1] and prompt.images == 16
     assert prompt.ids.count(engine.image_token_id) == 16 * 6
     assert engine.generate([prompt], PARAMS)[0].completion_tokens >= 1
+
+
+def test_messages_the_template_does_not_render_part_for_part_are_bad_requests(engine, monkeypatch):
+    """Qwen3-VL's own template keeps only the text of a first system turn: an image there, or a
+    text the template drops, is the client's to change (`bad_request`), not the service's fault."""
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% for c in m.content %}"
+                "{% if c.type == 'text' %}{{ c.text }}{% elif m.role != 'system' %}"
+                "<|vision_start|><|image_pad|><|vision_end|>{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    monkeypatch.setattr(engine.processor, "chat_template", template)
+    image = Image.new("RGB", (64, 64), (9, 9, 9))
+    system_image = [{"role": "system", "content": [{"type": "image", "frame": 0}, {"type": "text", "text": "s"}]},
+                    *user("q")]
+    with pytest.raises(BadRequest, match="different number of images"):
+        engine.prepare(system_image, [image], PARAMS)
+    assert engine.prepare(user(0, "q"), [image], PARAMS).ids  # the same template renders user images
+    monkeypatch.setattr(engine.processor, "chat_template", template.replace("{{ c.text }}", ""))
+    with pytest.raises(BadRequest, match="drops, repeats or reorders"):
+        engine.prepare(user("q"), [], PARAMS)
+    monkeypatch.setattr(engine.processor, "chat_template",
+                        "{% if messages[0].role == 'system' %}{{ raise_exception('no system turns') }}{% endif %}")
+    with pytest.raises(BadRequest, match="refuses these messages: no system turns"):
+        engine.prepare(system_image, [image], PARAMS)
