@@ -93,7 +93,10 @@ class _Calls:
             raise BadRequest(str(exc)) from None
         timeout_ms = None if timeout is None else timeout * 1000.0
         request = build_generate(next(self._ids), list(messages), gen, timeout_ms, stream)
-        return request.id, encode(request.header(), request.images)
+        try:
+            return request.id, encode(request.header(), request.images)
+        except UnicodeEncodeError:  # msgpack writes UTF-8: a lone surrogate is no text
+            raise BadRequest("message text must be text: it holds a lone UTF-16 surrogate") from None
 
     @staticmethod
     def _cancel_parts(request_id: Any) -> list[bytes]:

@@ -18,6 +18,7 @@ import base64
 import binascii
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,16 +44,25 @@ class ChatRequest:
     model: str | None = None
 
 
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def parse_json(body: bytes) -> object:
-    """The body as JSON; NaN, infinities, invalid text, absurd nesting and a body of more than
+    """The body as JSON; NaN, infinities, invalid text (lone surrogates too), absurd nesting and a body of more than
     `MAX_STRUCTURAL_BYTES` structural bytes (counted before parsing) are `BadRequest`."""
     if sum(body.count(byte) for byte in b"{[,:") > MAX_STRUCTURAL_BYTES:
         raise BadRequest(f"the body holds more than {MAX_STRUCTURAL_BYTES} of the bytes `{{[,:`; "
                          "no chat request needs that many")
     try:
-        return json.loads(body, parse_constant=_no_constant)
+        value = json.loads(body, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         raise BadRequest("the body must be JSON") from None
+    if SURROGATE_ESCAPE.search(body):  # a pair is a character; a lone half is no text anywhere after
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("the body's strings must be text: it escapes a lone UTF-16 surrogate") from None
+    return value
 
 
 def _no_constant(name: str) -> None:

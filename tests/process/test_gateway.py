@@ -146,6 +146,14 @@ def test_errors_carry_matching_status_codes(gateway):
     broken = chat(b"not an image at all")
     status, body = post(base + "/v1/chat/completions", json.dumps({"messages": broken}).encode(), "application/json")
     assert status == 400 and body["error"]["code"] == "bad_request"
+    lone = [{"messages": [{"role": "user", "content": "hi \ud800"}]},
+            {"messages": [{"role": "user", "content": "hi"}], "stop": ["\udfff"]},
+            {"messages": [{"role": "user", "content": "hi"}], "model": "\ud800", "max_tokens": 2}]
+    for case in lone:  # JSON escapes half a UTF-16 pair: no text the model or the reply can carry
+        status, body = post(base + "/v1/chat/completions", json.dumps(case).encode(), "application/json")
+        assert status == 400 and "surrogate" in body["error"]["message"], (case, body)
+    pair = {"messages": [{"role": "user", "content": "hi \ud83d\ude00"}], "max_tokens": 2}
+    assert post(base + "/v1/chat/completions", json.dumps(pair).encode(), "application/json")[0] == 200
 
 
 def test_file_paths_are_refused_and_never_read(gateway, tmp_path):

@@ -1,5 +1,6 @@
-"""A client call is bounded by its timeout even when no supervisor can take its message: a
-DEALER socket with no live connection would otherwise wait in `send` forever."""
+"""A client call is bounded by its timeout even when no supervisor can take its message (a
+DEALER socket with no live connection would otherwise wait in `send` forever), and what cannot be
+sent at all is refused before sending."""
 
 import asyncio
 import time
@@ -40,3 +41,13 @@ def test_async_calls_time_out_when_nothing_can_take_them(refusing_endpoint):
                     await client.status()
                 assert time.monotonic() - started < 2
     asyncio.run(asyncio.wait_for(calls(), 30))
+
+
+def test_text_that_is_not_text_is_refused_before_it_is_sent(refusing_endpoint):
+    """A lone UTF-16 surrogate cannot be written as UTF-8: `BadRequest` at once, not a codec error."""
+    from qvl.protocol import BadRequest
+    with Client(refusing_endpoint, timeout=5) as client:
+        started = time.monotonic()
+        with pytest.raises(BadRequest, match="surrogate"):
+            client.generate([{"role": "user", "content": [{"type": "text", "text": "hi \ud800"}]}])
+        assert time.monotonic() - started < 1  # refused before any wait for a reply

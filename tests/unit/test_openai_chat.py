@@ -133,6 +133,17 @@ def test_json_that_is_not_json_is_a_bad_request(text):
         parse_json(text)
 
 
+@pytest.mark.parametrize("text", [b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+                                  b'{"model": "\\udfff x"}', b'["\\ud83d"]', b'{"\\uDC00": 1}'])
+def test_a_lone_surrogate_is_no_text(text):
+    with pytest.raises(BadRequest, match="surrogate"):
+        parse_json(text)
+
+
+def test_a_surrogate_pair_is_a_character():
+    assert parse_json(b'["\\ud83d\\ude00"]') == ["\U0001f600"]
+
+
 def test_remote_images_go_through_the_given_fetch_only():
     fetched = []
     chat = parse_chat(body(image_part("https://example.com/a.png")), LIMITS,
