@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -28,6 +28,7 @@ from qvl.protocol.errors import BadRequest, InternalError
 from qvl.protocol.messages import LENGTH, STOPPED, GenerationParams
 from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .image_tokens import ImageTokens
@@ -199,7 +200,8 @@ class Engine:
             later = None if progress is None else lambda rows: progress(lambda: [[]] * half + rows())
             return self.generate(prompts[:half], params, progress) + self.generate(prompts[half:], params, later)
         else:
-            generated = self.kv_pool.generate(inputs.to(self.device), [p.images for p in prompts], params, progress)
+            generated = self.kv_pool.generate(inputs.to(self.device), [p.images for p in prompts], params, progress,
+                                              self._stopped(params))
             tokens, prefill_ms, decode_ms = generated.tokens, generated.prefill_ms, generated.decode_ms
         return [self.completion(self.until_eos(row), len(p.ids), params.stop, prefill_ms, decode_ms)
                 for row, p in zip(tokens, prompts)]
@@ -253,8 +255,11 @@ class Engine:
         """transformers' `generate`: new tokens per row, prefill and decode milliseconds."""
         clock = _Steps(progress)
         started = time.perf_counter()
+        stopped = self._stopped(params)
+        criteria = {} if stopped is None else {
+            "stopping_criteria": StoppingCriteriaList([_StopStrings(stopped, inputs["input_ids"].shape[1])])}
         output = self.model.generate(**inputs, **_sampling_kwargs(params), pad_token_id=self.pad_id,
-                                     streamer=clock)
+                                     streamer=clock, **criteria)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         ended = time.perf_counter()
@@ -262,11 +267,32 @@ class Engine:
         prompt_len = inputs["input_ids"].shape[1]
         return output[:, prompt_len:].tolist(), (first - started) * 1000.0, (ended - first) * 1000.0
 
+    def _stopped(self, params: GenerationParams) -> Callable[[list[list[int]]], list[bool]] | None:
+        """Which rows of new tokens hold one of the request's stop strings (such a row's answer has
+        ended, so it need not run on to `max_new_tokens`); None without stop strings."""
+        if not params.stop:
+            return None
+        return lambda rows: [find_stop(self.text_of(self.until_eos(row)), params.stop) is not None for row in rows]
+
     def until_eos(self, row: list[int]) -> list[int]:
         for i, token in enumerate(row):
             if token in self.eos_ids:
                 return row[:i + 1]
         return row
+
+
+class _StopStrings(StoppingCriteria):
+    """Ends `generate`'s rows whose text holds a stop string, checked every few steps."""
+
+    def __init__(self, stopped: Callable[[list[list[int]]], list[bool]], prompt_len: int):
+        self.stopped, self.prompt_len, self.calls = stopped, prompt_len, 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.calls += 1
+        if self.calls % STOP_CHECK_EVERY:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        ended = self.stopped(input_ids[:, self.prompt_len:].tolist())
+        return torch.tensor(ended, dtype=torch.bool, device=input_ids.device)
 
 
 class _SeededChoice(LogitsProcessor):

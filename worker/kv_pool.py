@@ -86,9 +86,11 @@ class KVPool:
 
     @torch.inference_mode()
     def generate(self, inputs, images_per_row: list[int], params: GenerationParams,
-                 progress: Progress | None = None) -> Generated:
+                 progress: Progress | None = None,
+                 stopped: Callable[[list[list[int]]], list[bool]] | None = None) -> Generated:
         """Prefill `inputs` (the engine's batch, left-padded) and generate up to `params.max_new_tokens`,
-        telling `progress` the tokens so far every `STOP_CHECK_EVERY` steps."""
+        telling `progress` the tokens so far every `STOP_CHECK_EVERY` steps; there too `stopped`, if
+        given, names the rows whose text has ended (a stop string), which then count as finished."""
         n, prompt_len = inputs["input_ids"].shape
         bucket = self._bucket(next_power_of_two(n), round_up(prompt_len + params.max_new_tokens, LENGTH_BUCKET))
         started = time.perf_counter()
@@ -106,6 +108,8 @@ class KVPool:
                 if t % STOP_CHECK_EVERY == 0:
                     if progress is not None:
                         progress(lambda: generated[:, :t].tolist())
+                    if stopped is not None:
+                        finished |= torch.tensor(stopped(generated[:, :t].tolist()), device=self.device)
                     if bool(finished.all()):
                         break
                 logits = self._step(bucket)[:n]

@@ -37,7 +37,7 @@ from qvl.protocol.codec import encode, worker_identity
 from qvl.protocol.contract import WorkerSpec
 from qvl.protocol.errors import InternalError, OutOfMemory, QvlError, WorkerFailed
 from qvl.protocol.exits import WorkerExit
-from qvl.protocol.messages import (CANCELLED, Bye, Cancel, Chunk, ErrorReply, GenerateRequest, GenerationParams,
+from qvl.protocol.messages import (CANCELLED, STOPPED, Bye, Cancel, Chunk, ErrorReply, GenerateRequest, GenerationParams,
                                    Heartbeat, Hello, Ready, Reply, Stop)
 
 from .engine import NO_IMAGES, Completion, Engine, ImageInputs, Prompt, load_engine
@@ -46,6 +46,7 @@ from .images import open_image
 from .inbox import read_message
 from .kv_pool import Progress
 from .parent import orphaned
+from .stop_strings import find_stop
 from .telemetry import Telemetry
 
 log = logging.getLogger("qvl.worker")
@@ -276,9 +277,9 @@ class WorkerService:
         else:
             log.debug("event=cancel_ignored key=%d", key)
 
-    def _cancelled(self, job: Job, text: str, tokens: int) -> dict:
+    def _cancelled(self, job: Job, text: str, tokens: int, finish_reason: str = CANCELLED) -> dict:
         return Reply(job.key, text, {"completion_tokens": tokens}, {}, self.read_telemetry(),
-                     finish_reason=CANCELLED).header()
+                     finish_reason=finish_reason).header()
 
     def _refuse(self, exc: Exception) -> None:
         """Answer a message that could not be read, or drop it when it names no key."""
@@ -403,9 +404,17 @@ class WorkerService:
 
     def _answer_cancelled(self, job: Job, row: list[int], sent: str) -> None:
         """Answer a running job cancelled: the text of its tokens so far, which extends what it
-        streamed (a half-made character at the end waits for no one). Its batch's reply is dropped."""
-        text = self.engine.detokenize(row).rstrip("\ufffd") if row else ""
-        self._send(self._cancelled(job, text if text.startswith(sent) else sent, len(row)))
+        streamed (a half-made character at the end waits for no one). A row whose text already
+        holds a stop string had ended before the cancel: its answer is cut there, finish_reason
+        "stop", as its batch's reply would have been. Its batch's reply is dropped."""
+        tokens = self.engine.until_eos(row)
+        text = self.engine.text_of(tokens)
+        if find_stop(text, job.params.stop) is not None:
+            ended = self.engine.completion(tokens, 0, job.params.stop, 0.0, 0.0)
+            text, count, finish = ended.text, ended.completion_tokens, STOPPED
+        else:
+            text, count, finish = text.rstrip("\ufffd"), len(row), CANCELLED
+        self._send(self._cancelled(job, text if text.startswith(sent) else sent, count, finish))
         self.cancelling.discard(job.key)
         del self.running[job.key]
         log.info("event=cancelled key=%d where=running tokens=%d", job.key, len(row))

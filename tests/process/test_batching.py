@@ -113,3 +113,25 @@ def test_a_stop_string_ends_the_text_and_progress_never_passes_it(engines, kv_ca
     assert cut.text == whole.text[:whole.text.find(stop)]
     assert cut.completion_tokens <= whole.completion_tokens
     assert all(cut.text.startswith(engine.detokenize(row, params.stop)) for row in seen)
+
+
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+def test_rows_end_at_their_stop_string_not_at_max_new_tokens(engines, kv_cache, monkeypatch):
+    """A batch whose rows have all met the stop string ends within a few steps of it; its answers
+    are those cut from the whole run."""
+    engine = engines[kv_cache]
+    whole = engine.generate(prompts(engine), GenerationParams(max_new_tokens=60, min_new_tokens=60))
+    stop = whole[0].text[8:10]
+    assert all(stop in c.text for c in whole), [c.text for c in whole]  # the tiny model repeats itself
+    steps = []
+    if kv_cache == "static":
+        step = engine.kv_pool._step
+        monkeypatch.setattr(engine.kv_pool, "_step", lambda bucket: steps.append(1) or step(bucket))
+    else:
+        generate = engine.model.generate
+        monkeypatch.setattr(engine.model, "generate", lambda **kw: steps.extend([1] * (
+            (out := generate(**kw)).shape[1] - kw["input_ids"].shape[1])) or out)
+    params = GenerationParams(max_new_tokens=400, min_new_tokens=400, stop=(stop,))
+    cut = engine.generate(prompts(engine), params)
+    assert [c.text for c in cut] == [c.text[:c.text.find(stop)] for c in whole]
+    assert len(steps) < max(c.completion_tokens for c in cut) + 8 < 400, len(steps)

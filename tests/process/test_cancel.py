@@ -135,6 +135,41 @@ def test_cancelling_a_stream_midway_gives_one_reply_that_extends_its_chunks(star
     assert 0 < reply["usage"]["completion_tokens"] < 60 and len(reply["text"]) < len(whole.text)
 
 
+def test_a_row_cancelled_after_its_stop_string_is_answered_cut_there(start_supervisor):
+    """`a` and `b` share a batch; `a`'s stop string comes early, `b` runs on, so `a`'s row computes
+    past its stop. Cancelled then, `a` is answered as it had ended: cut at the stop, "stop", never
+    with the text after it (which the row went on making)."""
+    sup = start_supervisor(env={"QVL_FAULTS": "step_ms=100"})
+    sup.wait_ready()
+    questions = {"a": "Tell me about it.", "b": "What colour is the middle?"}
+    with sup.client(timeout=60) as client:
+        whole = {k: client.generate(messages(q), max_new_tokens=60, min_new_tokens=60).text
+                 for k, q in questions.items()}
+    stop = next((whole["a"][i:i + 2] for i in range(4, 20) if whole["a"][i:i + 2] not in whole["b"]
+                 and "\ufffd" not in whole["a"][i:i + 2]), None)
+    assert stop, whole  # the tiny model's two answers differ early
+    cut = whole["a"][:whole["a"].find(stop)]
+    params = GenerationParams(max_new_tokens=60, min_new_tokens=60, stop=(stop,))
+    raw = Raw(sup.endpoint)
+    try:
+        raw.generate("blocker", 8)  # while it runs, `a` and `b` wait in the worker for one batch
+        status_when(sup, lambda s: s["inflight"] == 1)
+        for rid, question in questions.items():
+            request = build_generate(rid, messages(question), params, stream=True)
+            raw.sock.send_multipart(encode(request.header(), request.images))
+        assert wait_for(lambda: raw.read(0.05) or "".join(raw.chunks("a")) == cut and raw.chunks("b"), timeout=60)
+        raw.read(0.6)  # a few more steps: `a`'s row is past its stop string now
+        assert not raw.replies("a") and not raw.replies("b")
+        raw.cancel("a")
+        reply = raw.reply("a", timeout=5)
+        assert not raw.replies("b")  # `b` still runs: `a` was answered by its cancel
+        assert raw.reply("b", timeout=60)["finish_reason"] == "length"
+    finally:
+        raw.close()
+    assert reply["ok"] and reply["text"] == cut and reply["finish_reason"] == "stop", (reply, cut)
+    assert reply["usage"]["completion_tokens"] < 60
+
+
 def test_a_sync_stream_cancelled_by_id_ends_with_a_cancelled_chunk(shared_supervisor):
     with shared_supervisor.client(timeout=30) as client:
         chunks = []
