@@ -121,6 +121,9 @@ class ContinuousEngine:
     def process_images(self, messages: list, frames, params: GenerationParams) -> ImageInputs:
         return self.engine.process_images(messages, frames, params)
 
+    def check_images(self, messages: list, sizes: list[tuple[int, int]], params: GenerationParams) -> tuple[int, ...]:
+        return self.engine.check_images(messages, sizes, params)
+
     def prompt(self, messages: list, images: ImageInputs | object, params: GenerationParams) -> Prompt:
         """A request's prompt (`images` as `process_images` made them, or anything else for none),
         refused with `BadRequest` when it and its new tokens do not fit a row."""

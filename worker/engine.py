@@ -155,12 +155,11 @@ class Engine:
         """The pixels of a request's image references, `frames` being its opened images. Thread-safe:
         runs on the worker's image pool while the model works. Image tokens are counted from width
         and height and checked first, so no pixel of a request too long is ever processed."""
+        tokens = self.check_images(messages, [image.size for image in frames], params)
+        if not tokens:
+            return NO_IMAGES
         references = [part["frame"] for m in messages for part in m["content"] if part["type"] == "image"]
         per_frame = [self.image_tokens.count(*image.size) for image in frames]
-        tokens = tuple(per_frame[frame] for frame in references)
-        self._check_length(sum(tokens), "image tokens", params)
-        if not references:
-            return NO_IMAGES
         pixels = self.processor.image_processor(images=list(frames), return_tensors="pt")
         grids = pixels["image_grid_thw"]
         patches = grids.prod(dim=1)
@@ -168,6 +167,13 @@ class Engine:
             raise InternalError(f"image token counts {per_frame} differ from the processor's grids {grids.tolist()}")
         frame_pixels = pixels["pixel_values"].split(patches.tolist())
         return ImageInputs(tokens, torch.cat([frame_pixels[f] for f in references]), grids[references])
+
+    def check_images(self, messages: list, sizes: list[tuple[int, int]], params: GenerationParams) -> tuple[int, ...]:
+        """The tokens of each image reference, from the frames' (width, height) alone; `BadRequest`
+        where they cannot fit. The worker calls it before it decodes a pixel."""
+        tokens = self.image_tokens.per_reference(messages, sizes)
+        self._check_length(sum(tokens), "image tokens", params)
+        return tokens
 
     def prepare(self, messages: list, frames: Sequence[Image.Image], params: GenerationParams) -> Prompt:
         """The prompt of a request whose image parts are `{"type": "image", "frame": i}` into `frames`."""
@@ -350,6 +356,9 @@ class NoopEngine:
 
     def process_images(self, messages: list, frames: Sequence[Image.Image], params: GenerationParams) -> ImageInputs:
         return NO_IMAGES
+
+    def check_images(self, messages: list, sizes: list[tuple[int, int]], params: GenerationParams) -> tuple[int, ...]:
+        return ()
 
     def prompt(self, messages: list, images: ImageInputs, params: GenerationParams) -> Prompt:
         return Prompt([])

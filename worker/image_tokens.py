@@ -52,3 +52,9 @@ class ImageTokens:
         """The prompt tokens of one `width` x `height` image."""
         h, w = self.resized(width, height)
         return (h // self.patch_size) * (w // self.patch_size) // self.merge_size ** 2
+
+    def per_reference(self, messages: list, sizes: list[tuple[int, int]]) -> tuple[int, ...]:
+        """The tokens of each image reference of `messages`, in order; `sizes` are the (width,
+        height) of the request's frames, which a part `{"type": "image", "frame": i}` names."""
+        per_frame = [self.count(*size) for size in sizes]
+        return tuple(per_frame[part["frame"]] for m in messages for part in m["content"] if part["type"] == "image")

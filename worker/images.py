@@ -1,7 +1,8 @@
 """Opening request images with limits: formats, bytes, pixel count, decompression bombs.
 
 `open_image` reads the size from the header first and refuses an image over the pixel limit
-before reading a pixel; then it reads the first frame (of an animated GIF, say) and turns
+before reading a pixel (`image_size` stops there, so a request's image tokens can be counted
+before any of its images is decoded); then it reads the first frame (of an animated GIF, say) and turns
 every mode Pillow reads into 8-bit RGB: CMYK, 16-bit grey, palettes, and
 transparency composited onto white as transformers' own `convert_to_rgb` does.
 A bad image raises `BadRequest`, which fails only the request that carried it. Never imports torch.
@@ -21,6 +22,16 @@ SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """An RGB image from encoded bytes; refuses unsupported formats and images over `max_pixels`."""
+    return _read(data, max_pixels, decode=True)
+
+
+def image_size(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """(width, height) from the header alone, with `open_image`'s checks of format and size: what a
+    request's image tokens are counted from before any of its images is decoded."""
+    return _read(data, max_pixels, decode=False).size
+
+
+def _read(data: bytes, max_pixels: int, decode: bool) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # Pillow warns (rather than raises) between 1x and 2x its bomb limit: refuse both.
@@ -32,6 +43,8 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
             width, height = image.size
             if width * height > max_pixels:
                 raise BadRequest(f"image of {width}x{height} pixels exceeds {max_pixels}")
+            if not decode:
+                return image
             image.load()
             return to_rgb(image)
     except BadRequest:

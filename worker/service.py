@@ -42,7 +42,7 @@ from qvl.protocol.messages import (CANCELLED, STOPPED, Bye, Cancel, Chunk, Error
 
 from .engine import NO_IMAGES, Completion, Engine, ImageInputs, Prompt, load_engine
 from .faults import Faults
-from .images import open_image
+from .images import image_size, open_image
 from .inbox import read_message
 from .kv_pool import Progress
 from .parent import orphaned
@@ -426,5 +426,8 @@ class WorkerService:
         return _NO_IMAGES  # text only: no hop through the pool
 
     def _process_images(self, request: GenerateRequest) -> ImageInputs:
+        """Image tokens counted from the headers first: a request too long decodes no pixel."""
+        self.engine.check_images(request.messages, [image_size(f, self.spec.max_image_pixels) for f in request.images],
+                                 request.params)
         frames = [open_image(f, self.spec.max_image_pixels) for f in request.images]
         return self.engine.process_images(request.messages, frames, request.params)

@@ -114,10 +114,15 @@ class VllmEngine:
     def process_images(self, messages: list, frames: Sequence[Image.Image], params: GenerationParams) -> Rendered:
         """The whole engine input of a request: runs on the worker's image pool."""
         references = [part["frame"] for m in messages for part in m["content"] if part["type"] == "image"]
-        per_frame = [self.image_tokens.count(*image.size) for image in frames]
-        tokens = [per_frame[frame] for frame in references]
-        self._check_length(sum(tokens), "image tokens", params)
+        tokens = self.check_images(messages, [image.size for image in frames], params)
         return self._render(messages, [frames[f] for f in references], sum(tokens), params)
+
+    def check_images(self, messages: list, sizes: list[tuple[int, int]], params: GenerationParams) -> tuple[int, ...]:
+        """The tokens of each image reference, from the frames' sizes alone; `BadRequest` where
+        they cannot fit. The worker calls it before it decodes a pixel."""
+        tokens = self.image_tokens.per_reference(messages, sizes)
+        self._check_length(sum(tokens), "image tokens", params)
+        return tokens
 
     def _render(self, messages: list, images: list[Image.Image], image_tokens: int,
                 params: GenerationParams) -> Rendered:

@@ -54,6 +54,35 @@ def test_image_tokens_over_the_cap_are_refused(start_supervisor):
         assert client.ask(png((20, 20)), "hi", max_new_tokens=2).usage["prompt_tokens"] <= 40
 
 
+def test_a_request_over_the_token_cap_decodes_none_of_its_images(start_supervisor):
+    """Six frames of 6000 x 6000 pixels (small as PNG, 100 MB each decoded) over the token cap:
+    refused from their headers, so the worker's memory does not grow by what decoding would take."""
+    import threading
+    import psutil
+    sup = start_supervisor("--max-prompt-tokens", "200")
+    sup.wait_ready()
+    (worker,) = [psutil.Process(pid) for pid in sup.remember_workers()]
+    big = png((6000, 6000), (9, 9, 9))
+    assert len(big) < 1 << 20
+    peak, before, done = [0], worker.memory_info().rss, threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], worker.memory_info().rss)
+            done.wait(0.01)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with sup.client(timeout=60) as client:
+            parts = [{"type": "image", "image": big} for _ in range(6)] + [{"type": "text", "text": "hi"}]
+            with pytest.raises(BadRequest, match="image tokens exceed the limit of 200"):
+                client.generate([{"role": "user", "content": parts}], max_new_tokens=2)
+    finally:
+        done.set()
+        watcher.join()
+    assert peak[0] - before < 100 << 20, (before, peak[0])  # one decoded frame alone is 108 MB
+
+
 async def batch_behind_a_long_request(endpoint):
     """One long request, then four alike that arrive while it runs, so the worker batches them."""
     async with AsyncClient(endpoint, timeout=60) as client:
