@@ -24,7 +24,7 @@ import zmq
 import zmq.asyncio
 
 from .codec import CHUNK, DEFAULT_LIMITS, PING, PROTOCOL_VERSION, RECYCLE, STATUS, Limits, encode
-from .errors import BadRequest, RequestTimeout, error_from_wire
+from .errors import BadRequest, InternalError, RequestTimeout, error_from_wire
 from .messages import Cancel, GenerationParams, build_generate
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
@@ -59,19 +59,26 @@ class Chunk:
 
 
 class _Stream:
-    """Turns a stream's messages into chunks: the reply's text beyond what chunks already gave."""
+    """Turns a stream's messages into chunks: the reply's text beyond what chunks already gave.
+    ZeroMQ drops messages to a peer past its high-water mark, so a client that falls far behind its
+    socket can miss a chunk: the reply's text then does not begin with the chunks', and the stream
+    ends with `InternalError` rather than with text that disagrees with the answer."""
 
     def __init__(self) -> None:
-        self.sent = 0
+        self.received: list[str] = []
         self.done = False  # the reply came: nothing left to cancel
 
     def chunk(self, reply: dict) -> Chunk:
         text = reply.get("text", "")
         if reply.get("kind") == CHUNK:
-            self.sent += len(text)
+            self.received.append(text)
             return Chunk(reply["id"], text)
         self.done = True
-        return Chunk(reply["id"], text[self.sent:], True, reply.get("usage", {}),
+        received = "".join(self.received)
+        if not text.startswith(received):
+            raise InternalError(f"stream {reply['id']!r} lost chunks on the way: the {len(received)} characters "
+                                f"received do not begin its answer of {len(text)}", reply["id"])
+        return Chunk(reply["id"], text[len(received):], True, reply.get("usage", {}),
                      reply.get("timings", {}), reply.get("worker", {}), reply.get("finish_reason"))
 
 
