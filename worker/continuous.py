@@ -38,7 +38,6 @@ from .kv_pool import (LENGTH_BUCKET, ChunkedPrefill, cache_argument, decode_step
                       next_power_of_two, prefill, round_up)
 
 
-
 @dataclass
 class _Row:
     key: int
