@@ -140,6 +140,22 @@ def test_a_lone_surrogate_is_no_text(text):
         parse_json(text)
 
 
+escapes = st.lists(st.one_of(st.text(max_size=4), st.integers(0, 0xFFFF).map(lambda n: f"\\u{n:04x}"),
+                             st.sampled_from(["\\ud800", "\\uDFFF", "\\ud83d\\ude00", '\\"', "\\\\"])),
+                   max_size=6).map(lambda parts: ('{"model": "' + "".join(parts) + '"}').encode("utf-8", "surrogatepass"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=64), escapes))
+def test_any_bytes_give_json_that_is_text_or_bad_request(body):
+    """What `parse_json` accepts can be written as UTF-8 again (msgpack and the reply need that)."""
+    try:
+        value = parse_json(body)
+    except BadRequest:
+        return
+    json.dumps(value, ensure_ascii=False).encode("utf-8")
+
+
 def test_a_surrogate_pair_is_a_character():
     assert parse_json(b'["\\ud83d\\ude00"]') == ["\U0001f600"]
 
