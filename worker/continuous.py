@@ -92,7 +92,7 @@ class ContinuousEngine:
         self.cache_arg = cache_argument(self.model)
         self.prefill_forwards = 0  # model forwards that prefilled joining requests
         self.chunked: _Chunked | None = None  # the one long prompt being prefilled a chunk per step
-        self.prefill_chunks = 0
+        self.prefill_chunks = 0  # forwards that prefilled a chunk of a long prompt (not in prefill_forwards)
         self.prefill_tokens = engine.options.prefill_tokens  # the step's prefill budget
 
     @property
@@ -210,7 +210,6 @@ class ContinuousEngine:
             if logits is None:
                 return None
             self.chunked = None
-            self.prefill_forwards += 1
             first = int(self._choose(logits, [chunked.row])[0])
             position = next_positions(self.model, chunked.inputs, [chunked.images])[0]
             self._seat(chunked.slot, chunked.row, chunked.prefill.cache, 0, position, first)

@@ -275,10 +275,16 @@ class Engine:
 
     def _stopped(self, params: GenerationParams) -> Callable[[list[list[int]]], list[bool]] | None:
         """Which rows of new tokens hold one of the request's stop strings (such a row's answer has
-        ended, so it need not run on to `max_new_tokens`); None without stop strings."""
+        ended, so it need not run on to `max_new_tokens`); None without stop strings. Called every
+        `STOP_CHECK_EVERY` steps, it reads only the tokens where a stop string could newly end: the
+        last few and enough before them for the longest stop (a character is at most 4 byte
+        tokens), so a check costs the same at any length. One it misses would only run its row on:
+        the answer is cut at its stop string all the same."""
         if not params.stop:
             return None
-        return lambda rows: [find_stop(self.text_of(self.until_eos(row)), params.stop) is not None for row in rows]
+        window = STOP_CHECK_EVERY + 4 * max(len(stop) for stop in params.stop)
+        return lambda rows: [find_stop(self.text_of(self.until_eos(row)[-window:]), params.stop) is not None
+                             for row in rows]
 
     def until_eos(self, row: list[int]) -> list[int]:
         for i, token in enumerate(row):

@@ -38,6 +38,7 @@ class Faults:
         self.settings = numbers if targeted else {}
         self.telemetry = {k[len("telemetry."):]: float(v) for k, v in items.items()
                           if targeted and k.startswith("telemetry.")}
+        self.steps = 0  # steps of a step-scheduled engine so far
 
     @classmethod
     def from_env(cls, slot: int, generation: int) -> "Faults":
@@ -83,9 +84,10 @@ class Faults:
         if rows > 1 and step == self.get("oom_batch_step"):
             raise torch.OutOfMemoryError("CUDA out of memory mid-batch (injected by QVL_FAULTS)")
 
-    def on_step(self, step: int) -> None:
-        """Called before the `step`-th step (from 1) of a step-scheduled engine."""
-        if step == self.get("step_fail_at"):
+    def on_step(self) -> None:
+        """Called before every step of a step-scheduled engine."""
+        self.steps += 1
+        if self.steps == self.get("step_fail_at"):
             raise RuntimeError("engine step failed (injected by QVL_FAULTS)")
 
     def apply(self, telemetry: dict, done: int) -> dict:

@@ -105,7 +105,6 @@ class WorkerService:
         self.stopping = False  # the supervisor said stop: finish what is waiting, then exit
         self.arrived = 0  # requests received
         self.done = 0     # requests answered
-        self.steps_run = 0  # steps of a step-scheduled engine
         self.telemetry: Telemetry | None = None
         self.image_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="images")
 
@@ -208,8 +207,7 @@ class WorkerService:
 
     def _step(self) -> None:
         try:
-            self.steps_run += 1
-            self.faults.on_step(self.steps_run)
+            self.faults.on_step()
             outputs = self.engine.step()
         except Exception as exc:
             # the engine's state is unknown now; the supervisor retries its requests elsewhere
