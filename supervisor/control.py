@@ -42,12 +42,17 @@ def ping(sup, header: dict) -> dict:
 
 
 def recycle(sup, header: dict) -> dict:
-    worker = header.get("worker")
-    if worker is not None and not (isinstance(worker, int) and not isinstance(worker, bool)
-                                   and 0 <= worker < len(sup.slots)):
-        raise BadRequest(f"no worker slot {worker!r}; slots are 0..{len(sup.slots) - 1}")
+    worker = slot_named(header.get("worker"), len(sup.slots))
     targets = sup.slots if worker is None else [sup.slots[worker]]
     return {"recycling": [s.index for s in targets if sup.request_recycle(s, "operator")]}
+
+
+def slot_named(value: object, slots: int) -> int | None:
+    """The slot a `recycle` names (None: every slot); `BadRequest` for anything but None or an
+    index of one of `slots` slots."""
+    if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < slots):
+        raise BadRequest(f"no worker slot {value!r}; slots are 0..{slots - 1}")
+    return value
 
 
 COMMANDS = {STATUS: status, PING: ping, RECYCLE: recycle}

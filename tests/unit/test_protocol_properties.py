@@ -140,6 +140,20 @@ def test_parse_cancel_any_header(header, extra):
     assert Cancel.parse(decode(encode(cancel.header()), LIMITS)[0]) == cancel
 
 
+@SETTINGS
+@given(values, st.integers(1, 8))
+def test_a_recycle_names_a_slot_or_every_slot_or_is_a_bad_request(value, slots):
+    """The `worker` field of a `recycle` control command, any msgpack value against 1..8 slots."""
+    from qvl.supervisor.control import slot_named
+    try:
+        slot = slot_named(value, slots)
+    except BadRequest as exc:
+        assert "no worker slot" in exc.message
+        assert value is not None
+        return
+    assert slot is None or (type(slot) is int and 0 <= slot < slots)
+
+
 @pytest.mark.parametrize("header", [
     {"v": PROTOCOL_VERSION, "kind": "cancel"},
     {"v": PROTOCOL_VERSION, "kind": "cancel", "id": None},
