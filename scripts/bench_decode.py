@@ -64,6 +64,7 @@ def profile(engine, name, tokens=8):
         wall = time.perf_counter() - t0
     events = prof.key_averages()
     print(events.table(sort_by="self_cpu_time_total", row_limit=8))
+    print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=70))
     cpu = sum(e.self_cpu_time_total for e in events) / 1000
     gpu = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1000
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
