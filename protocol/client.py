@@ -82,8 +82,33 @@ class _Stream:
                      reply.get("timings", {}), reply.get("worker", {}), reply.get("finish_reason"))
 
 
+# a reply's fields a client reads, and the types they must have where present
+_REPLY_FIELDS = {"ok": (bool,), "kind": (str,), "text": (str,), "usage": (dict,), "timings": (dict,),
+                 "worker": (dict,), "finish_reason": (str, type(None))}
+
+
+def read_reply(parts: Sequence[bytes]) -> dict | None:
+    """A message from the frontend as a reply map, or None when it names no call of this client
+    (not msgpack, not a map, no string id): nothing can be routed to, so it is dropped. A map
+    for a call whose fields have the wrong types becomes an `internal` error reply for that call,
+    so the call raises `InternalError` instead of returning a broken answer, and the reader that
+    serves every other call goes on."""
+    try:
+        reply = msgpack.unpackb(parts[0], raw=False)
+    except (msgpack.UnpackException, ValueError, TypeError, IndexError):
+        return None
+    if not isinstance(reply, dict) or not isinstance(reply.get("id"), str):
+        return None
+    wrong = sorted(name for name, types in _REPLY_FIELDS.items()
+                   if name in reply and not isinstance(reply[name], types))
+    if wrong:
+        return {"id": reply["id"], "ok": False,
+                "error": {"code": "internal", "message": f"malformed reply: wrong type of {', '.join(wrong)}"}}
+    return reply
+
+
 class _Calls:
-    """What both clients share: ids, request encoding, reply decoding."""
+    """What both clients share: ids, request encoding, reply decoding (`read_reply`)."""
 
     def __init__(self, endpoint: str, timeout: float, limits: Limits, curve: tuple | None):
         self.endpoint = endpoint
@@ -112,10 +137,6 @@ class _Calls:
     def _control_parts(self, kind: str, **fields: Any) -> tuple[str, list[bytes]]:
         rid = next(self._ids)
         return rid, encode({"v": PROTOCOL_VERSION, "kind": kind, "id": rid, **fields})
-
-    @staticmethod
-    def _reply(parts: Sequence[bytes]) -> dict:
-        return msgpack.unpackb(parts[0], raw=False)
 
     @staticmethod
     def _result(reply: dict) -> dict:
@@ -246,8 +267,8 @@ class Client(_Calls):
             left_ms = int((end - time.monotonic()) * 1000)
             if left_ms <= 0 or not self._sock.poll(left_ms):
                 raise RequestTimeout(f"no reply within {self.timeout if timeout is None else timeout}s", rid)
-            reply = self._reply(self._sock.recv_multipart())
-            if reply.get("id") == rid:
+            reply = read_reply(self._sock.recv_multipart())
+            if reply is not None and reply["id"] == rid:
                 return self._result(reply)
 
     def close(self) -> None:
@@ -358,8 +379,8 @@ class AsyncClient(_Calls):
 
     async def _read_replies(self) -> None:
         while True:
-            reply = self._reply(await self._sock.recv_multipart())
-            inbox = self._pending.get(reply.get("id"))
+            reply = read_reply(await self._sock.recv_multipart())
+            inbox = None if reply is None else self._pending.get(reply["id"])
             if inbox is not None:
                 inbox.put_nowait(reply)
 
