@@ -24,7 +24,7 @@ import zmq
 import zmq.asyncio
 
 from .codec import CHUNK, DEFAULT_LIMITS, PING, PROTOCOL_VERSION, RECYCLE, STATUS, Limits, encode
-from .errors import BadRequest, InternalError, RequestTimeout, error_from_wire
+from .errors import BadRequest, InternalError, QvlError, RequestTimeout, error_from_wire
 from .messages import Cancel, GenerationParams, build_generate
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
@@ -95,7 +95,7 @@ def read_reply(parts: Sequence[bytes]) -> dict | None:
     serves every other call goes on."""
     try:
         reply = msgpack.unpackb(parts[0], raw=False)
-    except (msgpack.UnpackException, ValueError, TypeError, IndexError):
+    except (msgpack.UnpackException, ValueError, IndexError):
         return None
     if not isinstance(reply, dict) or not isinstance(reply.get("id"), str):
         return None
@@ -126,9 +126,12 @@ class _Calls:
         timeout_ms = None if timeout is None else timeout * 1000.0
         request = build_generate(next(self._ids), list(messages), gen, timeout_ms, stream)
         try:
-            return request.id, encode(request.header(), request.images)
+            parts = encode(request.header(), request.images)
         except UnicodeEncodeError:  # msgpack writes UTF-8: a lone surrogate is no text
             raise BadRequest("message text must be text: it holds a lone UTF-16 surrogate") from None
+        if len(parts[0]) > self.limits.max_header_bytes:  # refused unread, so with no id to answer
+            raise BadRequest(f"header of {len(parts[0])} bytes exceeds {self.limits.max_header_bytes}")
+        return request.id, parts
 
     @staticmethod
     def _cancel_parts(request_id: Any) -> list[bytes]:
@@ -146,6 +149,8 @@ class _Calls:
 
     @staticmethod
     def _as_result(reply: dict) -> Result:
+        if reply.get("kind") == CHUNK:
+            raise InternalError("malformed reply: a stream chunk for a call that does not stream", reply["id"])
         return Result(reply["id"], reply.get("text", ""), reply.get("usage", {}),
                       reply.get("timings", {}), reply.get("worker", {}), reply.get("finish_reason"))
 
@@ -201,7 +206,7 @@ class Client(_Calls):
                 yield chunk
                 if chunk.done:
                     return
-        except (RequestTimeout, KeyboardInterrupt, GeneratorExit):
+        except (QvlError, KeyboardInterrupt, GeneratorExit):  # a malformed chunk may leave it running
             if not stream.done:
                 self._abandon(rid)
             raise
@@ -235,7 +240,10 @@ class Client(_Calls):
                 status = self.status(timeout=min(left, 2.0))
             except RequestTimeout:
                 continue
-            if sum(w["state"] == "ready" for w in status["workers"]) >= workers:
+            slots = status.get("workers")
+            if not isinstance(slots, list):
+                raise InternalError("malformed status: `workers` is not a list")
+            if sum(isinstance(w, dict) and w.get("state") == "ready" for w in slots) >= workers:
                 return status
             time.sleep(min(0.1, max(left, 0)))
 
@@ -315,7 +323,7 @@ class AsyncClient(_Calls):
                 yield chunk
                 if chunk.done:
                     return
-        except (RequestTimeout, asyncio.CancelledError, GeneratorExit):
+        except (QvlError, asyncio.CancelledError, GeneratorExit):  # a malformed chunk may leave it running
             if not stream.done:
                 self._abandon(rid)
             raise

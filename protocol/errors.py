@@ -6,6 +6,8 @@ the client, so callers can `except Overloaded:` and tests can `pytest.raises(Bad
 
 from __future__ import annotations
 
+import reprlib
+
 
 class QvlError(Exception):
     """Base of every error qvl reports; `code` is the wire code."""
@@ -70,7 +72,10 @@ ERROR_CODES = frozenset(ERROR_CLASSES)
 def error_from_wire(error: object, request_id: object = None) -> QvlError:
     """The exception for a reply's `error` map; an unknown code becomes `InternalError`."""
     if not isinstance(error, dict):
-        return InternalError(f"malformed error: {error!r}", request_id)
+        return InternalError(f"malformed error: {reprlib.repr(error)}", request_id)
     code = error.get("code")
     cls = ERROR_CLASSES.get(code, InternalError) if isinstance(code, str) else InternalError
-    return cls(str(error.get("message", "")), request_id)
+    message = error.get("message", "")
+    if not isinstance(message, str):  # reprlib: a peer's nesting cannot exhaust the stack
+        return InternalError(f"malformed error message: {reprlib.repr(message)}", request_id)
+    return cls(message, request_id)

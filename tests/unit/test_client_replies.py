@@ -5,6 +5,7 @@ answer or a `QvlError`, never a `KeyError` or a dead reader. The peer here is a 
 
 import asyncio
 import threading
+import time
 
 import msgpack
 import pytest
@@ -12,7 +13,8 @@ import zmq
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qvl.protocol import AsyncClient, Client, InternalError, QvlError
+from qvl.protocol import AsyncClient, BadRequest, Client, InternalError, QvlError, RequestTimeout
+from qvl.protocol.codec import Limits
 from qvl.protocol.client import Result, _Calls, _Stream, read_reply
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -73,11 +75,24 @@ def test_a_good_reply_is_read_unchanged():
 JUNK = [b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"id": [1]}), msgpack.packb({"id": 3}), b""]
 
 
-class HostileFrontend:
-    """Answers each request with junk first, then: the first request a reply whose text is a
-    number, every later one a good reply."""
+def nested(depth):
+    value = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
 
-    def __init__(self, endpoint: str):
+
+def good(rid, text="fine", kind="reply"):
+    return {"kind": kind, "id": rid, "ok": True, "text": text, "finish_reason": "stop"}
+
+
+class HostileFrontend:
+    """A ROUTER that answers each request (cancels aside, which it records) with junk, then with
+    what `script(n, request)` returns for the n-th request: the replies to send for it."""
+
+    def __init__(self, endpoint: str, script):
+        self.script = script
+        self.cancels: list = []
         self.sock = zmq.Context.instance().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(endpoint)
@@ -93,12 +108,10 @@ class HostileFrontend:
             identity, header, *_ = self.sock.recv_multipart()
             request = msgpack.unpackb(header, raw=False)
             if request.get("kind") == "cancel":
+                self.cancels.append(request["id"])
                 continue
-            for junk in JUNK:
-                self.sock.send_multipart([identity, junk])
-            text = 5 if answered == 0 else "fine"
-            self.sock.send_multipart([identity, msgpack.packb(
-                {"kind": "reply", "id": request["id"], "ok": True, "text": text, "finish_reason": "stop"})])
+            for part in [*JUNK, *map(msgpack.packb, self.script(answered, request))]:
+                self.sock.send_multipart([identity, part])
             answered += 1
 
     def close(self):
@@ -109,16 +122,25 @@ class HostileFrontend:
 
 @pytest.fixture
 def frontend(tmp_path):
-    endpoint = f"ipc://{tmp_path}/frontend"
-    server = HostileFrontend(endpoint)
-    yield endpoint
-    server.close()
-    assert not server.thread.is_alive()
+    servers = []
+
+    def start(script):
+        servers.append(HostileFrontend(f"ipc://{tmp_path}/frontend", script))
+        return f"ipc://{tmp_path}/frontend", servers[-1]
+    yield start
+    for server in servers:
+        server.close()
+        assert not server.thread.is_alive()
+
+
+def first_text_is_a_number(n, request):
+    return [good(request["id"], 5 if n == 0 else "fine")]
 
 
 @pytest.mark.timeout(30)
 def test_a_blocking_client_reads_past_junk_and_raises_on_a_malformed_reply(frontend):
-    with Client(frontend, timeout=5) as client:
+    endpoint, _ = frontend(first_text_is_a_number)
+    with Client(endpoint, timeout=5) as client:
         with pytest.raises(InternalError, match="malformed reply: wrong type of text"):
             client.generate(MESSAGES, max_new_tokens=4)
         assert client.generate(MESSAGES, max_new_tokens=4).text == "fine"
@@ -126,8 +148,10 @@ def test_a_blocking_client_reads_past_junk_and_raises_on_a_malformed_reply(front
 
 @pytest.mark.timeout(30)
 def test_an_async_clients_reader_survives_junk_and_serves_the_next_call(frontend):
+    endpoint, _ = frontend(first_text_is_a_number)
+
     async def run():
-        async with AsyncClient(frontend, timeout=5) as client:
+        async with AsyncClient(endpoint, timeout=5) as client:
             with pytest.raises(InternalError, match="malformed reply"):
                 await client.generate(MESSAGES, max_new_tokens=4)
             first = await client.generate(MESSAGES, max_new_tokens=4)
@@ -136,3 +160,65 @@ def test_an_async_clients_reader_survives_junk_and_serves_the_next_call(frontend
     first, chunks = asyncio.run(run())
     assert isinstance(first, Result) and first.text == "fine"
     assert "".join(c.text for c in chunks) == "fine" and chunks[-1].done
+
+
+@pytest.mark.timeout(30)
+def test_an_error_nested_past_the_stack_is_an_internal_error(frontend):
+    endpoint, _ = frontend(lambda n, r: [{"id": r["id"], "ok": False,
+                                          "error": {"code": "overloaded", "message": nested(1000)}}
+                                         if n == 0 else {"id": r["id"], "ok": False, "error": nested(1000)}])
+    with Client(endpoint, timeout=5) as client:
+        for _ in range(2):
+            with pytest.raises(InternalError, match="malformed error"):
+                client.generate(MESSAGES, max_new_tokens=4)
+
+
+@pytest.mark.timeout(30)
+def test_a_chunk_answering_a_call_that_does_not_stream_is_an_internal_error(frontend):
+    endpoint, _ = frontend(lambda n, r: [good(r["id"], "part", kind="chunk")])
+    with Client(endpoint, timeout=5) as client:
+        with pytest.raises(InternalError, match="does not stream"):
+            client.generate(MESSAGES, max_new_tokens=4)
+
+
+@pytest.mark.timeout(30)
+def test_a_stream_ended_by_a_malformed_chunk_cancels_its_request(frontend):
+    endpoint, server = frontend(lambda n, r: [good(r["id"], "a", kind="chunk"), good(r["id"], 7, kind="chunk")])
+    with Client(endpoint, timeout=5) as client:
+        chunks = []
+        with pytest.raises(InternalError, match="malformed reply"):
+            for chunk in client.stream(MESSAGES, max_new_tokens=4):
+                chunks.append(chunk.text)
+        assert chunks == ["a"]
+        assert wait_for(lambda: len(server.cancels) == 1)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("status", [{}, {"workers": 3}, {"workers": ["a", {}, {"state": []}]}])
+def test_wait_ready_on_a_malformed_status_is_an_internal_error_or_waits(frontend, status):
+    endpoint, _ = frontend(lambda n, r: [{"id": r["id"], "ok": True, **status}])
+    with Client(endpoint, timeout=5) as client:
+        if isinstance(status.get("workers"), list):  # no ready worker among them: it waits its time out
+            with pytest.raises(RequestTimeout):
+                client.wait_ready(timeout=1)
+        else:
+            with pytest.raises(InternalError, match="malformed status"):
+                client.wait_ready(timeout=5)
+
+
+def test_a_header_the_server_would_refuse_unread_is_refused_before_sending():
+    client = Client("ipc:///nonexistent/qvl-test", timeout=1, limits=Limits(max_header_bytes=1024))
+    try:
+        with pytest.raises(BadRequest, match="header of .* bytes exceeds 1024"):
+            client.generate([{"role": "user", "content": "x" * 2000}], max_new_tokens=4)
+    finally:
+        client.close()
+
+
+def wait_for(condition, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
