@@ -12,6 +12,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import msgpack
+
+from qvl.protocol.codec import encode
+
 
 @dataclass(eq=False)
 class Request:
@@ -38,6 +42,15 @@ class Request:
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
+
+    def parts_at(self, now: float) -> list:
+        """The message to send a worker at `now`. With a deadline, its header's `timeout_ms` is the
+        time left, so the worker refuses the request if it is still waiting in the worker then."""
+        if self.deadline is None:
+            return self.worker_parts
+        header = msgpack.unpackb(self.worker_parts[0], raw=False)
+        header["timeout_ms"] = (self.deadline - now) * 1000.0  # a float: the header keeps its size
+        return [*encode(header), *self.worker_parts[1:]]
 
 
 class RequestQueue:

@@ -256,9 +256,10 @@ class Supervisor:
                                header.get("id"))
         request = parse_generate(header, frames, self.limits)
         key = next(self.keys)
-        forwarded = request.header()  # the supervisor's own key, and no deadline: the worker needs neither
+        forwarded = request.header()  # with the supervisor's own key; the deadline is set at dispatch
         forwarded["id"] = key
-        forwarded.pop("timeout_ms", None)
+        if request.timeout_ms is not None:
+            forwarded["timeout_ms"] = float(request.timeout_ms)
         worker_parts = encode(forwarded, frames)
         if len(worker_parts[0]) > self.limits.max_header_bytes:  # the worker decodes with these limits
             raise BadRequest(f"header of {len(worker_parts[0])} bytes, as forwarded, exceeds "
@@ -408,15 +409,19 @@ class Supervisor:
             if not ready:
                 return
             request = self.queue.pop()
+            now = time.monotonic()
+            if request.expired(now):  # its deadline passed since the last expiry pass
+                self.fail(request, DeadlineExceeded("deadline passed while queued", request.client_id))
+                continue
             others = [w for w in ready if w.identity != request.failed_on]  # after an OOM: elsewhere
             worker = min(others or ready, key=lambda w: len(w.inflight))
             request.attempts += 1
-            request.dispatched_at = time.monotonic()
+            request.dispatched_at = now
             if request.attempts == 1:
                 self.metrics.queue_time.observe(request.dispatched_at - request.accepted_at)
             worker.inflight[request.key] = request
             request.worker = worker.identity
-            self.backend.send_multipart([worker.identity, *request.worker_parts], copy=False)
+            self.backend.send_multipart([worker.identity, *request.parts_at(now)], copy=False)
 
     def expire_deadlines(self) -> None:
         for request in self.queue.remove_expired(time.monotonic()):

@@ -10,6 +10,8 @@ Heartbeats come from a thread with a socket of its own
 (ZeroMQ sockets are never shared between threads), so they keep time during a long batch.
 A `cancel` answers its request with finish_reason "cancelled": at once while it waits, at the next
 generation step while its batch runs (`WorkerService.cancel`).
+A request whose deadline (`timeout_ms`, the time left when the supervisor sent it) passes while
+it still waits here is answered `deadline_exceeded`; one that has started runs to its end.
 
 No request ends the worker: a message that cannot be read is answered `bad_request` (or dropped
 when it names no key), a request that fails is answered with its own error, and a batch that
@@ -35,7 +37,7 @@ import torch
 import zmq
 from qvl.protocol.codec import encode, worker_identity
 from qvl.protocol.contract import WorkerSpec
-from qvl.protocol.errors import InternalError, OutOfMemory, QvlError, WorkerFailed
+from qvl.protocol.errors import DeadlineExceeded, InternalError, OutOfMemory, QvlError, WorkerFailed
 from qvl.protocol.exits import WorkerExit
 from qvl.protocol.messages import (CANCELLED, STOPPED, Bye, Cancel, Chunk, ErrorReply, GenerateRequest, GenerationParams,
                                    Heartbeat, Hello, Ready, Reply, Stop)
@@ -65,6 +67,7 @@ class Job:
     images: Future  # its ImageInputs, made on the image pool while the model runs earlier batches
     stream: bool = False
     prompt: object = None  # a step engine's input, made once its images are ready
+    deadline: float | None = None  # monotonic time after which it must not start
 
 
 class HeartbeatSender(threading.Thread):
@@ -150,6 +153,7 @@ class WorkerService:
             if not self.waiting:
                 self.sock.poll()  # idle: sleep until a request (or stop) comes
             self._take_requests()
+            self._expire()
             if self.waiting:
                 for parts in self._run_batch(self._next_batch()):
                     self.sock.send_multipart(parts)
@@ -162,6 +166,7 @@ class WorkerService:
             if not engine.running:  # idle, or only inputs being made: sleep until a message or 1 ms
                 self.sock.poll(1 if self.waiting else None)
             self._take_requests()
+            self._expire()
             self._admit()
             if engine.running:
                 self._step()
@@ -248,8 +253,18 @@ class WorkerService:
         self.faults.on_arrival(self.arrived)
         for garbage in self.faults.garbage(self.arrived):
             self.sock.send_multipart(garbage)
+        deadline = None if message.timeout_ms is None else time.monotonic() + message.timeout_ms / 1000.0
         self.waiting.append(Job(message.id, self.arrived, message.messages, message.params,
-                                self._images(message), message.stream))
+                                self._images(message), message.stream, deadline=deadline))
+
+    def _expire(self) -> None:
+        """Answer `deadline_exceeded` for each waiting job whose deadline passed before it started."""
+        now = time.monotonic()
+        for job in [job for job in self.waiting if job.deadline is not None and now >= job.deadline]:
+            self.waiting.remove(job)
+            job.images.cancel()
+            self.sock.send_multipart(self._failed(job, DeadlineExceeded("deadline passed while waiting in the worker")))
+            log.info("event=deadline_exceeded key=%d", job.key)
 
     def cancel(self, key: int) -> None:
         """Abandon request `key`; it is answered with finish_reason "cancelled" and the text made so
@@ -385,6 +400,7 @@ class WorkerService:
 
         def progress(rows: Callable[[], list[list[int]]]) -> None:
             self._take_requests()
+            self._expire()
             self.faults.on_progress(next(steps), len(jobs))
             if not (streaming or any(job.key in self.cancelling for job in jobs)):
                 return

@@ -193,9 +193,40 @@ def test_deadline_expires_in_the_queue_and_never_runs(start_supervisor):
             return await asyncio.gather(slow, late, return_exceptions=True)
 
     first, second = asyncio.run(run())
-    assert first.text is not None and isinstance(second, DeadlineExceeded)
+    assert first.text is not None and isinstance(second, DeadlineExceeded) and "while queued" in second.message
     with sup.client() as c:
         assert c.status()["workers"][0]["served"] == 1  # the expired one never ran
+
+
+@pytest.mark.timeout(60)
+def test_deadline_expires_while_waiting_in_the_worker_and_it_never_runs(start_supervisor):
+    """Two in flight: the late request waits inside the worker, behind a running batch of other
+    parameters, and is refused there when its deadline passes, long before that batch ends."""
+    sup = start_supervisor("--max-inflight", "2", env={"QVL_FAULTS": "step_ms=50"})
+    sup.wait_ready()
+    import asyncio
+    from qvl.protocol import AsyncClient
+
+    async def run():
+        async with AsyncClient(sup.endpoint, timeout=30) as c:
+            slow = asyncio.ensure_future(c.ask(png(), "first", max_new_tokens=160, min_new_tokens=160))
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            try:
+                await c.ask(png(), "second", max_new_tokens=2, deadline=0.3)
+                late = None
+            except DeadlineExceeded as exc:
+                late = (exc, time.monotonic() - started, slow.done())
+            return await slow, late
+
+    first, late = asyncio.run(run())
+    assert late is not None, "the late request ran past its deadline"
+    error, waited, first_done = late
+    assert "while waiting in the worker" in error.message and waited < 1.5 and not first_done
+    assert first.usage["completion_tokens"] == 160
+    with sup.client() as c:
+        counters = c.status()["counters"]
+    assert counters["answered"] == 1 and counters["deadline_exceeded"] == 1
 
 
 @pytest.mark.timeout(120)

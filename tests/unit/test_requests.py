@@ -7,6 +7,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+import msgpack
+import pytest
+from hypothesis import given
+
+from qvl.protocol.codec import encode
 from qvl.supervisor.requests import OpenRequests, Request, RequestQueue
 
 
@@ -108,3 +113,20 @@ class Bookkeeping(RuleBasedStateMachine):
 
 TestBookkeeping = Bookkeeping.TestCase
 TestBookkeeping.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+@given(st.floats(1.0, 7 * 24 * 3600 * 1000.0), st.floats(0.0, 1.0), st.lists(st.binary(max_size=8), max_size=3))
+def test_a_request_is_sent_to_a_worker_with_the_time_it_has_left(timeout_ms, spent, frames):
+    header = {"v": 1, "kind": "generate", "id": 7, "messages": [], "params": {}, "timeout_ms": float(timeout_ms)}
+    request = Request(7, b"c", "x", encode(header, frames), accepted_at=100.0, deadline=100.0 + timeout_ms / 1000.0)
+    now = 100.0 + spent * timeout_ms / 1000.0
+    parts = request.parts_at(now)
+    sent = msgpack.unpackb(parts[0], raw=False)
+    assert sent["timeout_ms"] == pytest.approx(timeout_ms * (1 - spent), abs=1e-3)
+    assert {k: v for k, v in sent.items() if k != "timeout_ms"} == {k: v for k, v in header.items() if k != "timeout_ms"}
+    assert parts[1:] == frames and len(parts[0]) == len(request.worker_parts[0])  # the size it was counted at
+
+
+def test_a_request_without_a_deadline_is_sent_as_it_came():
+    request = Request(7, b"c", "x", encode({"v": 1, "kind": "generate", "id": 7}, [b"img"]))
+    assert request.parts_at(5.0) is request.worker_parts
