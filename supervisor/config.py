@@ -75,7 +75,7 @@ class Config:
     restart_period_s: float = setting(60.0, "window for restart_intensity, in seconds")
     restart_failed_backoff_s: float = setting(10.0, "a failed slot (too many crashes, or a model that cannot load) tries again after this many seconds; doubles per failure in a row")
     restart_failed_backoff_max_s: float = setting(300.0, "longest wait of a failed slot before it tries again")
-    request_hang_timeout_s: float = setting(600.0, "seconds a dispatched request may run before its worker is presumed hung and killed")
+    request_hang_timeout_s: float = setting(600.0, "seconds a worker holding requests may go without answering or streaming any of them (counted from the oldest one's dispatch or its last answer, whichever is later) before it is presumed hung and killed")
     recycle_fragmentation: float = setting(0.0, "soft: recycle when (reserved - allocated) / reserved reaches this (0: off)")
     recycle_fragmentation_min_reserved_bytes: int = setting(1 << 30, "fragmentation counts only above this reserved size, so an idle worker never trips it (0: at any size)")
     recycle_reserved_bytes: int = setting(0, "soft: recycle when the allocator has reserved this many bytes (0: off); must exceed a fresh worker's weights plus static KV pool, checked at start")

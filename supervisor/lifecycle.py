@@ -328,11 +328,11 @@ class SlotLifecycle:
             return []  # a loading worker does not heartbeat yet; a stopping one escalates
         return self._kill(worker, f"no heartbeat for {silent_s:.1f}s")
 
-    def hang(self, generation: int, running_s: float) -> list[Action]:
+    def hang(self, generation: int, stalled_s: float) -> list[Action]:
         worker = self.find(generation)
         if worker is None or worker.state is WorkerState.EXITED:
             return []
-        return self._kill(worker, f"request running for {running_s:.1f}s")
+        return self._kill(worker, f"no request answered for {stalled_s:.1f}s")
 
     def verdict(self, generation: int, verdict: Verdict, now: float, fields: dict | None = None) -> list[Action]:
         """The recycle policy's verdict on a worker's latest telemetry."""

@@ -90,6 +90,7 @@ class Worker:
     served: int = 0
     started_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
+    last_answer: float = 0.0  # when it last sent a reply or a chunk (heartbeats aside)
     exempt: tuple[str, ...] = ()  # soft thresholds its telemetry already tripped when it became ready
 
     def __post_init__(self) -> None:
@@ -108,8 +109,12 @@ class Worker:
     def pid(self) -> int:
         return self.process.pid
 
-    def oldest_dispatch(self) -> float | None:
-        return min((r.dispatched_at for r in self.inflight.values()), default=None)
+    def stalled_since(self) -> float | None:
+        """Since when this worker, holding requests, has answered or streamed none of them: the
+        later of its oldest dispatch and its last reply or chunk (a request waiting in it behind
+        others is not hung while the others get answers). None while it holds none."""
+        oldest = min((r.dispatched_at for r in self.inflight.values()), default=None)
+        return None if oldest is None else max(oldest, self.last_answer)
 
 
 @dataclass(eq=False)

@@ -311,6 +311,8 @@ class Supervisor:
         worker.last_seen = time.monotonic()
         if getattr(message, "telemetry", None) is not None:
             worker.telemetry = message.telemetry
+        if isinstance(message, (Reply, ErrorReply, Chunk)):
+            worker.last_answer = worker.last_seen
         try:
             if isinstance(message, (Reply, ErrorReply)):
                 self.on_reply(worker, message)
@@ -599,16 +601,17 @@ class Supervisor:
             self.queue.push_front(request)
 
     def check_liveness(self) -> None:
-        """Tell each lifecycle of silent workers and of requests running past the hang timeout."""
+        """Tell each lifecycle of silent workers and of workers that answered none of their
+        requests for the hang timeout."""
         now = time.monotonic()
         silence = self.config.heartbeat_interval_s * self.config.heartbeat_liveness
         for slot in self.slots:
             for worker in slot.workers():
                 if now - worker.last_seen > silence:
                     self.apply(slot, slot.lifecycle.heartbeat_missed(worker.generation, now - worker.last_seen))
-                oldest = worker.oldest_dispatch()
-                if oldest is not None and now - oldest > self.config.request_hang_timeout_s:
-                    self.apply(slot, slot.lifecycle.hang(worker.generation, now - oldest))
+                since = worker.stalled_since()
+                if since is not None and now - since > self.config.request_hang_timeout_s:
+                    self.apply(slot, slot.lifecycle.hang(worker.generation, now - since))
 
     def kill(self, worker: Worker, reason: str) -> None:
         event("worker_kill", logging.WARNING, worker=worker.slot, gen=worker.generation,

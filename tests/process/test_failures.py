@@ -78,10 +78,29 @@ def test_hung_request_is_killed_and_answered(start_supervisor):
         took = time.monotonic() - t0
     assert first.worker["generation"] == 1 and second.worker["generation"] == 2
     kill = events(sup.log(), "worker_kill")
-    assert len(kill) == 1 and "request running" in kill[0]["reason"]
+    assert len(kill) == 1 and "no request answered" in kill[0]["reason"]
     # Judged on the supervisor's clock: how long the replacement takes to start varies with load.
-    running_s = float(re.search(r"running for ([0-9.]+)s", kill[0]["reason"]).group(1))
+    running_s = float(re.search(r"answered for ([0-9.]+)s", kill[0]["reason"]).group(1))
     assert 3 <= running_s < 3 + 2 and took >= running_s
+
+
+@pytest.mark.timeout(120)
+def test_requests_waiting_behind_others_in_a_worker_that_answers_are_no_hang(start_supervisor):
+    """Three requests in a worker that runs one at a time, 1.5 s each: the last waits 3 s in it,
+    past the 2.5 s hang timeout, but the worker answers every 1.5 s, so it is not killed."""
+    sup = start_supervisor("--request-hang-timeout-s", "2.5", "--max-inflight", "3", "--max-batch-size", "1",
+                           env={"QVL_FAULTS": "slow_ms=1500"})
+    pid = sup.wait_ready()["workers"][0]["pid"]
+    load = RawLoad(sup.endpoint)
+    try:
+        load.send(3)
+        load.receive(30)
+    finally:
+        load.close()
+    assert load.outcomes() == {"ok": 3}
+    with sup.client() as c:
+        worker = c.status()["workers"][0]
+    assert worker["pid"] == pid and worker["restarts"] == 0 and events(sup.log(), "worker_kill") == []
 
 
 @pytest.mark.timeout(120)
