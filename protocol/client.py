@@ -179,7 +179,8 @@ class Client(_Calls):
 
     def generate(self, messages: Sequence[dict], *, timeout: float | None = None,
                  deadline: float | None = None, **params: Any) -> Result:
-        """Answer chat `messages`. `deadline` (seconds) lets the server drop it if still queued.
+        """Answer chat `messages`. `deadline` (seconds) lets the server refuse it
+        (`DeadlineExceeded`) if it has not started by then.
         A call that times out (or is interrupted) cancels its request."""
         rid, parts = self._generate_parts(messages, deadline, params)
         self._send(rid, parts, timeout)

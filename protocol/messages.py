@@ -113,7 +113,8 @@ class GenerateRequest:
     id: Any
     messages: list
     params: GenerationParams = field(default_factory=GenerationParams)
-    timeout_ms: float | None = None  # relative deadline, counted from when the supervisor accepts it
+    timeout_ms: float | None = None  # relative deadline: from a client, counted from when the supervisor
+    # accepts it; from the supervisor to a worker, the time left, counted from when the worker reads it
     images: tuple[bytes, ...] = ()
     stream: bool = False  # send the text in `chunk` messages as it is generated, then the reply
 

@@ -15,6 +15,7 @@ from typing import Iterator
 import msgpack
 
 from qvl.protocol.codec import encode
+from qvl.protocol.messages import MAX_TIMEOUT_MS
 
 
 @dataclass(eq=False)
@@ -49,7 +50,9 @@ class Request:
         if self.deadline is None:
             return self.worker_parts
         header = msgpack.unpackb(self.worker_parts[0], raw=False)
-        header["timeout_ms"] = (self.deadline - now) * 1000.0  # a float: the header keeps its size
+        # a float, so the header keeps its size; within what a worker accepts (the caller sends
+        # nothing past its deadline, and float rounding must not lift it over the maximum)
+        header["timeout_ms"] = min(max((self.deadline - now) * 1000.0, 1e-3), float(MAX_TIMEOUT_MS))
         return [*encode(header), *self.worker_parts[1:]]
 
 

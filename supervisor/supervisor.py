@@ -417,13 +417,14 @@ class Supervisor:
                 continue
             others = [w for w in ready if w.identity != request.failed_on]  # after an OOM: elsewhere
             worker = min(others or ready, key=lambda w: len(w.inflight))
+            parts = request.parts_at(now)  # before any state changes: nothing half-dispatched
             request.attempts += 1
             request.dispatched_at = now
             if request.attempts == 1:
                 self.metrics.queue_time.observe(request.dispatched_at - request.accepted_at)
             worker.inflight[request.key] = request
             request.worker = worker.identity
-            self.backend.send_multipart([worker.identity, *request.parts_at(now)], copy=False)
+            self.backend.send_multipart([worker.identity, *parts], copy=False)
 
     def expire_deadlines(self) -> None:
         for request in self.queue.remove_expired(time.monotonic()):

@@ -11,7 +11,8 @@ Heartbeats come from a thread with a socket of its own
 A `cancel` answers its request with finish_reason "cancelled": at once while it waits, at the next
 generation step while its batch runs (`WorkerService.cancel`).
 A request whose deadline (`timeout_ms`, the time left when the supervisor sent it) passes while
-it still waits here is answered `deadline_exceeded`; one that has started runs to its end.
+it still waits here (with vLLM: until vLLM has it) is answered `deadline_exceeded`; one that has
+started runs to its end.
 
 No request ends the worker: a message that cannot be read is answered `bad_request` (or dropped
 when it names no key), a request that fails is answered with its own error, and a batch that

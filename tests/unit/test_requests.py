@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 
 from qvl.protocol.codec import encode
+from qvl.protocol.messages import MAX_TIMEOUT_MS
 from qvl.supervisor.requests import OpenRequests, Request, RequestQueue
 
 
@@ -123,6 +124,7 @@ def test_a_request_is_sent_to_a_worker_with_the_time_it_has_left(timeout_ms, spe
     parts = request.parts_at(now)
     sent = msgpack.unpackb(parts[0], raw=False)
     assert sent["timeout_ms"] == pytest.approx(timeout_ms * (1 - spent), abs=1e-3)
+    assert 0 < sent["timeout_ms"] <= MAX_TIMEOUT_MS  # what a worker accepts
     assert {k: v for k, v in sent.items() if k != "timeout_ms"} == {k: v for k, v in header.items() if k != "timeout_ms"}
     assert parts[1:] == frames and len(parts[0]) == len(request.worker_parts[0])  # the size it was counted at
 
