@@ -18,7 +18,7 @@ class WorkerExit(enum.IntEnum):
     BAD_SPEC = 5      # the worker spec it was given cannot be read: restarting cannot help
     SPAWN_FAILED = 6  # the supervisor could not start the process (out of descriptors or memory)
     INJECTED = 7      # a crash injected by QVL_FAULTS, for tests
-    ENGINE_FAILED = 8  # a step of a step-scheduled engine raised: its batch's state is unknown
+    ENGINE_FAILED = 8  # a step of a step-scheduled engine raised, or its engine core died: its batch's state is unknown
 
 
 PERMANENT = frozenset({WorkerExit.LOAD_FAILED, WorkerExit.BAD_SPEC})

@@ -16,9 +16,10 @@ for all: at the client, from sending to the first streamed tokens, and from ther
 
 `sweep`: the uniform and mixed workloads at each concurrency: req/s, output tok/s, p50/p99 latency,
 TTFT, TPOT, the 16-token requests' p50 in the mix, peak device memory (NVML, whole device).
-`death`: 64 requests of 256 tokens in flight (not streamed), the process holding the model SIGKILLed 2 s in
-(vLLM's engine core; qvl's worker): requests answered, failed and lost, and the time from the kill
-until the system answers a new request (bare vLLM: never, until restarted by hand).
+`death`: 64 requests of 256 tokens in flight (not streamed), SIGKILL 2 s in to vLLM's engine core (bare
+vLLM) or qvl's worker: requests answered, failed and lost, and the time from the kill until the
+system answers a new request (bare vLLM: never, until restarted by hand). `death-core` does the same
+to the engine core child of qvl's vLLM worker.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class BareVllm:
             tokens += len(out.outputs[0].token_ids)
         return tokens
 
-    def model_pid(self) -> int:
+    def model_pid(self, engine_core: bool = True) -> int:
         import psutil
         children = psutil.Process().children(recursive=True)
         return next(c.pid for c in children if "EngineCor" in " ".join(c.cmdline()) + c.name())  # its process title, cut to 15 by comm
@@ -154,10 +155,12 @@ class Qvl:
                 tokens = chunk.usage.get("completion_tokens", 0)
         return tokens
 
-    def model_pid(self) -> int:
+    def model_pid(self, engine_core: bool = False) -> int:
+        """The ready worker's pid, or with `engine_core` its vLLM engine core's."""
         from qvl.protocol import Client
         with Client(self.endpoint, timeout=30) as c:
-            return next(w["pid"] for w in c.status()["workers"] if w["state"] == "ready")
+            worker = next(w for w in c.status()["workers"] if w["state"] == "ready")
+        return worker["telemetry"]["engine_core_pid"] if engine_core else worker["pid"]
 
     async def stop(self) -> None:
         await self.client.close()
@@ -217,10 +220,9 @@ async def sweep(system, levels: list[int], rounds: int) -> list[dict]:
     return rows
 
 
-async def death(system) -> dict:
-    """SIGKILL the model's process with requests in flight; count their fates; time the return."""
+async def death(system, pid: int) -> dict:
+    """SIGKILL process `pid` with requests in flight; count their fates; time the return."""
     items = [Item(i.image, i.text, DEATH_TOKENS) for i in uniform(DEATH_REQUESTS)]
-    pid = system.model_pid()
     # not streamed: a stream cut by the death is answered `worker_failed`, since its client holds
     # part of a text that a second run might not repeat
     flight = [asyncio.ensure_future(timed(system, item, stream=False)) for item in items]
@@ -259,9 +261,10 @@ async def run_system(args) -> dict:
         if "sweep" in args.parts:
             result["sweep"] = await sweep(system, levels, args.rounds)
             result["peak_device_gib"] = peak.peak / 2**30
-        if "death" in args.parts:
-            result["death"] = await death(system)
-            print(json.dumps(result["death"]), flush=True)
+        for part in ("death", "death-core"):
+            if part in args.parts.split(",") and (part == "death" or args.one == "qvl-vllm"):
+                result[part] = await death(system, system.model_pid(engine_core=part == "death-core"))
+                print(json.dumps(result[part]), flush=True)
     finally:
         peak.stopped.set()
         await system.stop()
@@ -289,7 +292,8 @@ def report(results: list[dict]) -> str:
                    f"{row['p99_s']:.2f} | {row['ttft_p50_s']:.3f} | {row['tpot_p50_ms']:.2f} | {short} | {row['failed']} |")
     out += ["", "| system | start to ready s | peak device GiB |", "| --- | --- | --- |"]
     out += [f"| {s} | {r['ready_s']:.1f} | {r.get('peak_device_gib', float('nan')):.1f} |" for s, r in by.items()]
-    deaths = [(s, r["death"]) for s, r in by.items() if "death" in r]
+    deaths = [(s + (" (engine core)" if part == "death-core" else ""), r[part])
+              for s, r in by.items() for part in ("death", "death-core") if part in r]
     if deaths:
         out += ["", "| system | in flight | answered | failed | lost | last answer after kill s | "
                 "serves again after kill s |", "| --- | --- | --- | --- | --- | --- | --- |"]

@@ -21,7 +21,7 @@ def status(sup, header: dict) -> dict:
     for slot in sup.slots:
         info = slot.status(time.monotonic())
         info["host_rss_bytes"] = sup.devices.rss(info["pid"])
-        info["gpu_bytes"] = gpu_pids.get(slot.gpu, {}).get(info["pid"])
+        info["gpu_bytes"] = sup.devices.tree_gpu_bytes(gpu_pids.get(slot.gpu, {}), info["pid"])
         info["spare_rss_bytes"] = sup.devices.rss(info["spare_pid"]) if info["spare_pid"] else None
         workers.append(info)
     return {

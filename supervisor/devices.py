@@ -1,7 +1,7 @@
 """What the supervisor reads of devices and worker processes without touching CUDA.
 
-NVML (never creates a CUDA context) for GPU memory, in total and per worker pid; psutil for
-host memory. Where NVML is missing (no driver, a CPU host) readings are simply absent.
+NVML (never creates a CUDA context) for GPU memory, in total and per worker process tree; psutil
+for host memory. Where NVML is missing (no driver, a CPU host) readings are simply absent.
 """
 
 import psutil
@@ -57,8 +57,28 @@ class DeviceMonitor:
         return psutil.virtual_memory().available
 
     @staticmethod
-    def rss(pid: int | None) -> int | None:
+    def process_tree(pid: int | None) -> list[psutil.Process]:
+        """A worker's process and its descendants (with `engine = vllm`, vLLM's engine core, which
+        holds the device memory); empty once it is gone."""
         try:
-            return psutil.Process(pid).memory_info().rss if pid else None
+            process = psutil.Process(pid) if pid else None
+            return [process, *process.children(recursive=True)] if process else []
         except psutil.Error:
-            return None
+            return []
+
+    @classmethod
+    def rss(cls, pid: int | None) -> int | None:
+        """Host RSS of a worker's process tree."""
+        total = None
+        for process in cls.process_tree(pid):
+            try:
+                total = (total or 0) + process.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    @classmethod
+    def tree_gpu_bytes(cls, per_pid: dict[int, int], pid: int | None) -> int | None:
+        """GPU bytes of a worker's process tree, from `gpu_process_memory`; None where NVML sees none of it."""
+        found = [per_pid[p.pid] for p in cls.process_tree(pid) if p.pid in per_pid]
+        return sum(found) if found else None

@@ -497,7 +497,7 @@ class Supervisor:
         memory = self.devices.gpu_memory(slot.gpu)  # the slot's own device
         if memory is None:
             return False
-        footprint = self.devices.gpu_process_memory(slot.gpu).get(worker.pid) \
+        footprint = self.devices.tree_gpu_bytes(self.devices.gpu_process_memory(slot.gpu), worker.pid) \
             or worker.telemetry.get("reserved_bytes", 0) + (1 << 30)  # + context, if NVML can't see pids
         return memory["free_bytes"] >= footprint * margin
 

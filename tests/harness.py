@@ -49,12 +49,14 @@ class SupervisorProcess:
         return status
 
     def remember_workers(self) -> set[int]:
-        """Record the pids of the current worker processes, to check later that they are gone."""
+        """Record the pids of the current worker processes and theirs (vLLM's engine cores), to check
+        later that they are gone; returns the workers'."""
         try:
             children = psutil.Process(self.pid).children()
+            descendants = psutil.Process(self.pid).children(recursive=True)
         except psutil.NoSuchProcess:
-            children = []
-        self.worker_pids |= {c.pid for c in children}
+            children = descendants = []
+        self.worker_pids |= {c.pid for c in descendants}
         return {c.pid for c in children}
 
     def log(self) -> str:

@@ -50,7 +50,7 @@ from .inbox import read_message
 from .kv_pool import Progress
 from .parent import orphaned
 from .stop_strings import find_stop
-from .telemetry import Telemetry
+from .telemetry import ModelProcessFigures, Telemetry
 
 log = logging.getLogger("qvl.worker")
 _NO_IMAGES: Future = Future()
@@ -140,7 +140,9 @@ class WorkerService:
         try:
             self.engine = load_engine(self.spec)
             self.engine.warm_up()
-            self.telemetry = Telemetry(self.engine.device, getattr(self.engine, "stats", dict))
+            # an engine whose model lives in another process (vLLM's engine core) reads its figures itself
+            figures = getattr(self.engine, "process_figures", None) or ModelProcessFigures(self.engine.device).read
+            self.telemetry = Telemetry(figures, getattr(self.engine, "stats", dict))
         except BaseException:
             log.exception("event=load_failed slot=%d", self.spec.slot)
             os._exit(WorkerExit.LOAD_FAILED)

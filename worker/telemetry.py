@@ -3,6 +3,11 @@
 Read with every reply and heartbeat, so it stays cheap: `memory_stats()` only reads counters.
 The largest free block inside reserved memory needs a full `memory_snapshot()`, so it is taken
 at most every `snapshot_interval_s` and reported until the next one.
+
+`ModelProcessFigures` reads the process that holds the model: the worker itself for the default
+engine; vLLM's engine core, the worker's child, for `engine = vllm` (there it runs inside vLLM's
+GPU worker, `vllm_core.py`, and the worker reads its figures over vLLM's RPC). `Telemetry` adds the
+worker's own counters and the engine's figures.
 """
 
 import os
@@ -14,21 +19,19 @@ import psutil
 import torch
 
 
-class Telemetry:
-    def __init__(self, device: torch.device, engine_stats: Callable[[], dict] = dict,
-                 snapshot_interval_s: float = 30.0):
+class ModelProcessFigures:
+    """The allocator, device memory and RSS of this process, as telemetry fields."""
+
+    def __init__(self, device: torch.device, snapshot_interval_s: float = 30.0):
         self.device = device
-        self.engine_stats = engine_stats  # the engine's own figures (vLLM's KV cache usage), if any
         self.snapshot_interval_s = snapshot_interval_s
-        # out-of-memory errors blamed on a single request: what the recycle policy reads as `num_ooms`
-        self.ooms = 0
         self._process = psutil.Process(os.getpid())
         self._snapshot: dict = {}
         self._snapshot_at = float("-inf")
         self._lock = threading.Lock()  # read by the heartbeat and the main thread
 
     def read(self) -> dict:
-        out = {"rss_bytes": self._process.memory_info().rss, "num_ooms": self.ooms, **self.engine_stats()}
+        out = {"rss_bytes": self._process.memory_info().rss}
         if self.device.type != "cuda":
             return out
         stats = torch.cuda.memory_stats(self.device)
@@ -66,3 +69,14 @@ class Telemetry:
                 self._snapshot = {"largest_free_block_bytes": largest, "free_reserved_bytes": free}
                 self._snapshot_at = now
             return dict(self._snapshot)
+
+
+class Telemetry:
+    def __init__(self, model_process: Callable[[], dict], engine_stats: Callable[[], dict] = dict):
+        self.model_process = model_process  # `ModelProcessFigures.read`, or the engine's own reader
+        self.engine_stats = engine_stats  # the engine's own figures (vLLM's KV cache usage), if any
+        # out-of-memory errors blamed on a single request: what the recycle policy reads as `num_ooms`
+        self.ooms = 0
+
+    def read(self) -> dict:
+        return {"num_ooms": self.ooms, **self.engine_stats(), **self.model_process()}

@@ -1,10 +1,14 @@
-"""vLLM's engine inside the worker process: iteration-level scheduling, qvl's recycling around it.
+"""vLLM's engine inside the worker: iteration-level scheduling, qvl's recycling around it.
 
-vLLM's `LLMEngine` runs here with its engine core in this process (no engine-core child), so
-the CUDA state the supervisor recycles is this process's, as with the transformers engine. The
-worker's step loop adds a request as soon as its inputs are ready and calls `step` while any
-runs; vLLM schedules every step (new rows prefill in chunks beside running ones) and a row leaves
-the batch when it ends. `abort` is vLLM's abort.
+The worker drives vLLM's `LLMEngine`: its step loop adds a request as soon as its inputs are ready
+and calls `step` while any runs; vLLM schedules every step (new rows prefill in chunks beside
+running ones) and a row leaves the batch when it ends. `abort` is vLLM's abort. vLLM's engine core
+(scheduler, model, CUDA state) runs in a child process of the worker, as in vLLM's own server, and
+dies with it (`vllm_core.py`); in the worker's process its GIL would be shared with detokenizing,
+image processing and the socket, which cost a fifth of vLLM's speed at 32 to 64 requests in flight.
+The child's allocator and device figures are read over vLLM's RPC at most every
+`FIGURES_INTERVAL_S`, between steps, and sent with every reply; its KV cache usage comes from
+vLLM's scheduler statistics.
 
 Prompts are built by qvl, not by vLLM's chat rendering: `PromptTokenizer` tokenizes what users
 wrote as plain text (special tokens cannot open a turn) with one image placeholder per image,
@@ -14,6 +18,7 @@ not made for concurrent use); the main thread only adds requests and steps. Imag
 counted from sizes before any pixel is processed, as in the transformers engine.
 
 Imported only when `engine = "vllm"`: neither the supervisor nor the default engine imports vLLM.
+The worker itself makes no CUDA context: the device is the child's.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import psutil
 import torch
 from PIL import Image
 from qvl.protocol.contract import ModelOptions
@@ -36,7 +42,6 @@ from .engine import Completion, StepOutput
 from .image_tokens import ImageTokens
 from .prompts import PromptTokenizer
 
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process; read at import
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
 from vllm import EngineArgs, SamplingParams  # noqa: E402  (after the environment above)
@@ -44,6 +49,12 @@ from vllm.renderers.inputs.preprocess import parse_model_prompt  # noqa: E402
 from vllm.sampling_params import RequestOutputKind  # noqa: E402
 from vllm.usage.usage_lib import UsageContext  # noqa: E402
 from vllm.v1.engine.llm_engine import LLMEngine  # noqa: E402
+from vllm.v1.metrics.loggers import StatLoggerBase  # noqa: E402
+
+from .vllm_core import (  # noqa: E402
+    EXTENSION, FIGURES_METHOD, PID_METHOD, exit_with_engine_core, tie_engine_core_to_worker)
+
+FIGURES_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -78,16 +89,23 @@ class VllmEngine:
             gpu_memory_utilization=options.vllm_memory_share, max_model_len=options.vllm_max_model_len,
             limit_mm_per_prompt={"image": max_images, "video": 0},
             mm_processor_cache_gb=0,  # no cache shared between the image pool and the engine
-            compilation_config=compilation, disable_log_stats=True)
-        self.llm = LLMEngine.from_engine_args(args, UsageContext.ENGINE_CONTEXT, enable_multiprocessing=False)
-        self.device = torch.device("cuda", torch.cuda.current_device())
+            compilation_config=compilation, worker_extension_cls=EXTENSION)
+        self._scheduler_stats = _SchedulerStats()
+        tie_engine_core_to_worker()
+        self.llm = LLMEngine.from_engine_args(args, UsageContext.ENGINE_CONTEXT, enable_multiprocessing=True,
+                                              stat_loggers=[self._scheduler_stats.factory])
+        (self.engine_core_pid,) = self.llm.collective_rpc(PID_METHOD)
+        exit_with_engine_core(self.engine_core_pid)
+        self.device = torch.device("cuda", 0)  # the child's, under the worker's CUDA_VISIBLE_DEVICES
         self.model_config = self.llm.vllm_config.model_config
         self.renderer = self.llm.renderer
         self._render_lock = threading.Lock()
-        self._scheduler = self.llm.engine_core.engine_core.scheduler
+        self._process = psutil.Process(os.getpid())
+        self._core_figures: dict = {}
+        self._core_figures_at = float("-inf")
         self.rows: dict[str, _Row] = {}
         # The image pool's threads hold the GIL while they process pixels; the main thread, back from
-        # waiting on the GPU, would wait up to the default 5 ms for it every step (vLLM's own server
+        # waiting for the engine core's output, would wait up to the default 5 ms for it every step (vLLM's own server
         # keeps these in separate processes). 0.5 ms bounds that wait.
         sys.setswitchinterval(0.0005)
 
@@ -100,7 +118,21 @@ class VllmEngine:
 
     def stats(self) -> dict:
         """vLLM's own figures, sent beside the allocator's in every heartbeat and reply."""
-        return {"kv_cache_usage": float(self._scheduler.kv_cache_manager.usage), "running_requests": len(self.rows)}
+        return {"kv_cache_usage": self._scheduler_stats.kv_cache_usage, "running_requests": len(self.rows),
+                "engine_core_pid": self.engine_core_pid}
+
+    def process_figures(self) -> dict:
+        """The engine core's allocator and device figures as last read; RSS is the worker's and the
+        engine core's together. Any thread may call this."""
+        figures = dict(self._core_figures)
+        figures["rss_bytes"] = figures.get("rss_bytes", 0) + self._process.memory_info().rss
+        return figures
+
+    def _read_core_figures(self) -> None:
+        """Ask the engine core for its figures: on the main thread only (vLLM's client socket is not
+        thread-safe), and it waits for the step in progress."""
+        (self._core_figures,) = self.llm.collective_rpc(FIGURES_METHOD)
+        self._core_figures_at = time.monotonic()
 
     def warm_up(self) -> None:
         """One small request with an image, through the whole path."""
@@ -110,6 +142,7 @@ class VllmEngine:
         self.add([(-1, self.process_images(messages, [image], params), params)])
         while self.rows:
             self.step()
+        self._read_core_figures()
 
     def process_images(self, messages: list, frames: Sequence[Image.Image], params: GenerationParams) -> Rendered:
         """The whole engine input of a request: runs on the worker's image pool."""
@@ -177,6 +210,8 @@ class VllmEngine:
     def step(self) -> list[StepOutput]:
         """One scheduling step: the new text of every request that made some, and the completions
         of those that ended."""
+        if time.monotonic() - self._core_figures_at >= FIGURES_INTERVAL_S:
+            self._read_core_figures()
         outputs = []
         for out in self.llm.step():
             row = self.rows.get(out.request_id)
@@ -197,6 +232,23 @@ class VllmEngine:
                                         LENGTH if piece.finish_reason == "length" else STOPPED)
             outputs.append(StepOutput(int(out.request_id), piece.text, len(piece.token_ids), completion))
         return outputs
+
+
+class _SchedulerStats(StatLoggerBase):
+    """vLLM's statistics logger interface, keeping the latest KV cache usage of its scheduler."""
+
+    def __init__(self, vllm_config=None, engine_index: int = 0):
+        self.kv_cache_usage = 0.0
+
+    def factory(self, vllm_config, engine_index: int = 0) -> "_SchedulerStats":
+        return self  # vLLM makes its loggers from factories; this one is made already
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+        if scheduler_stats is not None:
+            self.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+
+    def log_engine_initialized(self) -> None:
+        pass
 
 
 def sampling_params(params: GenerationParams) -> SamplingParams:

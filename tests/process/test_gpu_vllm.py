@@ -1,5 +1,6 @@
 """On a CUDA device with vLLM installed: `--engine vllm` serves, streams, cancels, recycles and
-survives the death of its worker through the supervisor, as the default engine does.
+survives the death of its worker, or of its engine core alone, through the supervisor, as the
+default engine does; the engine core holds the device and dies with its worker.
 
 Skipped without CUDA or vLLM. `QVL_GPU_MODEL` names the model folder (the `qwen3-vl-4b` preset on a
 lent GPU). vLLM's torch.compile is off here to keep the test short (full CUDA graphs for decode
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from qvl.protocol import AsyncClient
 
-from harness import SupervisorProcess, png, wait_gone
+from harness import SupervisorProcess, alive, png, wait_gone
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
@@ -110,3 +111,40 @@ def test_a_recycle_and_a_killed_worker_lose_no_request(vllm_supervisor):
     assert all(r.usage["completion_tokens"] == 1024 for r in killed)
     assert worker["generation"] > before["generation"]
     assert after["generation"] > worker["generation"]
+    # the killed worker's engine core died with it; the recycled one's went at its orderly exit
+    assert wait_gone({worker["telemetry"]["engine_core_pid"], before["telemetry"]["engine_core_pid"]}) == set()
+
+
+@pytest.mark.timeout(900)
+def test_the_engine_core_holds_the_device_and_its_death_ends_the_worker(vllm_supervisor):
+    """The worker makes no CUDA context: the device memory is its engine core child's. SIGKILLing
+    that child alone, 16 requests in flight, ends the worker (engine_failed) and every request is
+    answered by its successor."""
+    import pynvml
+
+    async def scenario():
+        async with AsyncClient(vllm_supervisor.endpoint, timeout=600) as client:
+            worker = (await client.status())["workers"][0]
+            flight = asyncio.ensure_future(asyncio.gather(*(
+                client.ask(png((224, 224 + 32 * i)), "Describe it.", max_new_tokens=512, min_new_tokens=512)
+                for i in range(16))))
+            await asyncio.sleep(1.0)
+            os.kill(worker["telemetry"]["engine_core_pid"], signal.SIGKILL)
+            answers = await flight
+            return worker, answers, (await client.status())["workers"][0]
+
+    with vllm_supervisor.client(timeout=60) as client:
+        before = client.status()["workers"][0]
+    core = before["telemetry"]["engine_core_pid"]
+    pynvml.nvmlInit()
+    try:
+        holders = {p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(0))}
+    finally:
+        pynvml.nvmlShutdown()
+    assert core in holders and before["pid"] not in holders
+    assert before["gpu_bytes"] > 4 << 30  # the 4B weights at least, counted through the worker's tree
+
+    worker, answers, after = asyncio.run(scenario())
+    assert all(r.usage["completion_tokens"] == 512 for r in answers)
+    assert after["generation"] > worker["generation"] and after["state"] == "ready"
+    assert not alive(worker["pid"]) and "engine_failed" in vllm_supervisor.log()
