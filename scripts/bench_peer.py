@@ -107,6 +107,7 @@ class BareVllm:
         return tokens
 
     def model_pid(self, engine_core: bool = True) -> int:
+        """Its engine core's pid: bare vLLM's model lives there."""
         import psutil
         children = psutil.Process().children(recursive=True)
         return next(c.pid for c in children if "EngineCor" in " ".join(c.cmdline()) + c.name())  # its process title, cut to 15 by comm
@@ -149,10 +150,12 @@ class Qvl:
             return (await self.client.generate(messages, **params)).usage.get("completion_tokens", 0)
         tokens = 0
         async for chunk in self.client.stream(messages, **params):
-            if not chunk.done:  # a chunk per step that made tokens (engine vllm), even with no text;
-                mark()          # the transformers engine streams only new text, every few steps
-            if chunk.done:
+            if not chunk.done:
+                mark()
+            else:  # chunks carry only new text, which random weights seldom make: where none came, the
+                # first token was the worker's decode time before this last chunk arrived
                 tokens = chunk.usage.get("completion_tokens", 0)
+                mark(time.perf_counter() - chunk.timings.get("decode_ms", 0.0) / 1000.0)
         return tokens
 
     def model_pid(self, engine_core: bool = False) -> int:
@@ -172,9 +175,9 @@ async def timed(system, item: Item, stream: bool = True) -> dict:
     """One request: start, first text (streams) and end times, output tokens, or the error."""
     record = {"start": time.perf_counter(), "first": None, "max_new_tokens": item.max_new_tokens}
 
-    def mark():
+    def mark(at: float | None = None):
         if record["first"] is None:
-            record["first"] = time.perf_counter()
+            record["first"] = time.perf_counter() if at is None else at
     try:
         record["tokens"] = await system.one(item, mark, stream)
     except Exception as exc:  # counted, not raised: the death test expects failures
@@ -258,7 +261,7 @@ async def run_system(args) -> dict:
     result = {"system": args.one, "ready_s": time.perf_counter() - started}
     print(json.dumps(result), flush=True)
     try:
-        if "sweep" in args.parts:
+        if "sweep" in args.parts.split(","):
             result["sweep"] = await sweep(system, levels, args.rounds)
             result["peak_device_gib"] = peak.peak / 2**30
         for part in ("death", "death-core"):

@@ -4,6 +4,8 @@ NVML (never creates a CUDA context) for GPU memory, in total and per worker proc
 for host memory. Where NVML is missing (no driver, a CPU host) readings are simply absent.
 """
 
+import os
+
 import psutil
 
 try:
@@ -57,28 +59,47 @@ class DeviceMonitor:
         return psutil.virtual_memory().available
 
     @staticmethod
-    def process_tree(pid: int | None) -> list[psutil.Process]:
-        """A worker's process and its descendants (with `engine = vllm`, vLLM's engine core, which
-        holds the device memory); empty once it is gone."""
-        try:
-            process = psutil.Process(pid) if pid else None
-            return [process, *process.children(recursive=True)] if process else []
-        except psutil.Error:
+    def process_tree(pid: int | None) -> list[int]:
+        """A worker's pid and its descendants' (with `engine = vllm`, vLLM's engine core, which holds
+        the device memory); empty once it is gone. Read from each process's own list of children,
+        so the cost follows the tree, not the host's process table."""
+        if not pid or not psutil.pid_exists(pid):
             return []
+        tree, todo = [], [pid]
+        while todo and len(tree) < _MAX_TREE:
+            current = todo.pop()
+            tree.append(current)
+            todo.extend(_children(current))
+        return tree
 
-    @classmethod
-    def rss(cls, pid: int | None) -> int | None:
-        """Host RSS of a worker's process tree."""
-        total = None
-        for process in cls.process_tree(pid):
-            try:
-                total = (total or 0) + process.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
+    @staticmethod
+    def rss(pid: int | None) -> int | None:
+        """Host RSS of a worker's own process (its telemetry's `rss_bytes` adds its engine core's)."""
+        try:
+            return psutil.Process(pid).memory_info().rss if pid else None
+        except psutil.Error:
+            return None
 
     @classmethod
     def tree_gpu_bytes(cls, per_pid: dict[int, int], pid: int | None) -> int | None:
         """GPU bytes of a worker's process tree, from `gpu_process_memory`; None where NVML sees none of it."""
-        found = [per_pid[p.pid] for p in cls.process_tree(pid) if p.pid in per_pid]
+        found = [per_pid[p] for p in cls.process_tree(pid) if p in per_pid]
         return sum(found) if found else None
+
+
+_MAX_TREE = 64  # a worker has a child or two; a deeper tree is not one of ours to walk
+
+
+def _children(pid: int) -> list[int]:
+    """The children of `pid`, from /proc/PID/task/*/children (Linux), else from psutil's scan."""
+    try:
+        found: list[int] = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(child) for child in f.read().split()]
+        return found
+    except (OSError, ValueError):
+        try:
+            return [child.pid for child in psutil.Process(pid).children()]
+        except psutil.Error:
+            return []

@@ -19,7 +19,8 @@ _PARENT_AT_START = os.getppid()
 
 
 def exit_with_parent() -> None:
-    """Have the kernel kill this process when the supervisor dies, so no orphan holds a GPU."""
+    """Have the kernel kill this process when its parent dies (a worker's, the supervisor; vLLM's
+    engine core's, its worker), so no orphan holds a GPU."""
     if sys.platform.startswith("linux"):
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

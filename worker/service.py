@@ -18,8 +18,8 @@ No request ends the worker: a message that cannot be read is answered `bad_reque
 when it names no key), a request that fails is answered with its own error, and a batch that
 fails is split until the failing row is found, so the other rows still get answers. Only a
 CUDA error that leaves the context unusable ends the process (`WorkerExit.CUDA_FATAL`), and a
-failed step of a step-scheduled engine, whose running rows are then in an unknown state
-(`WorkerExit.ENGINE_FAILED`); either way the supervisor retries their requests elsewhere.
+failed step of a step-scheduled engine, whose running rows are then in an unknown state, or the
+death of vLLM's engine core (`WorkerExit.ENGINE_FAILED`); either way the supervisor retries their requests elsewhere.
 """
 
 from __future__ import annotations
@@ -133,6 +133,8 @@ class WorkerService:
         self._serve()
         heartbeat.stopped.set()
         heartbeat.join()
+        if hasattr(self.engine, "close"):  # vLLM's engine core: stopped, its device memory freed, before bye
+            self.engine.close()
         self._send(Bye().header())
         return WorkerExit.OK
 
@@ -165,9 +167,10 @@ class WorkerService:
         """For an engine that schedules every step (vLLM): a request joins the running batch as soon
         as its inputs are ready, and its answer goes out the step it ends."""
         engine = self.engine
+        idle = getattr(engine, "idle", None)  # vLLM's: its engine core's figures, read while idle too
         while self.waiting or engine.running or not self.stopping:
             if not engine.running:  # idle, or only inputs being made: sleep until a message or 1 ms
-                self.sock.poll(1 if self.waiting else None)
+                self.sock.poll(1 if self.waiting else (1000 * idle() if idle else None))
             self._take_requests()
             self._expire()
             self._admit()

@@ -2,7 +2,7 @@
 
 With `engine = vllm` the worker runs vLLM's engine core in a process of its own, as vLLM's own
 server does, so scheduling and the GPU never wait on the worker's GIL (detokenizing, image
-processing, its socket). The CUDA state the supervisor recycles is then the child's, and two things
+processing, its socket). The CUDA state the supervisor recycles is then the child's; three things
 keep the worker the unit the supervisor sees:
 
 - `tie_engine_core_to_worker` has vLLM start its engine core through `_run_engine_core`, which asks
@@ -10,9 +10,10 @@ keep the worker the unit the supervisor sees:
   anything: a killed or recycled worker leaves no process holding device memory. (vLLM's engine
   core watches nothing of its parent; killed alone, the parent leaves it running.)
 - `exit_with_engine_core`: the worker exits with `ENGINE_FAILED` the moment its engine core dies
-  other than at the worker's own exit. (vLLM marks its client dead then, but a `step` already
-  waiting for the child's output would wait for ever, and an idle worker would refuse request
-  after request instead of being replaced.)
+  other than when the worker stops it, and `engine_core_died` as soon as vLLM's client says the
+  core is dead. (vLLM marks its client dead then, but a `step` already waiting for the child's
+  output would wait for ever, and an idle worker would refuse request after request instead of
+  being replaced.)
 - `EngineCoreCalls`, mixed into vLLM's GPU worker (`worker_extension_cls`), reads the child's
   pid, allocator, device memory and RSS, which the worker reports as its own.
 
@@ -26,7 +27,9 @@ import logging
 import os
 import select
 import threading
+from typing import NoReturn
 
+import psutil
 import torch
 from qvl.protocol.exits import WorkerExit
 from vllm.v1.engine.core import EngineCoreProc
@@ -55,20 +58,28 @@ def _run_engine_core(*args, **kwargs) -> None:
     _run_vllm_engine_core(*args, **kwargs)
 
 
-def exit_with_engine_core(pid: int) -> None:
-    """Exit this worker with `ENGINE_FAILED` when process `pid` ends, unless this worker is exiting
-    itself (vLLM stops its engine core at exit, after the handler below has run)."""
-    exiting = threading.Event()
-    atexit.register(exiting.set)
-    fd = os.pidfd_open(pid)
+def engine_core_died(pid: int | None = None) -> NoReturn:
+    """The worker's end once its engine core is gone: its rows' state is unknown, and the
+    supervisor dispatches its requests again."""
+    log.error("event=engine_core_died pid=%s", pid)
+    os._exit(WorkerExit.ENGINE_FAILED)
+
+
+def exit_with_engine_core(pid: int) -> threading.Event:
+    """Exit this worker with `ENGINE_FAILED` when process `pid` ends, unless the event returned is
+    set first: the worker sets it before it stops its engine core itself (and at interpreter exit)."""
+    stopping = threading.Event()
+    atexit.register(stopping.set)
+    poller = select.poll()
+    poller.register(os.pidfd_open(pid), select.POLLIN)
 
     def watch() -> None:
-        select.select([fd], [], [])
-        if not exiting.is_set():
-            log.error("event=engine_core_died pid=%d", pid)
-            os._exit(WorkerExit.ENGINE_FAILED)
+        poller.poll()
+        if not stopping.is_set():
+            engine_core_died(pid)
 
     threading.Thread(target=watch, name="engine-core-watch", daemon=True).start()
+    return stopping
 
 
 class EngineCoreCalls:
@@ -78,7 +89,9 @@ class EngineCoreCalls:
         return os.getpid()
 
     def qvl_engine_core_figures(self) -> dict:
+        """The child's figures, its RSS as its unique set: the rest of its resident pages are the
+        worker's, shared since the fork, and the worker counts those itself."""
         figures = getattr(self, "_qvl_figures", None)
         if figures is None:
             figures = self._qvl_figures = ModelProcessFigures(torch.device("cuda", torch.cuda.current_device()))
-        return figures.read()
+        return {**figures.read(), "rss_bytes": psutil.Process().memory_full_info().uss}

@@ -23,6 +23,8 @@ The worker itself makes no CUDA context: the device is the child's.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 import threading
@@ -34,7 +36,7 @@ import psutil
 import torch
 from PIL import Image
 from qvl.protocol.contract import ModelOptions
-from qvl.protocol.errors import BadRequest
+from qvl.protocol.errors import BadRequest, WorkerFailed
 from qvl.protocol.messages import LENGTH, STOPPED, GenerationParams
 from transformers import AutoProcessor
 
@@ -48,13 +50,15 @@ from vllm import EngineArgs, SamplingParams  # noqa: E402  (after the environmen
 from vllm.renderers.inputs.preprocess import parse_model_prompt  # noqa: E402
 from vllm.sampling_params import RequestOutputKind  # noqa: E402
 from vllm.usage.usage_lib import UsageContext  # noqa: E402
+from vllm.v1.engine.exceptions import EngineDeadError  # noqa: E402
 from vllm.v1.engine.llm_engine import LLMEngine  # noqa: E402
 from vllm.v1.metrics.loggers import StatLoggerBase  # noqa: E402
 
 from .vllm_core import (  # noqa: E402
-    EXTENSION, FIGURES_METHOD, PID_METHOD, exit_with_engine_core, tie_engine_core_to_worker)
+    EXTENSION, FIGURES_METHOD, PID_METHOD, engine_core_died, exit_with_engine_core, tie_engine_core_to_worker)
 
 FIGURES_INTERVAL_S = 1.0
+log = logging.getLogger("qvl.worker")
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,7 @@ class VllmEngine:
         self.llm = LLMEngine.from_engine_args(args, UsageContext.ENGINE_CONTEXT, enable_multiprocessing=True,
                                               stat_loggers=[self._scheduler_stats.factory])
         (self.engine_core_pid,) = self.llm.collective_rpc(PID_METHOD)
-        exit_with_engine_core(self.engine_core_pid)
+        self._stopping_core = exit_with_engine_core(self.engine_core_pid)
         self.device = torch.device("cuda", 0)  # the child's, under the worker's CUDA_VISIBLE_DEVICES
         self.model_config = self.llm.vllm_config.model_config
         self.renderer = self.llm.renderer
@@ -122,17 +126,41 @@ class VllmEngine:
                 "engine_core_pid": self.engine_core_pid}
 
     def process_figures(self) -> dict:
-        """The engine core's allocator and device figures as last read; RSS is the worker's and the
-        engine core's together. Any thread may call this."""
+        """The engine core's allocator and device figures as last read; `rss_bytes` is this worker's
+        RSS plus the engine core's unique set. Any thread may call this."""
         figures = dict(self._core_figures)
         figures["rss_bytes"] = figures.get("rss_bytes", 0) + self._process.memory_info().rss
         return figures
 
     def _read_core_figures(self) -> None:
         """Ask the engine core for its figures: on the main thread only (vLLM's client socket is not
-        thread-safe), and it waits for the step in progress."""
-        (self._core_figures,) = self.llm.collective_rpc(FIGURES_METHOD)
+        thread-safe), and it waits for the step in progress. A reading that fails keeps the last."""
+        try:
+            with self._core_alive():
+                (self._core_figures,) = self.llm.collective_rpc(FIGURES_METHOD)
+        except Exception as exc:
+            log.warning("event=engine_core_figures_failed error=%s: %s", type(exc).__name__, exc)
         self._core_figures_at = time.monotonic()
+
+    def idle(self) -> float:
+        """Called by the worker while nothing runs: refresh the figures when due; the seconds until
+        they are due again."""
+        if time.monotonic() - self._core_figures_at >= FIGURES_INTERVAL_S:
+            self._read_core_figures()
+        return FIGURES_INTERVAL_S
+
+    @contextlib.contextmanager
+    def _core_alive(self):
+        """vLLM's client raises `EngineDeadError` once its engine core is gone: the worker ends."""
+        try:
+            yield
+        except EngineDeadError:
+            engine_core_died(self.engine_core_pid)
+
+    def close(self) -> None:
+        """Stop the engine core, as the worker stops: its end is then no failure."""
+        self._stopping_core.set()
+        self.llm.engine_core.shutdown()
 
     def warm_up(self) -> None:
         """One small request with an image, through the whole path."""
@@ -191,7 +219,8 @@ class VllmEngine:
         started: list[int] = []
         try:
             for key, rendered, params in requests:
-                self.llm.add_request(str(key), rendered.engine_input, sampling_params(params))
+                with self._core_alive():
+                    self.llm.add_request(str(key), rendered.engine_input, sampling_params(params))
                 self.rows[str(key)] = _Row(time.perf_counter(), rendered.prompt_tokens)
                 started.append(key)
         except Exception as exc:
@@ -204,7 +233,8 @@ class VllmEngine:
     def abort(self, key: int) -> tuple[str, int]:
         """Stop a running request now: the text and the number of tokens it had made."""
         row = self.rows.pop(str(key))
-        self.llm.abort_request([str(key)])
+        with self._core_alive():
+            self.llm.abort_request([str(key)])
         return "".join(row.text), row.tokens
 
     def step(self) -> list[StepOutput]:
@@ -213,11 +243,20 @@ class VllmEngine:
         if time.monotonic() - self._core_figures_at >= FIGURES_INTERVAL_S:
             self._read_core_figures()
         outputs = []
-        for out in self.llm.step():
+        with self._core_alive():
+            step = self.llm.step()
+        for out in step:
             row = self.rows.get(out.request_id)
             if row is None:  # aborted meanwhile
                 continue
             piece = out.outputs[0]
+            if piece.finish_reason == "abort":  # not by qvl (its aborts left `rows`): the core is stopping
+                engine_core_died(self.engine_core_pid)
+            if piece.finish_reason == "error":  # vLLM's request-level failure, retryable by its own account
+                del self.rows[out.request_id]
+                outputs.append(StepOutput(int(out.request_id), "", 0,
+                                          error=WorkerFailed("vLLM's engine core failed this request")))
+                continue
             now = time.perf_counter()
             if row.first_at is None and piece.token_ids:
                 row.first_at = now
