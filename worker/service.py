@@ -19,7 +19,8 @@ when it names no key), a request that fails is answered with its own error, and 
 fails is split until the failing row is found, so the other rows still get answers. Only a
 CUDA error that leaves the context unusable ends the process (`WorkerExit.CUDA_FATAL`), and a
 failed step of a step-scheduled engine, whose running rows are then in an unknown state, or the
-death of vLLM's engine core (`WorkerExit.ENGINE_FAILED`); either way the supervisor retries their requests elsewhere.
+death of vLLM's engine core (`WorkerExit.ENGINE_FAILED`); either way the supervisor retries
+their requests elsewhere.
 """
 
 from __future__ import annotations

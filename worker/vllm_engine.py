@@ -109,8 +109,8 @@ class VllmEngine:
         self._core_figures_at = float("-inf")
         self.rows: dict[str, _Row] = {}
         # The image pool's threads hold the GIL while they process pixels; the main thread, back from
-        # waiting for the engine core's output, would wait up to the default 5 ms for it every step (vLLM's own server
-        # keeps these in separate processes). 0.5 ms bounds that wait.
+        # waiting for the engine core's output, would wait up to the default 5 ms for it every step
+        # (vLLM's own server processes images in its API process). 0.5 ms bounds that wait.
         sys.setswitchinterval(0.0005)
 
     @property
@@ -142,11 +142,14 @@ class VllmEngine:
             log.warning("event=engine_core_figures_failed error=%s: %s", type(exc).__name__, exc)
         self._core_figures_at = time.monotonic()
 
+    def _refresh_core_figures(self) -> None:
+        if time.monotonic() - self._core_figures_at >= FIGURES_INTERVAL_S:
+            self._read_core_figures()
+
     def idle(self) -> float:
         """Called by the worker while nothing runs: refresh the figures when due; the seconds until
         they are due again."""
-        if time.monotonic() - self._core_figures_at >= FIGURES_INTERVAL_S:
-            self._read_core_figures()
+        self._refresh_core_figures()
         return FIGURES_INTERVAL_S
 
     @contextlib.contextmanager
@@ -240,8 +243,7 @@ class VllmEngine:
     def step(self) -> list[StepOutput]:
         """One scheduling step: the new text of every request that made some, and the completions
         of those that ended."""
-        if time.monotonic() - self._core_figures_at >= FIGURES_INTERVAL_S:
-            self._read_core_figures()
+        self._refresh_core_figures()
         outputs = []
         with self._core_alive():
             step = self.llm.step()
