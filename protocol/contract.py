@@ -30,11 +30,19 @@ class ModelOptions:
     memory_fraction: float | None = None
     engine: str = "hf"  # "vllm": vLLM's engine in the worker; "noop" answers without a model (benchmarks)
     kv_cache: str = "auto"  # static (KV pool, CUDA graphs), continuous (the pool in rows), dynamic, auto
-    kv_cache_tokens: int = 32768  # size of the static KV pool: rows x length of the largest batch
+    kv_cache_tokens: int = 262144  # size of the KV pool in tokens
     vllm_memory_share: float = 0.4  # vLLM's gpu_memory_utilization: the device share it takes at load
     vllm_max_model_len: int = 32768  # prompt plus new tokens of one request, for vLLM
     vllm_compile: bool = True  # vLLM's torch.compile (slower start); off keeps full CUDA graphs for decode
     prefill_tokens: int = 8192  # continuous batching: prompt tokens a step prefills; longer prompts go in chunks
+    compile_decode: bool = True  # continuous batching on CUDA: torch.compile each decoder layer's step
+
+    @property
+    def kv_cache_mode(self) -> str:
+        """`kv_cache` with auto resolved: continuous batching on CUDA, transformers' generate on CPU."""
+        if self.kv_cache != "auto":
+            return self.kv_cache
+        return "continuous" if self.device.startswith("cuda") else "dynamic"
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,7 @@ class WorkerSpec:
     generation: int
     model: ModelOptions
     limits: Limits = field(default_factory=Limits)
-    max_batch_size: int = 8
+    max_batch_size: int = 64
     max_image_pixels: int = 40_000_000
     max_prompt_tokens: int = 16384
     heartbeat_interval_s: float = 1.0

@@ -15,7 +15,8 @@ wave at each concurrency, as large as the concurrency when that is larger), and 
 
 Workloads (`--workloads`): `uniform` (448x448 image, 64 new tokens, greedy) and `mixed` (images
 224² to 1344x896 and a fifth text-only, 16/64/256 new tokens, half greedy and half sampled with a
-seed each). qvl batches only requests of equal parameters, so in `mixed` few requests share a batch.
+seed each). qvl runs with its default configuration (continuous batching, 64 rows, the decode step
+compiled) and whatever `--worker-flags` adds.
 
 Columns: req/s and output tok/s over the wall time of the timed requests; p50/p99 client latency,
 send to answer; TTFT p50, for the requests that stream (every other one, qvl only): send to the
@@ -222,8 +223,7 @@ def qvl_rows(args, levels: list[int], workloads: dict[str, dict], seeds: dict) -
     started = time.perf_counter()
     sup = subprocess.Popen(
         [sys.executable, "-m", "qvl.supervisor.cli", "start", "--frontend", endpoint, "--model", args.model,
-         "--device", "cuda:0", "--max-batch-size", str(max(levels)), "--max-inflight", str(max(levels)),
-         *args.worker_flags.split()], stdout=open(log, "w"), stderr=subprocess.STDOUT)
+         "--device", "cuda:0", *args.worker_flags.split()], stdout=open(log, "w"), stderr=subprocess.STDOUT)
     rows: dict[str, list[str]] = {name: [] for name in workloads}
     try:
         with Client(endpoint, timeout=30) as c:

@@ -34,8 +34,8 @@ from qvl.protocol.messages import LENGTH, STOPPED, GenerationParams
 
 from .detokenizer import Detokenizer
 from .engine import NO_IMAGES, Completion, Engine, ImageInputs, Prompt, StepOutput
-from .kv_pool import (LENGTH_BUCKET, ChunkedPrefill, cache_argument, decode_step, next_positions,
-                      next_power_of_two, prefill, round_up)
+from .kv_pool import (LENGTH_BUCKET, ChunkedPrefill, cache_argument, next_positions, next_power_of_two,
+                      prefill, round_up)
 
 
 @dataclass
@@ -115,7 +115,12 @@ class ContinuousEngine:
                 "prefill_chunks": self.prefill_chunks}
 
     def warm_up(self) -> None:
+        """The model's warm-up, then a step of two buckets with every slot free (nothing changes):
+        with `compile_decode` the step is compiled here, once for all buckets, not at a request's."""
         self.engine.warm_up()
+        with torch.inference_mode():
+            for n, length in (2, LENGTH_BUCKET), (4, 2 * LENGTH_BUCKET):
+                self._decode(min(n, self.slots), min(length, self.slot_length))
 
     def process_images(self, messages: list, frames, params: GenerationParams) -> ImageInputs:
         return self.engine.process_images(messages, frames, params)
@@ -245,12 +250,14 @@ class ContinuousEngine:
         outputs = [failed] if failed else []
         outputs += [self._finish(slot) for slot in [s for s, row in self.rows.items() if self._ended(row)]]
         if self.rows:
-            n = min(next_power_of_two(max(self.rows) + 1), self.slots)
+            # never one row: torch.compile traces a dimension of size 1 apart from larger ones
+            n = min(max(2, next_power_of_two(max(self.rows) + 1)), self.slots)
             length = round_up(max(row.length for row in self.rows.values()), LENGTH_BUCKET)
             logits = self._decode(n, length)
             slots = sorted(self.rows)
-            chosen = self._choose(logits[slots], [self.rows[s] for s in slots]).tolist()
-            self.tokens[slots, 0] = torch.tensor(chosen, device=self.device)
+            chosen = self._choose(logits[slots], [self.rows[s] for s in slots])
+            self.tokens[slots, 0] = chosen
+            chosen = chosen.tolist()
             for slot, token in zip(slots, chosen):
                 row = self.rows[slot]
                 row.tokens.append(token)
@@ -302,7 +309,7 @@ class ContinuousEngine:
             cache[rows, :, write_at] = new[:, :, 0]
 
         kv = [(keys[:n, :, :length], values[:n, :, :length]) for keys, values in self.kv]
-        logits = decode_step(self.model, self.tokens[:n], self.positions[:, :n], kv, mask, write)
+        logits = self.engine.decode(self.tokens[:n], self.positions[:, :n], kv, mask, write)
         write_at += live  # a free slot stays at 0
         self.positions[:, :n] += live.view(1, n, 1)
         return logits

@@ -4,7 +4,8 @@ Owns everything that touches torch and transformers. Requests in one batch share
 generation parameters (the service groups them); prompts are left-padded so every row's new
 tokens start at the same column. Two ways to generate: `generate` from transformers with its
 dynamic cache (the reference, and the default on CPU), or the static KV pool and CUDA graphs of
-`kv_pool.py` (the default on CUDA). A batch too large for the pool is split in halves.
+`kv_pool.py`. A batch too large for the pool is split in halves. (The default on CUDA is neither:
+`continuous.py` runs this engine's model step by step.)
 A row's text ends before its first stop string (`stop_strings.py`); the row itself may run on to
 the batch's end. Seeded sampling picks tokens with `kv_pool.choose_tokens` on both ways, so a
 seed gives the same text whichever way generates it and whatever the batch.
@@ -32,7 +33,7 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from transformers.generation.streamers import BaseStreamer
 
 from .image_tokens import ImageTokens
-from .kv_pool import STOP_CHECK_EVERY, KVPool, Progress, choose_tokens
+from .kv_pool import STOP_CHECK_EVERY, DecodeStep, KVPool, Progress, choose_tokens
 from .prompts import PromptTokenizer
 from .stop_strings import cut_at_stop, find_stop, streamable
 
@@ -130,8 +131,11 @@ class Engine:
         tokenizer = self.processor.tokenizer
         self.eos_ids = set(_as_list(self.model.generation_config.eos_token_id)) | {tokenizer.eos_token_id}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        static = options.kv_cache == "static" or (options.kv_cache == "auto" and self.device.type == "cuda")
-        self.kv_pool = KVPool(self.model, options.kv_cache_tokens, self.eos_ids, self.pad_id) if static else None
+        mode = options.kv_cache_mode
+        compiled = mode == "continuous" and options.compile_decode and self.device.type == "cuda"
+        self.decode = DecodeStep(self.model, compiled) if mode in ("static", "continuous") else None
+        self.kv_pool = KVPool(self.decode, options.kv_cache_tokens, self.eos_ids, self.pad_id) \
+            if mode == "static" else None
         self.max_prompt_tokens = max_prompt_tokens
         self.prompt_tokenizer = PromptTokenizer(self.processor)
         self.image_tokens = ImageTokens.of(self.processor.image_processor)
@@ -199,12 +203,15 @@ class Engine:
         every few steps (streaming); rows are numbered within `prompts`."""
         inputs = self.inputs(prompts)
         n, length = inputs["input_ids"].shape
-        if self.kv_pool is None:
-            tokens, prefill_ms, decode_ms = self._generate(inputs.to(self.device), params, progress)
-        elif n > 1 and not self.kv_pool.fits(n, length, params.max_new_tokens):
+        # the prefill's memory grows with rows x length: a batch over the budget (or the pool) is split
+        too_large = n * length > self.options.prefill_tokens or \
+            (self.kv_pool is not None and not self.kv_pool.fits(n, length, params.max_new_tokens))
+        if n > 1 and too_large:
             half = n // 2
             later = None if progress is None else lambda rows: progress(lambda: [[]] * half + rows())
             return self.generate(prompts[:half], params, progress) + self.generate(prompts[half:], params, later)
+        if self.kv_pool is None:
+            tokens, prefill_ms, decode_ms = self._generate(inputs.to(self.device), params, progress)
         else:
             generated = self.kv_pool.generate(inputs.to(self.device), [p.images for p in prompts], params, progress,
                                               self._stopped(params))
@@ -376,11 +383,11 @@ class NoopEngine:
 
 def load_engine(spec: WorkerSpec):
     """The engine `spec` names: `Engine` (run-to-completion batches), `ContinuousEngine` around it
-    (`kv_cache = "continuous"`), `NoopEngine`, or `VllmEngine` (vLLM imported only then)."""
+    (`kv_cache = "continuous"`, or auto on CUDA), `NoopEngine`, or `VllmEngine` (vLLM imported only then)."""
     if spec.model.engine == "vllm":
         from .vllm_engine import VllmEngine
         return VllmEngine(spec.model, spec.max_prompt_tokens, spec.limits.max_images)
-    if spec.model.engine == "hf" and spec.model.kv_cache == "continuous":
+    if spec.model.engine == "hf" and spec.model.kv_cache_mode == "continuous":
         from .continuous import ContinuousEngine
         return ContinuousEngine(Engine(spec.model, spec.max_prompt_tokens), spec.max_batch_size)
     return (NoopEngine if spec.model.engine == "noop" else Engine)(spec.model, spec.max_prompt_tokens)

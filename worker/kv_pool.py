@@ -65,8 +65,9 @@ class _Bucket:
 class KVPool:
     """Prefill with the model's forward, then generate step by step from the pool."""
 
-    def __init__(self, model, kv_tokens: int, eos_ids: set[int], pad_id: int):
-        self.model = model
+    def __init__(self, decode: "DecodeStep", kv_tokens: int, eos_ids: set[int], pad_id: int):
+        self.decode = decode
+        self.model = model = decode.model
         self.text = model.model.language_model
         config = self.text.config
         self.kv_heads = config.num_key_value_heads
@@ -171,7 +172,7 @@ class KVPool:
     def _forward(self, bucket: _Bucket) -> torch.Tensor:
         """One token per row: write its keys and values at `write_at`, return next-token logits."""
         bucket.mask.index_fill_(3, bucket.write_at, True)
-        logits = decode_step(self.model, bucket.tokens, bucket.positions, bucket.kv, bucket.mask,
+        logits = self.decode(bucket.tokens, bucket.positions, bucket.kv, bucket.mask,
                              lambda cache, new: cache.index_copy_(2, bucket.write_at, new))
         bucket.write_at += 1
         bucket.positions += 1
@@ -264,32 +265,112 @@ class ChunkedPrefill:
         return self.model.lm_head(hidden[:, -1]).float()
 
 
-def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, kv: list, mask: torch.Tensor,
-                write: Callable[[torch.Tensor, torch.Tensor], object]) -> torch.Tensor:
-    """One new token per row through the Qwen3-VL text decoder's own modules: each layer's new keys
-    and values go into the cache by `write(cache, new)`, attention reads the cache under `mask`
-    (rows x 1 x 1 x length). The next-token logits per row."""
-    text = model.model.language_model
-    rows = tokens.shape[0]
-    head_dim = kv[0][0].shape[-1]
-    kv_heads = kv[0][0].shape[1]
-    hidden = text.embed_tokens(tokens)
-    cos, sin = text.rotary_emb(hidden, positions)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    split = (rows, 1, -1, head_dim)
-    for layer, (keys, values) in zip(text.layers, kv):
-        attn = layer.self_attn
-        x = layer.input_layernorm(hidden)
-        q = _rotate(attn.q_norm(attn.q_proj(x).view(split)).transpose(1, 2), cos, sin)
-        k = _rotate(attn.k_norm(attn.k_proj(x).view(split)).transpose(1, 2), cos, sin)
-        write(keys, k)
-        write(values, attn.v_proj(x).view(split).transpose(1, 2))
-        # the query heads sharing a key head become its query rows: grouped attention, no copies
-        q = q.reshape(rows, kv_heads, -1, head_dim)
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
-        hidden = hidden + attn.o_proj(o.reshape(rows, 1, -1))
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-    return model.lm_head(text.norm(hidden)[:, 0]).float()
+class DecodeStep:
+    """One new token per row through the Qwen3-VL text decoder's weights.
+
+    Each layer's step is two functions of tensors: the attention inputs (norm, q, k and v in one
+    matrix product, q/k norms, rotary embedding) and, after the new keys and values are written
+    into the cache, the rest (attention over the cache, output projection, norm, MLP with gate
+    and up in one product). They take every layer's weights as arguments, so with `compiled`
+    torch.compile traces each once for all layers and fuses its norms, rotations and activation
+    into a few kernels: about 12 kernels a layer where the modules launch about 50. Building one
+    stacks each layer's q, k and v weights (and gate and up) in one matrix and makes the modules'
+    weights views of it, so the model's own forward (prefill) reads the same memory.
+    """
+
+    def __init__(self, model, compiled: bool):
+        self.model = model
+        self.text = model.model.language_model
+        config = self.text.config
+        if config.hidden_act != "silu":
+            raise ValueError(f"the decode step runs silu MLPs, not {config.hidden_act}")
+        self.eps = config.rms_norm_eps
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.split = (config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim,
+                      config.num_key_value_heads * self.head_dim)
+        self.layers = [_LayerWeights.of(layer) for layer in self.text.layers]
+        self.attention_inputs = torch.compile(_attention_inputs) if compiled else _attention_inputs
+        self.attention_rest = torch.compile(_attention_rest) if compiled else _attention_rest
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv: list, mask: torch.Tensor,
+                 write: Callable[[torch.Tensor, torch.Tensor], object]) -> torch.Tensor:
+        """Each layer's new keys and values go into the cache by `write(cache, new)`; attention reads
+        the cache under `mask` (rows x 1 x 1 x length). The next-token logits per row."""
+        hidden = self.text.embed_tokens(tokens)
+        cos, sin = self.text.rotary_emb(hidden, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        for w, (keys, values) in zip(self.layers, kv):
+            q, k, v = self.attention_inputs(hidden, cos, sin, w.input_norm, w.qkv, w.qkv_bias, w.q_norm,
+                                            w.k_norm, self.split, self.head_dim, self.eps)
+            write(keys, k)
+            write(values, v)
+            hidden = self.attention_rest(hidden, q, keys, values, mask, w.scaling, w.o, w.o_bias, w.post_norm,
+                                         w.gate_up, w.down, self.eps)
+        return self.model.lm_head(self.text.norm(hidden)[:, 0]).float()
+
+
+@dataclass(frozen=True)
+class _LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor
+    k_norm: torch.Tensor
+    scaling: float
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+    @classmethod
+    def of(cls, layer) -> "_LayerWeights":
+        attn, mlp = layer.self_attn, layer.mlp
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        return cls(layer.input_layernorm.weight, _stacked(projections, "weight"), _stacked(projections, "bias"),
+                   attn.q_norm.weight, attn.k_norm.weight, attn.scaling, attn.o_proj.weight, attn.o_proj.bias,
+                   layer.post_attention_layernorm.weight, _stacked((mlp.gate_proj, mlp.up_proj), "weight"),
+                   mlp.down_proj.weight)
+
+
+def _stacked(linears, name: str) -> torch.Tensor | None:
+    """The `name` tensors (weight or bias) of `linears` in one, first dimension stacked; each
+    module's becomes a view of it, so the model holds them once."""
+    if getattr(linears[0], name) is None:
+        return None
+    whole = torch.cat([getattr(m, name).data for m in linears])
+    start = 0
+    for m in linears:
+        size = getattr(m, name).shape[0]
+        setattr(m, name, torch.nn.Parameter(whole[start:start + size], requires_grad=False))
+        start += size
+    return whole
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3's RMSNorm, computed as its module computes it (in float32, weight applied after)."""
+    wide = x.float()
+    return weight * (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _attention_inputs(hidden, cos, sin, input_norm, qkv, qkv_bias, q_norm, k_norm, split, head_dim, eps):
+    """One layer's query (rows x kv heads x the query heads sharing each x head dim), and its new
+    key and value (rows x kv heads x 1 x head dim)."""
+    rows = hidden.shape[0]
+    q, k, v = F.linear(_rms_norm(hidden, input_norm, eps), qkv, qkv_bias).split(split, dim=-1)
+    q = _rotate(_rms_norm(q.view(rows, 1, -1, head_dim), q_norm, eps).transpose(1, 2), cos, sin)
+    k = _rotate(_rms_norm(k.view(rows, 1, -1, head_dim), k_norm, eps).transpose(1, 2), cos, sin)
+    # the query heads sharing a key head become its query rows: grouped attention, no copies
+    return q.reshape(rows, k.shape[1], -1, head_dim), k, v.view(rows, 1, -1, head_dim).transpose(1, 2)
+
+
+def _attention_rest(hidden, q, keys, values, mask, scaling, o, o_bias, post_norm, gate_up, down, eps):
+    """The layer's output: attention over the cache under `mask`, then the MLP, each residual."""
+    rows = hidden.shape[0]
+    attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+    hidden = hidden + F.linear(attended.reshape(rows, 1, -1), o, o_bias)
+    gate, up = F.linear(_rms_norm(hidden, post_norm, eps), gate_up).chunk(2, dim=-1)
+    return hidden + F.linear(F.silu(gate) * up, down)
 
 
 def next_positions(model, inputs, images_per_row: list[int]) -> list[int]:

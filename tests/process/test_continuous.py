@@ -16,7 +16,7 @@ from qvl.protocol.messages import GenerationParams
 from qvl.worker.continuous import ContinuousEngine
 from qvl.worker.detokenizer import Detokenizer
 from qvl.worker.engine import NO_IMAGES, Engine
-from qvl.worker.kv_pool import ChunkedPrefill
+from qvl.worker.kv_pool import ChunkedPrefill, DecodeStep
 
 from harness import events, png, wait_gone
 
@@ -89,6 +89,27 @@ def test_rows_joining_at_different_steps_give_their_greedy_tokens_alone(referenc
         assert result["streamed"][key] == got.text
     assert result["done"][9].completion_tokens == 10  # the sampled row shared the batch
     assert not continuous.running
+
+
+@pytest.mark.timeout(600)
+def test_the_compiled_step_gives_the_eager_tokens_and_compiles_only_at_warm_up(reference, tiny_model):
+    """`compile_decode`'s step (on CUDA by default; built here on CPU): rows joining at different
+    steps give their greedy tokens alone, and the buckets they reach need no compile after warm-up."""
+    from torch._dynamo.utils import counters
+
+    engine = Engine(ModelOptions(str(tiny_model), "cpu", kv_cache="continuous", kv_cache_tokens=5120))
+    engine.decode = DecodeStep(engine.model, compiled=True)
+    continuous = ContinuousEngine(engine, rows=5)
+    continuous.warm_up()
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled >= 2  # both halves of a layer, at least
+    lengths = [12, 20, 7, 16]
+    params = [GenerationParams(max_new_tokens=n, min_new_tokens=n) for n in lengths]
+    result = run(continuous, {0: [(0, REQUESTS[0], params[0])], 3: [(1, REQUESTS[1], params[1])],
+                              4: [(2, REQUESTS[2], params[2]), (3, REQUESTS[3], params[3])]})
+    for key in range(4):
+        assert result["done"][key].text == alone(reference, REQUESTS[key], params[key]).text, key
+    assert counters["stats"]["unique_graphs"] == compiled
 
 
 def test_stop_tokens_end_a_row_as_generate_does(reference, continuous):
