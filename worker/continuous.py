@@ -7,7 +7,7 @@ prompt joins alone). Their prompts are
 prefilled by the model's own forward (the vision tower and all), one forward per group of prompts
 whose lengths round up to the same multiple of `LENGTH_BUCKET`, left-padded to the longest; each
 row's keys and values, without the padding, are copied into its slot. Every step decodes one
-token for every row of the lowest power-of-two bucket of slots that holds all running rows, over
+token for every row of the lowest power-of-two bucket of slots (two at least) that holds all running rows, over
 the shortest multiple of `LENGTH_BUCKET` that holds the longest row; each row writes at its own
 position, with its own mask, rotary position and sampling parameters (temperature, top-k, top-p,
 a seed, stop strings, min and max new tokens), so requests with different parameters share the
@@ -17,6 +17,8 @@ made incrementally (`detokenizer.py`), so a step's work does not grow with the a
 
 On CUDA each (rows, length) bucket's step is captured once as a CUDA graph over the slots' state
 tensors and replayed; on CPU the same step runs eagerly (how it is tested against `generate`).
+Every bucket is captured at warm-up; with `compile_decode` (on CUDA, the default) the step's layer
+functions are compiled there (`kv_pool.DecodeStep`), and a shape warm-up missed runs uncompiled.
 A prompt longer than `prefill_tokens` joins alone and is prefilled in chunks of that many tokens,
 one chunk per step before the running rows decode (`kv_pool.ChunkedPrefill`), so a 10 000-token
 image prompt delays each step by one chunk instead of stalling every row for its whole prefill;
@@ -24,6 +26,7 @@ one such prompt is prefilled at a time, in a slot reserved for it.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -36,6 +39,8 @@ from .detokenizer import Detokenizer
 from .engine import NO_IMAGES, Completion, Engine, ImageInputs, Prompt, StepOutput
 from .kv_pool import (LENGTH_BUCKET, ChunkedPrefill, cache_argument, next_positions, next_power_of_two,
                       prefill, round_up)
+
+log = logging.getLogger("qvl.worker")
 
 
 @dataclass
@@ -115,18 +120,46 @@ class ContinuousEngine:
                 "prefill_chunks": self.prefill_chunks}
 
     def warm_up(self) -> None:
-        """The model's warm-up, then a step of two buckets with every slot free (nothing changes):
-        with `compile_decode` the step is compiled here, once for all buckets, not at a request's."""
+        """The model's warm-up, then every bucket of rows captured (`capture_buckets`). With
+        `compile_decode`, the step is compiled there; should compiling fail, the step runs
+        uncompiled. After that a shape no bucket covered runs uncompiled too, and no request waits
+        for a compile."""
         self.engine.warm_up()
-        with torch.inference_mode():
-            for n, length in (2, LENGTH_BUCKET), (4, 2 * LENGTH_BUCKET):
-                self._decode(min(n, self.slots), min(length, self.slot_length))
+        decode = self.engine.decode
+        try:
+            self.capture_buckets()
+        except Exception as exc:
+            if not decode.compiled:
+                raise
+            log.warning("event=compile_failed error=%s: the decode step runs uncompiled", type(exc).__name__,
+                        exc_info=True)
+            decode.uncompile()
+            self.graphs.clear()
+            self.capture_buckets()
+        if decode.compiled:
+            torch.compiler.set_stance("eager_on_recompile")
+
+    @torch.inference_mode()
+    def capture_buckets(self) -> None:
+        """A step of every row bucket (two rows to all slots) at the shortest and the longest
+        length, with every slot free (nothing changes): each graph is captured, and the compiled
+        step traced, here rather than at a request's step."""
+        rows = {min(1 << k, self.slots) for k in range(1, max(2, self.slots).bit_length() + 1)}
+        for n in sorted(rows):
+            for length in sorted({LENGTH_BUCKET, self.slot_length}):
+                self._decode(n, length)
 
     def process_images(self, messages: list, frames, params: GenerationParams) -> ImageInputs:
         return self.engine.process_images(messages, frames, params)
 
     def check_images(self, messages: list, sizes: list[tuple[int, int]], params: GenerationParams) -> tuple[int, ...]:
-        return self.engine.check_images(messages, sizes, params)
+        """The engine's check, and the image tokens with the new ones must fit a row: a request
+        too long for one is refused before any pixel is processed."""
+        tokens = self.engine.check_images(messages, sizes, params)
+        if sum(tokens) + params.max_new_tokens > self.slot_length:
+            raise BadRequest(f"{sum(tokens)} image tokens plus max_new_tokens {params.max_new_tokens} "
+                             f"exceed a batch row of {self.slot_length} tokens")
+        return tokens
 
     def prompt(self, messages: list, images: ImageInputs | object, params: GenerationParams) -> Prompt:
         """A request's prompt (`images` as `process_images` made them, or anything else for none),

@@ -289,8 +289,15 @@ class DecodeStep:
         self.split = (config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim,
                       config.num_key_value_heads * self.head_dim)
         self.layers = [_LayerWeights.of(layer) for layer in self.text.layers]
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()  # the blocks the unstacked weights held
+        self.compiled = compiled
         self.attention_inputs = torch.compile(_attention_inputs) if compiled else _attention_inputs
         self.attention_rest = torch.compile(_attention_rest) if compiled else _attention_rest
+
+    def uncompile(self) -> None:
+        self.compiled = False
+        self.attention_inputs, self.attention_rest = _attention_inputs, _attention_rest
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv: list, mask: torch.Tensor,
                  write: Callable[[torch.Tensor, torch.Tensor], object]) -> torch.Tensor:

@@ -216,6 +216,8 @@ class WorkerService:
             self._join(joining[half:])
         else:
             self.running.update((job.key, job) for job in jobs)
+            for job in jobs:  # the engine has what it needs: the pixels need not live as long as the row
+                job.prompt, job.images = None, _NO_IMAGES
 
     def _step(self) -> None:
         try:

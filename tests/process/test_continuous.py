@@ -94,22 +94,31 @@ def test_rows_joining_at_different_steps_give_their_greedy_tokens_alone(referenc
 @pytest.mark.timeout(600)
 def test_the_compiled_step_gives_the_eager_tokens_and_compiles_only_at_warm_up(reference, tiny_model):
     """`compile_decode`'s step (on CUDA by default; built here on CPU): rows joining at different
-    steps give their greedy tokens alone, and the buckets they reach need no compile after warm-up."""
+    steps, up to every slot, give their greedy tokens alone, and the buckets they reach need no
+    compile after the buckets are captured at warm-up."""
     from torch._dynamo.utils import counters
 
-    engine = Engine(ModelOptions(str(tiny_model), "cpu", kv_cache="continuous", kv_cache_tokens=5120))
+    engine = Engine(ModelOptions(str(tiny_model), "cpu", kv_cache="continuous", kv_cache_tokens=4096))
     engine.decode = DecodeStep(engine.model, compiled=True)
-    continuous = ContinuousEngine(engine, rows=5)
-    continuous.warm_up()
+    continuous = ContinuousEngine(engine, rows=8)
+    continuous.capture_buckets()  # what warm_up does after the model's warm-up, before it seals
     compiled = counters["stats"]["unique_graphs"]
     assert compiled >= 2  # both halves of a layer, at least
-    lengths = [12, 20, 7, 16]
+    lengths = [12, 20, 7, 16, 9, 14]
     params = [GenerationParams(max_new_tokens=n, min_new_tokens=n) for n in lengths]
-    result = run(continuous, {0: [(0, REQUESTS[0], params[0])], 3: [(1, REQUESTS[1], params[1])],
-                              4: [(2, REQUESTS[2], params[2]), (3, REQUESTS[3], params[3])]})
-    for key in range(4):
-        assert result["done"][key].text == alone(reference, REQUESTS[key], params[key]).text, key
+    requests = REQUESTS + REQUESTS[:2]
+    result = run(continuous, {0: [(0, requests[0], params[0])], 3: [(1, requests[1], params[1])],
+                              4: [(k, requests[k], params[k]) for k in range(2, 6)]})
+    for key in range(6):
+        assert result["done"][key].text == alone(reference, requests[key], params[key]).text, key
     assert counters["stats"]["unique_graphs"] == compiled
+
+
+def test_a_request_too_long_for_a_row_is_refused_before_its_pixels_are_made(continuous):
+    params = GenerationParams(max_new_tokens=1000)  # a row is 1024 tokens
+    messages, images = image_request((448, 448), "What is it?", 5)
+    with pytest.raises(BadRequest, match="exceed a batch row of 1024 tokens"):
+        continuous.check_images(messages, [image.size for image in images], params)
 
 
 def test_stop_tokens_end_a_row_as_generate_does(reference, continuous):

@@ -54,14 +54,16 @@ def test_serves_an_image_with_vllm_telemetry(vllm_supervisor):
 def test_a_stream_is_the_answer_in_pieces(vllm_supervisor):
     """Chunks carry only new text, and random weights seldom make a token with text (the preset's
     tokenizer knows 8 192 of the model's 151 936 ids): of 2000 greedy tokens, some text comes
-    before the last chunk."""
+    before the last chunk. That the chunks make up the answer the client checks itself (`_Stream`).
+    Greedy tokens are not compared with a second request's: vLLM serves the second from its prefix
+    cache and is not batch-invariant, so on an H200 the same prompt gave other tokens from the first."""
     messages = [{"role": "user", "content": [{"type": "text", "text": "Count to ten."}]}]
     with vllm_supervisor.client(timeout=120) as client:
         chunks = list(client.stream(messages, max_new_tokens=2000, min_new_tokens=2000))
         whole = client.generate(messages, max_new_tokens=2000, min_new_tokens=2000)
     assert len(chunks) >= 2 and chunks[-1].done and all(c.text for c in chunks[:-1])
-    assert "".join(c.text for c in chunks) == whole.text  # greedy: the same text both ways
     assert chunks[-1].usage["completion_tokens"] == whole.usage["completion_tokens"] == 2000
+    assert chunks[-1].finish_reason == whole.finish_reason == "length"
 
 
 @pytest.mark.timeout(600)

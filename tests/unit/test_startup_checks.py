@@ -35,11 +35,11 @@ def test_static_kv_pool_and_weights_are_read_from_the_folder(model_4b):
 
 def test_a_reserved_threshold_below_a_fresh_worker_is_refused_with_the_numbers(model_4b):
     with pytest.raises(ConfigError) as refused:
-        Config(model=str(model_4b), recycle_reserved_bytes=12 * GIB).validate()
-    message = str(refused.value)
-    assert "recycle_reserved_bytes" in message and "4.50 GiB" in message and "8.50 GiB" in message
-    assert "36 layers x 8 kv heads x 128 head dim x 2 x 32768 tokens x 2 bytes" in message
-    Config(model=str(model_4b), recycle_reserved_bytes=14 * GIB).validate()  # above 13 GiB: fine
+        Config(model=str(model_4b), recycle_reserved_bytes=44 * GIB).validate()
+    message = str(refused.value)  # the default pool: 262 144 tokens
+    assert "recycle_reserved_bytes" in message and "36.00 GiB" in message and "8.50 GiB" in message
+    assert "36 layers x 8 kv heads x 128 head dim x 2 x 262144 tokens x 2 bytes" in message
+    Config(model=str(model_4b), recycle_reserved_bytes=45 * GIB).validate()  # above 44.5 GiB: fine
     Config(model=str(model_4b), recycle_reserved_bytes=0).validate()  # 0: off
     Config(model=str(model_4b), recycle_reserved_bytes=12 * GIB, kv_cache_tokens=8192).validate()
 
