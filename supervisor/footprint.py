@@ -1,7 +1,8 @@
 """What a fresh worker holds before its first request, read torch-free from the model folder.
 
-The weights (the safetensors files' size on disk) and the static KV pool (from `config.json`:
-layers x kv heads x head dim x 2 x `kv_cache_tokens` x dtype bytes). `Config.validate` uses it
+The weights (the safetensors files' size on disk) and the KV pool where `kv_cache` resolves to
+static or continuous (from `config.json`: layers x kv heads x head dim x 2 x `kv_cache_tokens` x
+dtype bytes). `Config.validate` uses it
 to refuse a soft recycle threshold that a fresh worker would already trip, which would recycle
 it forever. A hub id or a folder it cannot read gives no figure, and no check: never a guess.
 Never imports torch.
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from qvl.protocol.contract import ModelOptions
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -36,7 +39,7 @@ def fresh_worker_footprint(model: str, device: str, kv_cache: str, kv_cache_toke
     except (OSError, ValueError):
         return None
     cuda = device.startswith("cuda")
-    if not (kv_cache in ("static", "continuous") or (kv_cache == "auto" and cuda)):
+    if ModelOptions(model, device, kv_cache=kv_cache).kv_cache_mode not in ("static", "continuous"):
         return Footprint(weights, 0, "no static KV pool")
     text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
     try:
