@@ -2,9 +2,8 @@
 
 The weights (the safetensors files' size on disk) and the KV pool where `kv_cache` resolves to
 static or continuous (from `config.json`: layers x kv heads x head dim x 2 x `kv_cache_tokens` x
-dtype bytes). `Config.validate` uses it
-to refuse a soft recycle threshold that a fresh worker would already trip, which would recycle
-it forever. A hub id or a folder it cannot read gives no figure, and no check: never a guess.
+dtype bytes). `Config.validate` uses it to refuse a soft recycle threshold that a fresh worker
+would already trip, which would recycle it forever. A hub id or a folder it cannot read gives no figure, and no check: never a guess.
 Never imports torch.
 """
 

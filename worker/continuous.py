@@ -73,9 +73,7 @@ class ContinuousEngine:
         self.engine = engine
         self.device = engine.device
         self.model = engine.model
-        config = self.model.model.language_model.config
-        kv_heads = config.num_key_value_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads, head_dim = engine.decode.kv_heads, engine.decode.head_dim
         self.slots = max(1, min(rows, engine.options.kv_cache_tokens // LENGTH_BUCKET))
         self.slot_length = engine.options.kv_cache_tokens // self.slots // LENGTH_BUCKET * LENGTH_BUCKET
         shape = (self.slots, kv_heads, self.slot_length, head_dim)

@@ -69,9 +69,7 @@ class KVPool:
         self.decode = decode
         self.model = model = decode.model
         self.text = model.model.language_model
-        config = self.text.config
-        self.kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.kv_heads, self.head_dim = decode.kv_heads, decode.head_dim
         self.kv_tokens = kv_tokens
         self.device = model.device
         self.pool = torch.zeros((len(self.text.layers), 2, kv_tokens * self.kv_heads * self.head_dim),
@@ -286,8 +284,9 @@ class DecodeStep:
             raise ValueError(f"the decode step runs silu MLPs, not {config.hidden_act}")
         self.eps = config.rms_norm_eps
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.split = (config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim,
-                      config.num_key_value_heads * self.head_dim)
+        self.kv_heads = config.num_key_value_heads
+        self.split = (config.num_attention_heads * self.head_dim, self.kv_heads * self.head_dim,
+                      self.kv_heads * self.head_dim)
         self.layers = [_LayerWeights.of(layer) for layer in self.text.layers]
         if model.device.type == "cuda":
             torch.cuda.empty_cache()  # the blocks the unstacked weights held
