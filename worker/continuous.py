@@ -3,10 +3,11 @@
 The KV pool (`kv_cache_tokens`) is cut into `rows` slots of equal length. Requests join between
 steps, each in the lowest free slot: the worker hands over, in one `add`, the requests ready, in
 order, while each has a free row and their prompt tokens stay within `prefill_tokens` (a longer
-prompt joins alone). Their prompts are
-prefilled by the model's own forward (the vision tower and all), one forward per group of prompts
-whose lengths round up to the same multiple of `LENGTH_BUCKET`, left-padded to the longest; each
-row's keys and values, without the padding, are copied into its slot. Every step decodes one
+prompt joins alone). Their prompts are prefilled one forward per group of prompts whose lengths
+round up to the same multiple of `LENGTH_BUCKET`, padded on the right to the longest: the model's
+own forward up to its text decoder (the vision tower, the image features put in place), then the
+decoder's layers as `kv_pool.DecodeStep` runs them, compiled like the step and writing each row's
+keys and values straight into its slot. Every step decodes one
 token for every row of the lowest power-of-two bucket of slots (two at least) that holds all running rows, over
 the shortest multiple of `LENGTH_BUCKET` that holds the longest row; each row writes at its own
 position, with its own mask, rotary position and sampling parameters (temperature, top-k, top-p,
@@ -17,8 +18,9 @@ made incrementally (`detokenizer.py`), so a step's work does not grow with the a
 
 On CUDA each (rows, length) bucket's step is captured once as a CUDA graph over the slots' state
 tensors and replayed; on CPU the same step runs eagerly (how it is tested against `generate`).
-Every bucket is captured at warm-up; with `compile_decode` (on CUDA, the default) the step's layer
-functions are compiled there (`kv_pool.DecodeStep`), and a shape warm-up missed runs uncompiled.
+Every bucket is captured at warm-up; with `compile_decode` (on CUDA, the default) the step's and
+the prefill's layer functions are compiled there (`kv_pool.DecodeStep`), and a shape warm-up
+missed runs uncompiled.
 A prompt longer than `prefill_tokens` joins alone and is prefilled in chunks of that many tokens,
 one chunk per step before the running rows decode (`kv_pool.ChunkedPrefill`), so a 10 000-token
 image prompt delays each step by one chunk instead of stalling every row for its whole prefill;
@@ -37,8 +39,7 @@ from qvl.protocol.messages import LENGTH, STOPPED, GenerationParams
 
 from .detokenizer import Detokenizer
 from .engine import NO_IMAGES, Completion, Engine, ImageInputs, Prompt, StepOutput
-from .kv_pool import (LENGTH_BUCKET, ChunkedPrefill, cache_argument, next_positions, next_power_of_two,
-                      prefill, round_up)
+from .kv_pool import LENGTH_BUCKET, ChunkedPrefill, decoder_inputs, next_positions, next_power_of_two, round_up
 
 log = logging.getLogger("qvl.worker")
 
@@ -92,7 +93,6 @@ class ContinuousEngine:
         self.rows: dict[int, _Row] = {}  # slot -> its request
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
-        self.cache_arg = cache_argument(self.model)
         self.prefill_forwards = 0  # model forwards that prefilled joining requests
         self.chunked: _Chunked | None = None  # the one long prompt being prefilled a chunk per step
         self.prefill_chunks = 0  # forwards that prefilled a chunk of a long prompt (not in prefill_forwards)
@@ -139,9 +139,15 @@ class ContinuousEngine:
 
     @torch.inference_mode()
     def capture_buckets(self) -> None:
-        """A step of every row bucket (two rows to all slots) at the shortest and the longest
-        length, with every slot free (nothing changes): each graph is captured, and the compiled
-        step traced, here rather than at a request's step."""
+        """A prefill of one row and of two, then a step of every row bucket (two rows to all slots)
+        at the shortest and the longest length, with every slot free (nothing changes but the free
+        slots' caches): each graph is captured, and the compiled prefill and step traced, here
+        rather than at a request's step. The prefill's layers are traced for prompts of any length;
+        one row apart from more, as torch.compile traces a dimension of size 1."""
+        for rows, tokens in ((1, 17), (min(2, self.slots), 33)):
+            ids = torch.full((rows, tokens), self.engine.pad_id, dtype=torch.long, device=self.device)
+            given = {"inputs_embeds": self.model.model.language_model.embed_tokens(ids)}
+            self._prefill_into(self.row_index[:rows], given, torch.full((rows,), tokens, device=self.device))
         rows = {min(1 << k, self.slots) for k in range(1, max(2, self.slots).bit_length() + 1)}
         for n in sorted(rows):
             for length in sorted({LENGTH_BUCKET, self.slot_length}):
@@ -193,28 +199,34 @@ class ContinuousEngine:
             raise
 
     def _prefill(self, group: Sequence[tuple[int, Prompt, GenerationParams]], slots: list[int]) -> None:
-        """One forward over prompts left-padded to the longest, then each row's state in its slot:
-        its keys and values without the padding, so its positions are those of a prompt alone."""
+        """One forward over prompts padded on the right to the longest: the model's own forward up
+        to its text decoder (the vision tower and all), then the decoder's layers (`DecodeStep.prefill`),
+        which write each row's keys and values straight into its slot. A free slot's cache may be
+        written before the forward ends: only once it has are the rows seated."""
         added_at = time.perf_counter()
         prompts = [prompt for _, prompt, _ in group]
-        inputs = self.engine.inputs(prompts).to(self.device)
-        logits, cache = prefill(self.model, inputs, self.cache_arg)
+        inputs = self.engine.inputs(prompts, pad_left=False).to(self.device)
+        logits = self._prefill_into(torch.tensor(slots, device=self.device), decoder_inputs(self.model, inputs),
+                                    inputs["attention_mask"].sum(dim=1))
         self.prefill_forwards += 1
         rows = [self._new_row(key, len(prompt.ids), params, added_at) for key, prompt, params in group]
         first = self._choose(logits, rows).tolist()
         positions = next_positions(self.model, inputs, [prompt.images for prompt in prompts])
-        # the forward has run: only now do the free slots take the rows' state
-        for index, (slot, row) in enumerate(zip(slots, rows)):
-            self._seat(slot, row, cache, index, positions[index], first[index])
+        for slot, row, position, token in zip(slots, rows, positions, first):
+            self._seat(slot, row, position, token)
 
-    def _seat(self, slot: int, row: _Row, cache, index: int, position: int, first: int) -> None:
-        """Slot `slot` takes `row`: its keys and values, row `index` of the prefill's `cache`
-        without the padding on its left, so its positions are those of a prompt alone."""
+    def _prefill_into(self, slots: torch.Tensor, given: dict, lengths: torch.Tensor) -> torch.Tensor:
+        """The text decoder's prefill of `given` (`DecodeStep.prefill`), each row's keys and values
+        written into its slot of `slots`: the next-token logits per row."""
+        width = given["inputs_embeds"].shape[1]
+
+        def write(cache: torch.Tensor, new: torch.Tensor) -> None:
+            cache[slots, :, :width] = new
+        return self.engine.decode.prefill(given, lengths, self.kv, write)
+
+    def _seat(self, slot: int, row: _Row, position: int, first: int) -> None:
+        """Slot `slot`, whose cache holds the row's prompt, takes `row`."""
         n = row.prompt_tokens
-        for (keys, values), layer in zip(self.kv, cache.layers):
-            width = layer.keys.shape[2]
-            keys[slot, :, :n].copy_(layer.keys[index, :, width - n:])
-            values[slot, :, :n].copy_(layer.values[index, :, width - n:])
         self.mask[slot].zero_()
         self.mask[slot, 0, 0, :n] = True
         self.positions[:, slot, 0] = position
@@ -248,7 +260,10 @@ class ContinuousEngine:
             self.chunked = None
             first = int(self._choose(logits, [chunked.row])[0])
             position = next_positions(self.model, chunked.inputs, [chunked.images])[0]
-            self._seat(chunked.slot, chunked.row, chunked.prefill.cache, 0, position, first)
+            for (keys, values), layer in zip(self.kv, chunked.prefill.cache.layers):
+                keys[chunked.slot, :, :chunked.row.prompt_tokens].copy_(layer.keys[0])
+                values[chunked.slot, :, :chunked.row.prompt_tokens].copy_(layer.values[0])
+            self._seat(chunked.slot, chunked.row, position, first)
         except Exception as exc:
             self.chunked = None
             if chunked.slot in self.rows:

@@ -245,14 +245,16 @@ class Engine:
         """The text of tokens, special tokens left out."""
         return self.processor.tokenizer.decode(row, skip_special_tokens=True)
 
-    def inputs(self, prompts: list[Prompt]) -> BatchFeature:
-        """The model's inputs for `prompts`: ids left-padded to the longest, images in row order."""
+    def inputs(self, prompts: list[Prompt], pad_left: bool = True) -> BatchFeature:
+        """The model's inputs for `prompts`: ids padded to the longest (on the left, as `generate`
+        takes them, or on the right), images in row order."""
         width = max(len(p.ids) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for row, p in enumerate(prompts):
-            ids[row, width - len(p.ids):] = torch.tensor(p.ids, dtype=torch.long)
-            mask[row, width - len(p.ids):] = 1
+            columns = slice(width - len(p.ids), None) if pad_left else slice(0, len(p.ids))
+            ids[row, columns] = torch.tensor(p.ids, dtype=torch.long)
+            mask[row, columns] = 1
         inputs = {"input_ids": ids, "attention_mask": mask}
         if self.marks_image_tokens:
             inputs["mm_token_type_ids"] = (ids == self.image_token_id).long()

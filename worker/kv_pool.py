@@ -273,7 +273,9 @@ class DecodeStep:
     torch.compile traces each once for all layers and fuses its norms, rotations and activation
     into a few kernels: about 12 kernels a layer where the modules launch about 50. Building one
     stacks each layer's q, k and v weights (and gate and up) in one matrix and makes the modules'
-    weights views of it, so the model's own forward (prefill) reads the same memory.
+    weights views of it, so the model's own forward (the static pool's prefill, the vision side)
+    reads the same memory. `prefill` runs prompts through the same weights, compiled for prompts of
+    any length, with causal attention over each prompt instead of the cache.
     """
 
     def __init__(self, model, compiled: bool):
@@ -293,10 +295,14 @@ class DecodeStep:
         self.compiled = compiled
         self.attention_inputs = torch.compile(_attention_inputs) if compiled else _attention_inputs
         self.attention_rest = torch.compile(_attention_rest) if compiled else _attention_rest
+        # prompts differ in length: their functions are traced with the tokens a dimension of any size
+        self.prefill_inputs = torch.compile(_qkv, dynamic=True) if compiled else _qkv
+        self.prefill_rest = torch.compile(_prefill_rest, dynamic=True) if compiled else _prefill_rest
 
     def uncompile(self) -> None:
         self.compiled = False
         self.attention_inputs, self.attention_rest = _attention_inputs, _attention_rest
+        self.prefill_inputs, self.prefill_rest = _qkv, _prefill_rest
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv: list, mask: torch.Tensor,
                  write: Callable[[torch.Tensor, torch.Tensor], object]) -> torch.Tensor:
@@ -313,6 +319,35 @@ class DecodeStep:
             hidden = self.attention_rest(hidden, q, keys, values, mask, w.scaling, w.o, w.o_bias, w.post_norm,
                                          w.gate_up, w.down, self.eps)
         return self.model.lm_head(self.text.norm(hidden)[:, 0]).float()
+
+    def prefill(self, given: dict, lengths: torch.Tensor, kv: list,
+                write: Callable[[torch.Tensor, torch.Tensor], object]) -> torch.Tensor:
+        """The text decoder over prompts padded on the right, `given` as `decoder_inputs` takes it
+        from the model's forward (the embeddings with the image features in place, the rotary
+        positions, the deepstack features), `lengths` each row's tokens. Each layer's keys and values
+        (rows x kv heads x tokens x head dim) go into the cache by `write(cache, new)`, padding
+        included; the next-token logits per row, from its last token."""
+        hidden = given["inputs_embeds"]
+        positions = given.get("position_ids")
+        if positions is None:  # text only: the model numbers every row's tokens from 0, as padding on the right keeps them
+            rows, tokens = hidden.shape[:2]
+            positions = torch.arange(tokens, device=hidden.device).view(1, 1, -1).expand(3, rows, -1)
+        elif positions.shape[0] == 4:  # transformers 5.2x puts the text positions before the three rotary ones
+            positions = positions[1:]
+        cos, sin = self.text.rotary_emb(hidden, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        visual, deepstack = given.get("visual_pos_masks"), given.get("deepstack_visual_embeds") or []
+        for index, (w, (keys, values)) in enumerate(zip(self.layers, kv)):
+            q, k, v = self.prefill_inputs(hidden, cos, sin, w.input_norm, w.qkv, w.qkv_bias, w.q_norm, w.k_norm,
+                                          self.split, self.head_dim, self.eps)
+            write(keys, k)
+            write(values, v)
+            hidden = self.prefill_rest(hidden, q, k, v, w.scaling, w.o, w.o_bias, w.post_norm, w.gate_up, w.down,
+                                       self.eps)
+            if index < len(deepstack):  # the image features of a vision layer, added as the model adds them
+                hidden[visual] += deepstack[index].to(hidden.dtype)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
+        return self.model.lm_head(self.text.norm(last)).float()
 
 
 @dataclass(frozen=True)
@@ -359,22 +394,41 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _attention_inputs(hidden, cos, sin, input_norm, qkv, qkv_bias, q_norm, k_norm, split, head_dim, eps):
-    """One layer's query (rows x kv heads x the query heads sharing each x head dim), and its new
-    key and value (rows x kv heads x 1 x head dim)."""
-    rows = hidden.shape[0]
+def _qkv(hidden, cos, sin, input_norm, qkv, qkv_bias, q_norm, k_norm, split, head_dim, eps):
+    """One layer's queries (rows x heads x tokens x head dim), and its new keys and values (rows x
+    kv heads x tokens x head dim), of `hidden` (rows x tokens x hidden size)."""
+    rows, tokens = hidden.shape[:2]
     q, k, v = F.linear(_rms_norm(hidden, input_norm, eps), qkv, qkv_bias).split(split, dim=-1)
-    q = _rotate(_rms_norm(q.view(rows, 1, -1, head_dim), q_norm, eps).transpose(1, 2), cos, sin)
-    k = _rotate(_rms_norm(k.view(rows, 1, -1, head_dim), k_norm, eps).transpose(1, 2), cos, sin)
+    q = _rotate(_rms_norm(q.view(rows, tokens, -1, head_dim), q_norm, eps).transpose(1, 2), cos, sin)
+    k = _rotate(_rms_norm(k.view(rows, tokens, -1, head_dim), k_norm, eps).transpose(1, 2), cos, sin)
+    return q, k, v.view(rows, tokens, -1, head_dim).transpose(1, 2)
+
+
+def _attention_inputs(hidden, cos, sin, input_norm, qkv, qkv_bias, q_norm, k_norm, split, head_dim, eps):
+    """A decode step's `_qkv`, the query as (rows x kv heads x the query heads sharing each x head dim)."""
+    q, k, v = _qkv(hidden, cos, sin, input_norm, qkv, qkv_bias, q_norm, k_norm, split, head_dim, eps)
     # the query heads sharing a key head become its query rows: grouped attention, no copies
-    return q.reshape(rows, k.shape[1], -1, head_dim), k, v.view(rows, 1, -1, head_dim).transpose(1, 2)
+    return q.reshape(hidden.shape[0], k.shape[1], -1, head_dim), k, v
 
 
 def _attention_rest(hidden, q, keys, values, mask, scaling, o, o_bias, post_norm, gate_up, down, eps):
-    """The layer's output: attention over the cache under `mask`, then the MLP, each residual."""
-    rows = hidden.shape[0]
+    """A decode step's layer output: attention over the cache under `mask`, then `_output`."""
     attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
-    hidden = hidden + F.linear(attended.reshape(rows, 1, -1), o, o_bias)
+    return _output(hidden, attended.reshape(hidden.shape[0], 1, -1), o, o_bias, post_norm, gate_up, down, eps)
+
+
+def _prefill_rest(hidden, q, k, v, scaling, o, o_bias, post_norm, gate_up, down, eps):
+    """A prefill's layer output: causal attention of the prompt's tokens over themselves (a row's
+    padding, on its right, is never attended), then `_output`."""
+    rows, tokens = hidden.shape[:2]
+    attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+    return _output(hidden, attended.transpose(1, 2).reshape(rows, tokens, -1), o, o_bias, post_norm, gate_up,
+                   down, eps)
+
+
+def _output(hidden, attended, o, o_bias, post_norm, gate_up, down, eps):
+    """The output projection and the MLP, each with its residual."""
+    hidden = hidden + F.linear(attended, o, o_bias)
     gate, up = F.linear(_rms_norm(hidden, post_norm, eps), gate_up).chunk(2, dim=-1)
     return hidden + F.linear(F.silu(gate) * up, down)
 

@@ -221,7 +221,7 @@ def test_a_failed_joint_prefill_takes_no_slot(continuous, monkeypatch):
     params = GenerationParams(max_new_tokens=4)
     prompt = continuous.prompt(*text_request("Tell me a story."), params)
     long = continuous.prompt(*text_request("Tell me a story " * 80), params)
-    forward = continuous.model.forward
+    forward = continuous.engine.decode.prefill
     calls = []
 
     def fail_second(*args, **kwargs):
@@ -229,7 +229,7 @@ def test_a_failed_joint_prefill_takes_no_slot(continuous, monkeypatch):
         if len(calls) == 2:
             raise RuntimeError("injected")
         return forward(*args, **kwargs)
-    monkeypatch.setattr(continuous.model, "forward", fail_second)
+    monkeypatch.setattr(continuous.engine.decode, "prefill", fail_second)
     with pytest.raises(RuntimeError, match="injected"):
         continuous.add([(0, prompt, params), (1, long, params)])
     assert continuous.running == 0 and continuous.has_room([prompt] * 4, prompt)

@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Where the continuous engine's time goes on the mixed workload: the engine driven in this
+process (no supervisor, no sockets) with `--concurrency` requests kept in flight, each joining as
+one ends, and every call timed with the device synchronised. Prints the time in decode steps, in
+prefill forwards (the vision tower apart), in making pixels and prompts, and the short requests'
+latency beside their latency alone.
+
+    python scripts/profile_mixed.py --model DIR [--concurrency 32] [--requests 96] [--flags k=v ...]
+"""
+
+import argparse
+import collections
+import io
+import statistics
+import time
+
+import torch
+from PIL import Image
+
+from qvl.protocol.contract import ModelOptions
+from qvl.protocol.messages import GenerationParams
+from qvl.worker.continuous import ContinuousEngine
+from qvl.worker.engine import NO_IMAGES, Engine
+
+import workloads
+
+
+def made(engine, item):
+    """The item's messages, frames and params as the worker makes them, timed."""
+    p = item.params()
+    params = GenerationParams(max_new_tokens=p["max_new_tokens"], min_new_tokens=p["min_new_tokens"],
+                              temperature=p["temperature"], top_p=p["top_p"], seed=p.get("seed"))
+    content = [] if item.image is None else [{"type": "image", "frame": 0}]
+    messages = [{"role": "user", "content": [*content, {"type": "text", "text": item.text}]}]
+    t0 = time.perf_counter()
+    frames = [] if item.image is None else [Image.open(io.BytesIO(item.image)).convert("RGB")]
+    images = engine.process_images(messages, frames, params) if frames else NO_IMAGES
+    t1 = time.perf_counter()
+    prompt = engine.prompt(messages, images, params)
+    t2 = time.perf_counter()
+    return prompt, params, t1 - t0, t2 - t1
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Timer:
+    def __init__(self):
+        self.total = collections.defaultdict(float)
+        self.count = collections.Counter()
+        self.longest = collections.defaultdict(float)
+
+    def time(self, name, fn, *args):
+        sync()
+        t0 = time.perf_counter()
+        out = fn(*args)
+        sync()
+        took = time.perf_counter() - t0
+        self.total[name] += took
+        self.longest[name] = max(self.longest[name], took)
+        self.count[name] += 1
+        return out
+
+
+def run(engine, items, concurrency, timer):
+    """Keep `concurrency` requests in flight; returns each request's (max_new_tokens, latency)."""
+    queue = collections.deque(enumerate(items))
+    started, latency = {}, []
+    while queue or engine.running:
+        joining = []
+        while queue and engine.running + len(joining) < concurrency:
+            key, (prompt, params) = queue[0]
+            if not engine.has_room([p for _, p, _ in joining], prompt):
+                break
+            queue.popleft()
+            joining.append((key, prompt, params))
+            started[key] = time.perf_counter()
+        if joining:
+            timer.time("add", engine.add, joining)
+            timer.total["add tokens"] += sum(len(p.ids) for _, p, _ in joining)
+        for out in timer.time("step", engine.step):
+            if out.completion is not None or out.error is not None:
+                latency.append((items[out.key][1].max_new_tokens, time.perf_counter() - started[out.key]))
+    return latency
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=96)
+    ap.add_argument("--no-cudnn-attention", action="store_true", help="SDPA without its cuDNN backend")
+    ap.add_argument("--flags", nargs="*", default=[], help="ModelOptions fields, as name=value")
+    args = ap.parse_args()
+    fields = {k: type(getattr(ModelOptions, k))(v) if not isinstance(getattr(ModelOptions, k), bool)
+              else v == "true" for k, v in (f.split("=", 1) for f in args.flags)}
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    options = ModelOptions(args.model, args.device, **fields)
+    engine = ContinuousEngine(Engine(options), 64)
+    t0 = time.perf_counter()
+    engine.warm_up()
+    print(f"warm-up {time.perf_counter() - t0:.1f} s, options {fields}")
+
+    visual = engine.model.model.visual
+    vision = {"s": 0.0, "n": 0}
+
+    def before(*_):
+        sync()
+        vision["t"] = time.perf_counter()
+
+    def after(*_):
+        sync()
+        vision["s"] += time.perf_counter() - vision["t"]
+        vision["n"] += 1
+    visual.register_forward_pre_hook(before)
+    visual.register_forward_hook(after)
+
+    raw = workloads.mixed(args.requests + 16, seed=1)
+    made_items = [made(engine, item) for item in raw]
+    pixels_s = collections.defaultdict(list)
+    for item, (_, _, tp, _) in zip(raw, made_items):
+        pixels_s[None if item.image is None else Image.open(io.BytesIO(item.image)).size].append(tp)
+    items = [(p, params) for p, params, _, _ in made_items]
+
+    alone = Timer()
+    short_alone = [lat for n, lat in run(engine, items[:16], 1, alone) if n == workloads.SHORT]
+    vision.update(s=0.0, n=0)
+    timer = Timer()
+    t0 = time.perf_counter()
+    latency = run(engine, items[16:], args.concurrency, timer)
+    wall = time.perf_counter() - t0
+    short = [lat for n, lat in latency if n == workloads.SHORT]
+
+    print(f"\nconcurrency {args.concurrency}, {len(latency)} requests in {wall:.2f} s: {len(latency) / wall:.2f} req/s")
+    print("| part | calls | total s | share of wall | mean ms | longest ms |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name in ("step", "add"):
+        print(f"| {name} | {timer.count[name]} | {timer.total[name]:.2f} | {timer.total[name] / wall:.0%} | "
+              f"{1000 * timer.total[name] / max(1, timer.count[name]):.1f} | {1000 * timer.longest[name]:.0f} |")
+    print(f"| of add: vision tower | {vision['n']} | {vision['s']:.2f} | {vision['s'] / wall:.0%} | "
+          f"{1000 * vision['s'] / max(1, vision['n']):.1f} | |")
+    print(f"\nprefill: {engine.prefill_forwards} forwards, {engine.prefill_chunks} chunks, "
+          f"{timer.total['add tokens'] / max(1, timer.count['add']):.0f} prompt tokens per add")
+    print(f"16-token p50 {statistics.median(short):.3f} s under load, alone {statistics.median(short_alone):.3f} s "
+          f"({statistics.median(short) / statistics.median(short_alone):.1f}x)")
+    for size, times in pixels_s.items():
+        print(f"pixels {size}: {1000 * statistics.mean(times):.1f} ms (CPU, worker's image pool)")
+
+
+if __name__ == "__main__":
+    main()
