@@ -5,7 +5,7 @@ one ends, and every call timed with the device synchronised. Prints the time in 
 prefill forwards (the vision tower apart), in making pixels and prompts, and the short requests'
 latency beside their latency alone.
 
-    python scripts/profile_mixed.py --model DIR [--concurrency 32] [--requests 96] [--flags k=v ...]
+    python scripts/profile_mixed.py --model DIR [--concurrency 32] [--requests 96] [--alone 16] [--flags k=v ...]
 """
 
 import argparse
@@ -92,6 +92,7 @@ def main():
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--requests", type=int, default=96)
+    ap.add_argument("--alone", type=int, default=16, help="requests run one at a time first, for the short ones' latency")
     ap.add_argument("--no-cudnn-attention", action="store_true", help="SDPA without its cuDNN backend")
     ap.add_argument("--flags", nargs="*", default=[], help="ModelOptions fields, as name=value")
     args = ap.parse_args()
@@ -119,7 +120,7 @@ def main():
     visual.register_forward_pre_hook(before)
     visual.register_forward_hook(after)
 
-    raw = workloads.mixed(args.requests + 16, seed=1)
+    raw = workloads.mixed(args.requests + args.alone, seed=1)
     made_items = [made(engine, item) for item in raw]
     pixels_s = collections.defaultdict(list)
     for item, (_, _, tp, _) in zip(raw, made_items):
@@ -127,11 +128,11 @@ def main():
     items = [(p, params) for p, params, _, _ in made_items]
 
     alone = Timer()
-    short_alone = [lat for n, lat in run(engine, items[:16], 1, alone) if n == workloads.SHORT]
+    short_alone = [lat for n, lat in run(engine, items[:args.alone], 1, alone) if n == workloads.SHORT]
     vision.update(s=0.0, n=0)
     timer = Timer()
     t0 = time.perf_counter()
-    latency = run(engine, items[16:], args.concurrency, timer)
+    latency = run(engine, items[args.alone:], args.concurrency, timer)
     wall = time.perf_counter() - t0
     short = [lat for n, lat in latency if n == workloads.SHORT]
 
@@ -145,8 +146,9 @@ def main():
           f"{1000 * vision['s'] / max(1, vision['n']):.1f} | |")
     print(f"\nprefill: {engine.prefill_forwards} forwards, {engine.prefill_chunks} chunks, "
           f"{timer.total['add tokens'] / max(1, timer.count['add']):.0f} prompt tokens per add")
-    print(f"16-token p50 {statistics.median(short):.3f} s under load, alone {statistics.median(short_alone):.3f} s "
-          f"({statistics.median(short) / statistics.median(short_alone):.1f}x)")
+    if short and short_alone:
+        print(f"16-token p50 {statistics.median(short):.3f} s under load, alone {statistics.median(short_alone):.3f} s "
+              f"({statistics.median(short) / statistics.median(short_alone):.1f}x)")
     for size, times in pixels_s.items():
         print(f"pixels {size}: {1000 * statistics.mean(times):.1f} ms (CPU, worker's image pool)")
 

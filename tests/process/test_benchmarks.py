@@ -1,4 +1,5 @@
-"""The serving-path benchmark and its no-op engine: they run, and every request is answered."""
+"""The serving-path benchmark and its no-op engine, and the mixed-workload profile on the tiny
+model: they run, and every request is answered."""
 
 import subprocess
 import sys
@@ -29,3 +30,14 @@ def test_router_benchmark_prints_both_paths():
     rows = {line.split("  ")[0] for line in result.stdout.splitlines()}
     assert {"raw pyzmq DEALER echo (floor)", "bare Python proxy + echo worker (no qvl code)",
             "qvl supervisor + no-op worker"} <= rows
+
+
+def test_mixed_profile_times_steps_and_prefills(tiny_model):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_mixed.py"), "--model", str(tiny_model),
+                             "--device", "cpu", "--concurrency", "4", "--requests", "10", "--alone", "5",
+                             "--flags", "kv_cache=continuous", "kv_cache_tokens=32768"],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT / "scripts")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "concurrency 4, 10 requests in" in result.stdout
+    rows = {line.split(" | ")[0].strip("| ") for line in result.stdout.splitlines() if line.startswith("| ")}
+    assert {"step", "add", "of add: vision tower"} <= rows
