@@ -62,7 +62,7 @@ class Config:
     max_image_pixels: int = setting(40_000_000, "largest decoded image in pixels (decompression-bomb guard)")
     max_prompt_tokens: int = setting(16384, "most prompt tokens in one request, text and image tokens together; image tokens are counted from width and height before the model sees them")
     max_request_bytes: int = setting(64 << 20, "largest request message in bytes, header and every image frame together")
-    queue_bytes: int = setting(1 << 30, "byte budget of every request waiting in the queue together; past it requests get `overloaded`")
+    queue_bytes: int = setting(1 << 30, "byte budget of every accepted request not yet answered, queued or on a worker (the supervisor keeps each for a retry until its answer); past it requests get `overloaded`")
     frontend_hwm: int = setting(1000, "messages the frontend holds per client in each direction; replies to a client that never reads are dropped past it")
     heartbeat_interval_s: float = setting(1.0, "seconds between worker heartbeats")
     heartbeat_liveness: int = setting(10, "missed heartbeats after which a worker is presumed hung and killed")

@@ -30,6 +30,7 @@ def status(sup, header: dict) -> dict:
         "frontend": sup.config.frontend, "model": sup.config.model, "device": sup.config.device,
         "queue_depth": len(sup.queue), "queue_size": sup.config.queue_size,
         "inflight": sum(len(w.inflight) for w in sup.workers()),
+        "held_bytes": sup.open.bytes, "queue_bytes": sup.config.queue_bytes,
         "shutting_down": sup.shutting_down, "counters": dict(sup.counters), "gpus": gpus,
         "metrics": sup.metrics.snapshot(),
         "gateway": sup.gateway.status() if sup.gateway else None,

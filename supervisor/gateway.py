@@ -318,6 +318,8 @@ class _Snapshot:
                                         buckets=[(str(b), c) for b, c in h["buckets"]])
         yield GaugeMetricFamily("qvl_queue_depth", "requests waiting for a worker", value=s["queue_depth"])
         yield GaugeMetricFamily("qvl_inflight", "requests on workers", value=s["inflight"])
+        yield GaugeMetricFamily("qvl_held_bytes", "bytes of the requests accepted and not yet answered",
+                                value=s["held_bytes"])
         recycles = CounterMetricFamily("qvl_recycles", "worker recycles started, by reason", labels=["reason"])
         for reason, count in sorted(s["metrics"]["recycles"].items()):
             recycles.add_metric([reason], count)

@@ -57,12 +57,11 @@ class Request:
 
 
 class RequestQueue:
-    """FIFO of requests waiting for a worker, bounded by `capacity` requests and `byte_budget` bytes."""
+    """FIFO of requests waiting for a worker, bounded by `capacity` requests. Their bytes are
+    budgeted with every other accepted request's, in `OpenRequests`."""
 
-    def __init__(self, capacity: int, byte_budget: int):
+    def __init__(self, capacity: int):
         self.capacity = capacity
-        self.byte_budget = byte_budget
-        self.bytes = 0
         self._items: collections.deque[Request] = collections.deque()
 
     def __len__(self) -> int:
@@ -71,23 +70,19 @@ class RequestQueue:
     def __iter__(self) -> Iterator[Request]:
         return iter(self._items)
 
-    def refusal(self, size: int) -> str | None:
-        """Why a new request of `size` bytes cannot wait here now, or None if it can."""
+    def refusal(self) -> str | None:
+        """Why a new request cannot wait here now, or None if it can."""
         if len(self._items) >= self.capacity:
             return f"queue is full ({self.capacity} waiting)"
-        if self.bytes + size > self.byte_budget:
-            return f"queue holds {self.bytes} bytes; {size} more exceed its budget of {self.byte_budget}"
         return None
 
     def push(self, request: Request) -> None:
         self._items.append(request)
-        self.bytes += request.size
 
     def push_front(self, request: Request) -> None:
         """Put back a request whose worker died: it has waited longest, so it goes first.
-        Past the bounds if need be: an accepted request is never dropped."""
+        Past the bound if need be: an accepted request is never dropped."""
         self._items.appendleft(request)
-        self.bytes += request.size
 
     def remove(self, request: Request) -> bool:
         """Take `request` out of the queue; False if it is not waiting here."""
@@ -95,19 +90,15 @@ class RequestQueue:
             self._items.remove(request)  # by identity: `Request` compares as an object
         except ValueError:
             return False
-        self.bytes -= request.size
         return True
 
     def pop(self) -> Request:
-        request = self._items.popleft()
-        self.bytes -= request.size
-        return request
+        return self._items.popleft()
 
     def remove_expired(self, now: float) -> list[Request]:
         expired = [r for r in self._items if r.expired(now)]
         if expired:
             self._items = collections.deque(r for r in self._items if not r.expired(now))
-            self.bytes -= sum(r.size for r in expired)
         return expired
 
     def next_deadline(self) -> float | None:
@@ -115,7 +106,6 @@ class RequestQueue:
 
     def drain(self) -> list[Request]:
         items, self._items = list(self._items), collections.deque()
-        self.bytes = 0
         return items
 
 
@@ -130,19 +120,31 @@ class Cancelled:
 
 class OpenRequests:
     """Every accepted request not yet answered, by (client, the client's id): how a cancel finds
-    the request it names, and only among its own client's."""
+    the request it names, and only among its own client's. Their bytes, queued or on a worker
+    (where each is kept for a retry), share one budget: the supervisor's memory for requests."""
 
-    def __init__(self) -> None:
+    def __init__(self, byte_budget: int) -> None:
         self._open: dict[tuple[bytes, object], Request] = {}
+        self.byte_budget = byte_budget
+        self.bytes = 0  # of every request added and not answered, a reused id's older one included
 
     def __len__(self) -> int:
         return len(self._open)
 
+    def refusal(self, size: int) -> str | None:
+        """Why a new request of `size` bytes cannot be accepted now, or None if it can."""
+        if self.bytes + size > self.byte_budget:
+            return (f"accepted requests (queued or on a worker) hold {self.bytes} bytes; {size} more "
+                    f"exceed the budget of {self.byte_budget}")
+        return None
+
     def add(self, request: Request) -> None:
         self._open[(request.client, request.client_id)] = request
+        self.bytes += request.size
 
     def answered(self, request: Request) -> None:
-        """`request` got its reply. A client that reused an id keeps its newer request open."""
+        """`request` got its reply (each gets one). A client that reused an id keeps its newer request open."""
+        self.bytes -= request.size
         if self._open.get((request.client, request.client_id)) is request:
             del self._open[(request.client, request.client_id)]
 

@@ -51,8 +51,8 @@ class Supervisor:
     def __init__(self, config: Config):
         self.config = config
         self.limits = config.limits
-        self.queue = RequestQueue(config.queue_size, config.queue_bytes)
-        self.open = OpenRequests()  # accepted and not answered yet: what a cancel can name
+        self.queue = RequestQueue(config.queue_size)
+        self.open = OpenRequests(config.queue_bytes)  # accepted and not answered yet: what a cancel can name
         self.devices = DeviceMonitor()
         self.slots = [Slot(i, SlotLifecycle(i, config, time.monotonic()), gpu)
                       for i, gpu in enumerate(slot_gpus(config, self.devices.gpu_count()))]
@@ -267,7 +267,7 @@ class Supervisor:
         now = time.monotonic()
         deadline = now + request.timeout_ms / 1000.0 if request.timeout_ms else None
         queued = Request(key, client, request.id, worker_parts, accepted_at=now, deadline=deadline)
-        refusal = self.queue.refusal(queued.size)
+        refusal = self.queue.refusal() or self.open.refusal(queued.size)
         if refusal:
             raise Overloaded(refusal, request.id)
         self.queue.push(queued)

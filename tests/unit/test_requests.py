@@ -21,7 +21,7 @@ def request(key: int, client: bytes = b"a", client_id: object = None) -> Request
 
 
 def accepted(*requests: Request) -> tuple[RequestQueue, OpenRequests]:
-    queue, open_ = RequestQueue(16, 1 << 20), OpenRequests()
+    queue, open_ = RequestQueue(16), OpenRequests(1 << 20)
     for r in requests:
         queue.push(r)
         open_.add(r)
@@ -33,7 +33,7 @@ def test_a_queued_request_leaves_the_queue():
     queue, open_ = accepted(first, second, third)
     found = open_.cancel(b"a", "r2", queue)
     assert found.request is second and found.queued and second.cancelled
-    assert list(queue) == [first, third] and queue.bytes == first.size + third.size
+    assert list(queue) == [first, third] and open_.bytes == sum(r.size for r in (first, second, third))
 
 
 def test_a_dispatched_request_is_marked_and_stays_with_its_worker():
@@ -64,13 +64,27 @@ def test_an_id_reused_by_its_client_keeps_the_newer_request_open():
     assert open_.cancel(b"a", "x", queue).request is new
 
 
+def test_the_byte_budget_counts_every_request_until_its_answer_an_id_reused_included():
+    old, new = request(1, client_id="x"), request(2, client_id="x")
+    queue, open_ = RequestQueue(16), OpenRequests(old.size + new.size)
+    queue.push(old)
+    open_.add(old)
+    queue.pop()  # on a worker now: still held for a retry
+    queue.push(new)
+    open_.add(new)
+    assert open_.bytes == old.size + new.size
+    assert "budget" in open_.refusal(1) and open_.refusal(0) is None
+    open_.answered(old)
+    assert open_.bytes == new.size and open_.refusal(old.size) is None
+
+
 class Bookkeeping(RuleBasedStateMachine):
     """Requests move queued -> dispatched -> answered, or are cancelled on the way; the supervisor's
     rules: a cancel that finds a queued request answers it, any other ends when its worker answers."""
 
     def __init__(self):
         super().__init__()
-        self.queue, self.open = RequestQueue(1000, 1 << 30), OpenRequests()
+        self.queue, self.open = RequestQueue(1000), OpenRequests(1 << 30)
         self.keys = iter(range(1, 10_000))
         self.dispatched: list[Request] = []
         self.answers: dict[int, int] = {}
@@ -106,7 +120,7 @@ class Bookkeeping(RuleBasedStateMachine):
 
     @invariant()
     def books_balance(self):
-        assert self.queue.bytes == sum(r.size for r in self.queue)
+        assert self.open.bytes == sum(r.size for r in self.queue) + sum(r.size for r in self.dispatched)
         assert all(count <= 1 for count in self.answers.values())  # never answered twice
         waiting = {r.key for r in self.queue} | {r.key for r in self.dispatched}
         assert len(self.open) == len(waiting) and all(self.answers[k] == 0 for k in waiting)
