@@ -162,6 +162,8 @@ class _Calls:
     def _socket(self, ctx: zmq.Context) -> zmq.Socket:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        # a peer sending a larger message is dropped unread, as the supervisor drops one; calls waiting on it time out
+        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.transport_cap)
         if self.curve:
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self.curve
         sock.connect(self.endpoint)
@@ -291,7 +293,10 @@ class Client(_Calls):
 
 
 class AsyncClient(_Calls):
-    """asyncio client; concurrent calls share one socket and one reader task."""
+    """asyncio client; concurrent calls share one socket and one reader task. A call's messages
+    wait in its own inbox until it reads them, at most `limits.max_new_tokens` chunks and its reply,
+    all a server sends for a request it accepted: past that the call ends with `internal`, so a
+    peer that floods a call cannot grow the client however slowly the call is read."""
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 120.0,
                  limits: Limits = DEFAULT_LIMITS, curve: tuple | None = None):
@@ -369,7 +374,7 @@ class AsyncClient(_Calls):
         """Send a call; its messages arrive in the returned queue (the caller removes it when done)."""
         if self._reader is None:
             self._reader = asyncio.ensure_future(self._read_replies())
-        inbox: asyncio.Queue = asyncio.Queue()
+        inbox: asyncio.Queue = asyncio.Queue(self.limits.max_new_tokens + 1)
         self._pending[rid] = inbox
         try:  # with no supervisor connected, a send would wait forever
             await asyncio.wait_for(self._sock.send_multipart(parts, copy=False), self.timeout)
@@ -390,8 +395,15 @@ class AsyncClient(_Calls):
         while True:
             reply = read_reply(await self._sock.recv_multipart())
             inbox = None if reply is None else self._pending.get(reply["id"])
-            if inbox is not None:
-                inbox.put_nowait(reply)
+            if inbox is None:
+                continue
+            if inbox.full():  # more than any request's answer: the call ends, and nothing more reaches it
+                del self._pending[reply["id"]]
+                while not inbox.empty():
+                    inbox.get_nowait()
+                reply = {"id": reply["id"], "ok": False, "error": {
+                    "code": "internal", "message": f"malformed reply: more than {inbox.maxsize} messages for one call"}}
+            inbox.put_nowait(reply)
 
     async def close(self) -> None:
         if self._reader is not None:

@@ -206,6 +206,37 @@ def test_wait_ready_on_a_malformed_status_is_an_internal_error_or_waits(frontend
                 client.wait_ready(timeout=5)
 
 
+@pytest.mark.timeout(30)
+def test_a_call_flooded_past_any_answer_ends_internal_however_slowly_it_is_read(frontend):
+    """100 chunks for a stream that may have 16 tokens: its inbox holds 17 messages at most, then the
+    call ends with `internal` and is cancelled; the client serves the next call."""
+    endpoint, server = frontend(lambda n, r: [good(r["id"], "x", kind="chunk")] * 100 + [good(r["id"])]
+                                if n == 0 else [good(r["id"])])
+
+    async def run():
+        async with AsyncClient(endpoint, timeout=5, limits=Limits(max_new_tokens=16)) as client:
+            texts = []
+            with pytest.raises(InternalError, match="more than 17 messages"):
+                async for chunk in client.stream(MESSAGES, max_new_tokens=16):
+                    texts.append(chunk.text)
+                    await asyncio.sleep(0.05)  # read slowly: the reader takes everything meanwhile
+                    assert all(inbox.qsize() <= 17 for inbox in client._pending.values())
+            return texts, await client.generate(MESSAGES, max_new_tokens=4)
+    texts, after = asyncio.run(run())
+    assert len(texts) <= 17 and after.text == "fine"
+    assert wait_for(lambda: len(server.cancels) == 1)
+
+
+@pytest.mark.timeout(30)
+def test_a_message_over_the_transport_cap_is_never_read(frontend):
+    """A reply larger than the client's transport cap (4 x its largest frame) drops the connection
+    unread: the call times out instead of taking the bytes in."""
+    endpoint, _ = frontend(lambda n, r: [good(r["id"], "y" * 20_000)])
+    with Client(endpoint, timeout=1, limits=Limits(max_header_bytes=1024, max_frame_bytes=1024)) as client:
+        with pytest.raises(RequestTimeout):
+            client.generate(MESSAGES, max_new_tokens=4)
+
+
 def test_a_header_the_server_would_refuse_unread_is_refused_before_sending():
     client = Client("ipc:///nonexistent/qvl-test", timeout=1, limits=Limits(max_header_bytes=1024))
     try:
