@@ -11,6 +11,7 @@ latency beside their latency alone.
 import argparse
 import collections
 import io
+import json
 import statistics
 import time
 
@@ -86,6 +87,14 @@ def run(engine, items, concurrency, timer):
     return latency
 
 
+def _value(text):
+    """A flag's value as JSON reads it (true, 8192, 0.5), else the text itself (continuous)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -94,10 +103,9 @@ def main():
     ap.add_argument("--requests", type=int, default=96)
     ap.add_argument("--alone", type=int, default=16, help="requests run one at a time first, for the short ones' latency")
     ap.add_argument("--no-cudnn-attention", action="store_true", help="SDPA without its cuDNN backend")
-    ap.add_argument("--flags", nargs="*", default=[], help="ModelOptions fields, as name=value")
+    ap.add_argument("--flags", nargs="*", default=[], help="ModelOptions fields, as name=value (JSON values)")
     args = ap.parse_args()
-    fields = {k: type(getattr(ModelOptions, k))(v) if not isinstance(getattr(ModelOptions, k), bool)
-              else v == "true" for k, v in (f.split("=", 1) for f in args.flags)}
+    fields = {name: _value(text) for name, text in (flag.split("=", 1) for flag in args.flags)}
     if args.no_cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)
     options = ModelOptions(args.model, args.device, **fields)

@@ -6,8 +6,8 @@ order, while each has a free row and their prompt tokens stay within `prefill_to
 prompt joins alone). Their prompts are prefilled one forward per group of prompts whose lengths
 round up to the same multiple of `LENGTH_BUCKET`, padded on the right to the longest: the model's
 own forward up to its text decoder (the vision tower, the image features put in place), then the
-decoder's layers as `kv_pool.DecodeStep` runs them, compiled like the step and writing each row's
-keys and values straight into its slot. Every step decodes one
+decoder's layers through the step's functions (`kv_pool.DecodeStep.prefill`, compiled for prompts
+of any length, not graphed), writing each row's keys and values straight into its slot. Every step decodes one
 token for every row of the lowest power-of-two bucket of slots (two at least) that holds all running rows, over
 the shortest multiple of `LENGTH_BUCKET` that holds the longest row; each row writes at its own
 position, with its own mask, rotary position and sampling parameters (temperature, top-k, top-p,
@@ -118,36 +118,47 @@ class ContinuousEngine:
                 "prefill_chunks": self.prefill_chunks}
 
     def warm_up(self) -> None:
-        """The model's warm-up, then every bucket of rows captured (`capture_buckets`). With
-        `compile_decode`, the step is compiled there; should compiling fail, the step runs
-        uncompiled. After that a shape no bucket covered runs uncompiled too, and no request waits
-        for a compile."""
+        """The model's warm-up, then the prefill traced (`trace_prefill`) and every bucket of rows
+        captured (`capture_buckets`). With `compile_decode`, the prefill and the step are compiled
+        there; should either fail to compile, it runs uncompiled and the other stays compiled.
+        After that a shape warm-up did not meet runs uncompiled too, and no request waits for a
+        compile."""
         self.engine.warm_up()
         decode = self.engine.decode
-        try:
-            self.capture_buckets()
-        except Exception as exc:
-            if not decode.compiled:
-                raise
-            log.warning("event=compile_failed error=%s: the decode step runs uncompiled", type(exc).__name__,
-                        exc_info=True)
-            decode.uncompile()
-            self.graphs.clear()
-            self.capture_buckets()
-        if decode.compiled:
+        self._or_uncompiled("prefill", decode.prefill_compiled, self.trace_prefill)
+        self._or_uncompiled("step", decode.step_compiled, self.capture_buckets)
+        if decode.prefill_compiled or decode.step_compiled:
             torch.compiler.set_stance("eager_on_recompile")
 
+    def _or_uncompiled(self, part: str, compiled: bool, run) -> None:
+        try:
+            run()
+        except Exception as exc:
+            if not compiled:
+                raise
+            log.warning("event=compile_failed part=%s error=%s: it runs uncompiled", part, type(exc).__name__,
+                        exc_info=True)
+            self.engine.decode.uncompile(part)
+            self.graphs.clear()
+            run()
+
     @torch.inference_mode()
-    def capture_buckets(self) -> None:
-        """A prefill of one row and of two, then a step of every row bucket (two rows to all slots)
-        at the shortest and the longest length, with every slot free (nothing changes but the free
-        slots' caches): each graph is captured, and the compiled prefill and step traced, here
-        rather than at a request's step. The prefill's layers are traced for prompts of any length;
-        one row apart from more, as torch.compile traces a dimension of size 1."""
+    def trace_prefill(self) -> None:
+        """A prefill of one row and of two into free slots, so its compiled layers are traced here
+        for prompts of any length (one row apart from more: torch.compile traces a dimension of size
+        1 on its own). Only before any request joins: it writes those slots' caches."""
+        if self.running:
+            raise RuntimeError("the prefill is traced before any request joins")
         for rows, tokens in ((1, 17), (min(2, self.slots), 33)):
             ids = torch.full((rows, tokens), self.engine.pad_id, dtype=torch.long, device=self.device)
             given = {"inputs_embeds": self.model.model.language_model.embed_tokens(ids)}
             self._prefill_into(self.row_index[:rows], given, torch.full((rows,), tokens, device=self.device))
+
+    @torch.inference_mode()
+    def capture_buckets(self) -> None:
+        """A step of every row bucket (two rows to all slots) at the shortest and the longest
+        length, with every slot free (nothing changes): each graph is captured, and the compiled
+        step traced, here rather than at a request's step."""
         rows = {min(1 << k, self.slots) for k in range(1, max(2, self.slots).bit_length() + 1)}
         for n in sorted(rows):
             for length in sorted({LENGTH_BUCKET, self.slot_length}):

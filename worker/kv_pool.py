@@ -1,9 +1,11 @@
 """The KV pool: generation from a cache preallocated at load, each step replayed as a CUDA graph.
 
 Hugging Face `generate` launches about 2,000 kernels per token of the 4B model, so eager generation
-is bound by the CPU, not the GPU. Here the prompt is prefilled by the model's own forward (vision
-tower and all); its keys and values are copied into one KV pool allocated at load, and every later
-token is one replay of a CUDA graph captured per bucket of (rows, length). Rows round up to a
+is bound by the CPU, not the GPU. Here (`kv_cache = static`) the prompt is prefilled by the model's
+own forward (vision tower and all); its keys and values are copied into one KV pool allocated at
+load, and every later token is one replay of a CUDA graph captured per bucket of (rows, length).
+The continuous engine (`continuous.py`) prefills through `DecodeStep.prefill` instead, straight
+into its pool, and long prompts a chunk at a time (`ChunkedPrefill`). Rows round up to a
 power of two and length to a multiple of `LENGTH_BUCKET`, so a worker captures a few dozen graphs
 at most, each in a fraction of a second, and they share one memory pool. Generation then allocates
 nothing: the pool is the cache whatever the traffic, which also keeps the allocator from
@@ -200,10 +202,10 @@ class _Captured(Exception):
 
 
 def decoder_inputs(model, inputs) -> dict:
-    """What the model's own forward hands its text decoder for `inputs` (one row, no padding): the
-    embeddings with the image features in place, the rotary positions, and the visual positions
-    and features that deepstack adds in the first layers. The forward stops there: the decoder
-    runs later, in chunks (`ChunkedPrefill`)."""
+    """What the model's own forward hands its text decoder for `inputs`: the embeddings with the
+    image features in place, the rotary positions (numbered past padding by `attention_mask`), and
+    the visual positions and features that deepstack adds in the first layers. The forward stops
+    there: the decoder runs later, in chunks (`ChunkedPrefill`) or as `DecodeStep.prefill`."""
     text = model.model.language_model
     captured: dict = {}
 
@@ -292,17 +294,21 @@ class DecodeStep:
         self.layers = [_LayerWeights.of(layer) for layer in self.text.layers]
         if model.device.type == "cuda":
             torch.cuda.empty_cache()  # the blocks the unstacked weights held
-        self.compiled = compiled
+        self.step_compiled = self.prefill_compiled = compiled
         self.attention_inputs = torch.compile(_attention_inputs) if compiled else _attention_inputs
         self.attention_rest = torch.compile(_attention_rest) if compiled else _attention_rest
         # prompts differ in length: their functions are traced with the tokens a dimension of any size
         self.prefill_inputs = torch.compile(_qkv, dynamic=True) if compiled else _qkv
         self.prefill_rest = torch.compile(_prefill_rest, dynamic=True) if compiled else _prefill_rest
 
-    def uncompile(self) -> None:
-        self.compiled = False
-        self.attention_inputs, self.attention_rest = _attention_inputs, _attention_rest
-        self.prefill_inputs, self.prefill_rest = _qkv, _prefill_rest
+    def uncompile(self, part: str) -> None:
+        """Run `part`, "step" or "prefill", uncompiled from now on; the other stays as it is."""
+        if part == "step":
+            self.step_compiled = False
+            self.attention_inputs, self.attention_rest = _attention_inputs, _attention_rest
+        else:
+            self.prefill_compiled = False
+            self.prefill_inputs, self.prefill_rest = _qkv, _prefill_rest
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv: list, mask: torch.Tensor,
                  write: Callable[[torch.Tensor, torch.Tensor], object]) -> torch.Tensor:
@@ -328,12 +334,10 @@ class DecodeStep:
         (rows x kv heads x tokens x head dim) go into the cache by `write(cache, new)`, padding
         included; the next-token logits per row, from its last token."""
         hidden = given["inputs_embeds"]
-        positions = given.get("position_ids")
+        positions = given.get("position_ids")  # the three rows of multimodal RoPE
         if positions is None:  # text only: the model numbers every row's tokens from 0, as padding on the right keeps them
             rows, tokens = hidden.shape[:2]
             positions = torch.arange(tokens, device=hidden.device).view(1, 1, -1).expand(3, rows, -1)
-        elif positions.shape[0] == 4:  # transformers 5.2x puts the text positions before the three rotary ones
-            positions = positions[1:]
         cos, sin = self.text.rotary_emb(hidden, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         visual, deepstack = given.get("visual_pos_masks"), given.get("deepstack_visual_embeds") or []
@@ -421,7 +425,12 @@ def _prefill_rest(hidden, q, k, v, scaling, o, o_bias, post_norm, gate_up, down,
     """A prefill's layer output: causal attention of the prompt's tokens over themselves (a row's
     padding, on its right, is never attended), then `_output`."""
     rows, tokens = hidden.shape[:2]
-    attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+    grouped = q.dtype in (torch.float16, torch.bfloat16)
+    if not grouped:
+        # only flash attention (half precision) takes grouped keys as they are; in float32 the kernel
+        # that would take them builds rows x heads x tokens² weights, so each key head is repeated
+        k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+    attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=grouped)
     return _output(hidden, attended.transpose(1, 2).reshape(rows, tokens, -1), o, o_bias, post_norm, gate_up,
                    down, eps)
 

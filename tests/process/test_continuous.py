@@ -92,16 +92,17 @@ def test_rows_joining_at_different_steps_give_their_greedy_tokens_alone(referenc
 
 
 @pytest.mark.timeout(600)
-def test_the_compiled_step_gives_the_eager_tokens_and_compiles_only_at_warm_up(reference, tiny_model):
-    """`compile_decode`'s step (on CUDA by default; built here on CPU): rows joining at different
-    steps, up to every slot, give their greedy tokens alone, and the buckets they reach need no
-    compile after the buckets are captured at warm-up."""
+def test_the_compiled_step_and_prefill_give_the_eager_tokens_and_compile_only_at_warm_up(reference, tiny_model):
+    """`compile_decode`'s step and prefill (on CUDA by default; built here on CPU): rows joining at
+    different steps, alone and four together, up to every slot, give their greedy tokens alone,
+    and the prompts and buckets they reach need no compile after warm-up traced them."""
     from torch._dynamo.utils import counters
 
     engine = Engine(ModelOptions(str(tiny_model), "cpu", kv_cache="continuous", kv_cache_tokens=4096))
     engine.decode = DecodeStep(engine.model, compiled=True)
     continuous = ContinuousEngine(engine, rows=8)
-    continuous.capture_buckets()  # what warm_up does after the model's warm-up, before it seals
+    continuous.trace_prefill()  # what warm_up does after the model's warm-up, before it seals
+    continuous.capture_buckets()
     compiled = counters["stats"]["unique_graphs"]
     assert compiled >= 2  # both halves of a layer, at least
     lengths = [12, 20, 7, 16, 9, 14]
@@ -233,6 +234,65 @@ def test_a_failed_joint_prefill_takes_no_slot(continuous, monkeypatch):
     with pytest.raises(RuntimeError, match="injected"):
         continuous.add([(0, prompt, params), (1, long, params)])
     assert continuous.running == 0 and continuous.has_room([prompt] * 4, prompt)
+
+
+def test_a_prefill_failing_after_it_wrote_into_free_slots_leaves_the_running_row_as_it_was(
+        reference, continuous, monkeypatch):
+    """The prefill writes each layer's keys and values into the free slots as it goes: one that
+    fails in its last layer has written into them, and the row running beside them still gives
+    its greedy tokens alone; the slots are free for the next request."""
+    params = GenerationParams(max_new_tokens=12, min_new_tokens=12)
+    add(continuous, 0, REQUESTS[0], params)
+    done = {}
+
+    def step():
+        done.update((out.key, out.completion) for out in continuous.step() if out.completion is not None)
+    for _ in range(3):
+        step()
+    rest, calls = continuous.engine.decode.prefill_rest, []
+
+    def fail_in_the_last_layer(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == len(continuous.engine.decode.layers):
+            raise RuntimeError("injected")
+        return rest(*args, **kwargs)
+    monkeypatch.setattr(continuous.engine.decode, "prefill_rest", fail_in_the_last_layer)
+    with pytest.raises(RuntimeError, match="injected"):
+        add(continuous, 1, REQUESTS[2], params)
+    monkeypatch.undo()
+    assert continuous.running == 1
+    add(continuous, 2, REQUESTS[3], params)
+    while continuous.running:
+        step()
+    assert done[0].text == alone(reference, REQUESTS[0], params).text
+    assert done[2].text == alone(reference, REQUESTS[3], params).text
+
+
+def test_a_prefill_that_cannot_compile_runs_uncompiled_and_leaves_the_step_compiled(
+        reference, tiny_model, caplog):
+    """A compile that fails on the machine (here a compiled prefill that raises when called; the
+    step's eager functions stand in for compiled ones, so nothing compiles) costs the prefill alone."""
+    import logging
+    from qvl.worker import kv_pool
+
+    engine = Engine(ModelOptions(str(tiny_model), "cpu", kv_cache="continuous", kv_cache_tokens=4096))
+    decode = engine.decode = DecodeStep(engine.model, compiled=False)
+    decode.step_compiled = decode.prefill_compiled = True
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("injected: the compiler fails here")
+    decode.prefill_inputs = no_compiler
+    continuous = ContinuousEngine(engine, rows=4)
+    try:
+        with caplog.at_level(logging.WARNING, logger="qvl.worker"):
+            continuous.warm_up()
+    finally:
+        torch.compiler.set_stance("default")
+    assert "event=compile_failed part=prefill" in caplog.text and "part=step" not in caplog.text
+    assert not decode.prefill_compiled and decode.prefill_inputs is kv_pool._qkv
+    assert decode.step_compiled
+    params = GenerationParams(max_new_tokens=6, min_new_tokens=6)
+    assert run(continuous, {0: [(0, REQUESTS[0], params)]})["done"][0].text == alone(reference, REQUESTS[0], params).text
 
 
 def test_a_joint_prefill_that_fails_after_its_forward_takes_no_slot(continuous, monkeypatch):
