@@ -197,19 +197,24 @@ class Engine:
             raise BadRequest(f"{tokens} {what} plus max_new_tokens {params.max_new_tokens} do not fit "
                              f"the KV cache of {self.options.kv_cache_tokens} tokens")
 
+    def sub_batches(self, prompts: list[Prompt], params: GenerationParams) -> list[slice]:
+        """`prompts` in runs, in order, each one `generate` call: a batch whose rows times its
+        longest prompt exceed `prefill_tokens` (the prefill's memory grows with both), or that does
+        not fit the KV pool, is halved, and its halves likewise."""
+        def runs(start: int, stop: int) -> list[slice]:
+            rows, length = stop - start, max(len(p.ids) for p in prompts[start:stop])
+            too_large = rows * length > self.options.prefill_tokens or \
+                (self.kv_pool is not None and not self.kv_pool.fits(rows, length, params.max_new_tokens))
+            if rows > 1 and too_large:
+                return runs(start, start + rows // 2) + runs(start + rows // 2, stop)
+            return [slice(start, stop)]
+        return runs(0, len(prompts)) if prompts else []
+
     def generate(self, prompts: list[Prompt], params: GenerationParams,
                  progress: Progress | None = None) -> list[Completion]:
-        """A completion per prompt, in order. `progress`, if given, gets every row's new tokens
-        every few steps (streaming); rows are numbered within `prompts`."""
+        """A completion per prompt, in order, in one batch (`sub_batches` says which fit one).
+        `progress`, if given, gets every row's new tokens every few steps (streaming)."""
         inputs = self.inputs(prompts)
-        n, length = inputs["input_ids"].shape
-        # the prefill's memory grows with rows x length: a batch over the budget (or the pool) is split
-        too_large = n * length > self.options.prefill_tokens or \
-            (self.kv_pool is not None and not self.kv_pool.fits(n, length, params.max_new_tokens))
-        if n > 1 and too_large:
-            half = n // 2
-            later = None if progress is None else lambda rows: progress(lambda: [[]] * half + rows())
-            return self.generate(prompts[:half], params, progress) + self.generate(prompts[half:], params, later)
         if self.kv_pool is None:
             tokens, prefill_ms, decode_ms = self._generate(inputs.to(self.device), params, progress)
         else:
@@ -377,6 +382,9 @@ class NoopEngine:
 
     def prompt(self, messages: list, images: ImageInputs, params: GenerationParams) -> Prompt:
         return Prompt([])
+
+    def sub_batches(self, prompts: list[Prompt], params: GenerationParams) -> list[slice]:
+        return [slice(0, len(prompts))] if prompts else []
 
     def generate(self, prompts: list[Prompt], params: GenerationParams,
                  progress: Progress | None = None) -> list[Completion]:

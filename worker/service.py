@@ -161,8 +161,7 @@ class WorkerService:
             self._take_requests()
             self._expire()
             if self.waiting:
-                for parts in self._run_batch(self._next_batch()):
-                    self.sock.send_multipart(parts)
+                self._run_batch(self._next_batch())
 
     def _serve_steps(self) -> None:
         """For an engine that schedules every step (vLLM): a request joins the running batch as soon
@@ -322,19 +321,26 @@ class WorkerService:
         waiting.extendleft(reversed(rest))
         return batch
 
-    def _run_batch(self, batch: list[Job]) -> list[list[bytes]]:
-        """The replies of a batch, but for jobs a cancel already answered while it ran."""
+    def _run_batch(self, batch: list[Job]) -> None:
+        """Answer a batch's jobs, each part the engine runs at once (`Engine.sub_batches`) as soon as
+        it ends, but for jobs a cancel already answered while it ran."""
         self.running = {job.key: job for job in batch}
-        replies, ready = [], []
+        ready = []
         for job in batch:
             try:
                 ready.append((job, self.engine.prompt(job.messages, job.images.result(), job.params)))
             except Exception as exc:
-                replies.append((job, self._failed(job, exc)))
+                self._answer(job, self._failed(job, exc))
         if ready:
-            replies.extend(self._generate(ready, streamed={}))
-        unanswered, self.running, self.cancelling = self.running, {}, set()
-        return [parts for job, parts in replies if job.key in unanswered]
+            for part in self.engine.sub_batches([prompt for _, prompt in ready], batch[0].params):
+                for job, parts in self._generate(ready[part], streamed={}):
+                    self._answer(job, parts)
+        self.running, self.cancelling = {}, set()
+
+    def _answer(self, job: Job, parts: list[bytes]) -> None:
+        """Send a running job's reply, unless a cancel answered it already."""
+        if self.running.pop(job.key, None) is not None:
+            self.sock.send_multipart(parts)
 
     def _generate(self, ready: list[tuple[Job, Prompt]],
                   streamed: dict[int, str]) -> list[tuple[Job, list[bytes]]]:

@@ -71,7 +71,10 @@ def test_batch_larger_than_the_pool_is_split(tiny_model, engines):
     small = Engine(ModelOptions(str(tiny_model), "cpu", kv_cache="static", kv_cache_tokens=512))
     params = GenerationParams(max_new_tokens=10)
     assert not small.kv_pool.fits(len(REQUESTS), 100, params.max_new_tokens)
-    assert [c.text for c in small.generate(prompts(small), params)] == \
+    batch = prompts(small)
+    parts = small.sub_batches(batch, params)
+    assert len(parts) > 1 and [i for part in parts for i in range(len(batch))[part]] == [0, 1, 2]
+    assert [c.text for part in parts for c in small.generate(batch[part], params)] == \
         [c.text for c in engines["static"].generate(prompts(engines["static"]), params)]
     messages, images = REQUESTS[0]
     with pytest.raises(BadRequest, match=r"^\d+ prompt tokens plus max_new_tokens 500 do not fit the KV cache of 512"):
@@ -135,3 +138,35 @@ def test_rows_end_at_their_stop_string_not_at_max_new_tokens(engines, kv_cache, 
     cut = engine.generate(prompts(engine), params)
     assert [c.text for c in cut] == [c.text[:c.text.find(stop)] for c in whole]
     assert len(steps) < max(c.completion_tokens for c in cut) + 8 < 400, len(steps)
+
+
+@pytest.mark.timeout(120)
+def test_a_split_batch_answers_each_part_as_it_ends(start_supervisor, tiny_model):
+    """Four text requests wait together behind a first one, so they make one batch; `prefill_tokens`
+    of three prompts' tokens splits it in two parts of two. Each part is answered when it ends: the
+    second part's replies come at least its injected 0.5 s after the first part's."""
+    import asyncio
+    import time
+
+    from qvl.protocol import AsyncClient
+    from qvl.worker.engine import NO_IMAGES
+
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Tell me about the sea."}]}]
+    params = GenerationParams(max_new_tokens=4, min_new_tokens=4)
+    length = len(Engine(ModelOptions(str(tiny_model), "cpu")).prompt(messages, NO_IMAGES, params).ids)
+    sup = start_supervisor("--prefill-tokens", str(3 * length), "--max-batch-size", "4",
+                           env={"QVL_FAULTS": "slow_ms=500"})
+    sup.wait_ready()
+
+    async def run():
+        async with AsyncClient(sup.endpoint, timeout=60) as client:
+            async def timed(i):
+                result = await client.generate(messages, max_new_tokens=4, min_new_tokens=4)
+                return time.monotonic(), result
+            first = asyncio.ensure_future(timed(-1))
+            await asyncio.sleep(0.2)  # the worker is in the first request's generate
+            return await first, await asyncio.gather(*(timed(i) for i in range(4)))
+    _, batch = asyncio.run(run())
+    arrivals = sorted(at for at, _ in batch)
+    assert [result.timings["batch_size"] for _, result in batch] == [2, 2, 2, 2]
+    assert arrivals[2] - arrivals[1] >= 0.4, arrivals  # the second part ran (0.5 s injected) after the first's replies
