@@ -162,7 +162,7 @@ class _Calls:
     def _socket(self, ctx: zmq.Context) -> zmq.Socket:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        # a peer sending a larger message is dropped unread, as the supervisor drops one; calls waiting on it time out
+        # a peer sending a larger message is disconnected unread, as the supervisor does; calls waiting on it time out
         sock.setsockopt(zmq.MAXMSGSIZE, self.limits.transport_cap)
         if self.curve:
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self.curve
@@ -292,18 +292,27 @@ class Client(_Calls):
         self.close()
 
 
+class _Inbox(asyncio.Queue):
+    """One call's messages until it reads them, and the bytes of all it was given."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.bytes = 0
+
+
 class AsyncClient(_Calls):
     """asyncio client; concurrent calls share one socket and one reader task. A call's messages
-    wait in its own inbox until it reads them, at most `limits.max_new_tokens` chunks and its reply,
-    all a server sends for a request it accepted: past that the call ends with `internal`, so a
-    peer that floods a call cannot grow the client however slowly the call is read."""
+    wait in its own inbox until it reads them: at most `limits.max_new_tokens` chunks and its reply
+    (all a server sends for a request it accepted), of `limits.max_request_bytes` in all. Past
+    either the call ends with `internal`, so a peer that floods a call cannot grow the client
+    however slowly the call is read."""
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 120.0,
                  limits: Limits = DEFAULT_LIMITS, curve: tuple | None = None):
         super().__init__(endpoint, timeout, limits, curve)
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = self._socket(self._ctx)
-        self._pending: dict[str, asyncio.Queue] = {}
+        self._pending: dict[str, _Inbox] = {}
         self._reader: asyncio.Task | None = None
 
     async def generate(self, messages: Sequence[dict], *, timeout: float | None = None,
@@ -354,7 +363,7 @@ class AsyncClient(_Calls):
         """Send a call and await its reply; `abandon`: a call given up on cancels its request."""
         try:
             return await self._next(rid, await self._send(rid, parts), timeout)
-        except (RequestTimeout, asyncio.CancelledError):
+        except (RequestTimeout, InternalError, asyncio.CancelledError):  # internal: a reply it could not read
             if abandon:
                 self._abandon(rid)
             raise
@@ -370,11 +379,11 @@ class AsyncClient(_Calls):
             return
         sent.add_done_callback(lambda f: f.cancelled() or f.exception())  # an unsent cancel is no fault
 
-    async def _send(self, rid: str, parts: list[bytes]) -> asyncio.Queue:
+    async def _send(self, rid: str, parts: list[bytes]) -> "_Inbox":
         """Send a call; its messages arrive in the returned queue (the caller removes it when done)."""
         if self._reader is None:
             self._reader = asyncio.ensure_future(self._read_replies())
-        inbox: asyncio.Queue = asyncio.Queue(self.limits.max_new_tokens + 1)
+        inbox = _Inbox(self.limits.max_new_tokens + 1)
         self._pending[rid] = inbox
         try:  # with no supervisor connected, a send would wait forever
             await asyncio.wait_for(self._sock.send_multipart(parts, copy=False), self.timeout)
@@ -383,7 +392,7 @@ class AsyncClient(_Calls):
             raise RequestTimeout(f"could not send within {self.timeout}s: no supervisor is connected", rid) from None
         return inbox
 
-    async def _next(self, rid: str, inbox: asyncio.Queue, timeout: float | None) -> dict:
+    async def _next(self, rid: str, inbox: "_Inbox", timeout: float | None) -> dict:
         limit = self.timeout if timeout is None else timeout
         try:
             reply = await asyncio.wait_for(inbox.get(), limit)
@@ -393,16 +402,21 @@ class AsyncClient(_Calls):
 
     async def _read_replies(self) -> None:
         while True:
-            reply = read_reply(await self._sock.recv_multipart())
+            parts = await self._sock.recv_multipart()
+            reply = read_reply(parts)
             inbox = None if reply is None else self._pending.get(reply["id"])
             if inbox is None:
                 continue
-            if inbox.full():  # more than any request's answer: the call ends, and nothing more reaches it
+            size = sum(len(part) for part in parts)
+            if inbox.full() or inbox.bytes + size > self.limits.max_request_bytes:
+                # more than any request's answer: the call ends, and nothing more reaches it
                 del self._pending[reply["id"]]
                 while not inbox.empty():
                     inbox.get_nowait()
                 reply = {"id": reply["id"], "ok": False, "error": {
-                    "code": "internal", "message": f"malformed reply: more than {inbox.maxsize} messages for one call"}}
+                    "code": "internal", "message": f"malformed reply: more than {inbox.maxsize} messages or "
+                                                   f"{self.limits.max_request_bytes} bytes for one call"}}
+            inbox.bytes += size
             inbox.put_nowait(reply)
 
     async def close(self) -> None:

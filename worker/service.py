@@ -333,7 +333,13 @@ class WorkerService:
                 self._answer(job, self._failed(job, exc))
         if ready:
             for part in self.engine.sub_batches([prompt for _, prompt in ready], batch[0].params):
-                for job, parts in self._generate(ready[part], streamed={}):
+                self._take_requests()  # cancels that came while the part before ran
+                for job, _ in ready[part]:
+                    if job.key in self.cancelling:  # cancelled while an earlier part ran: it never starts
+                        self._answer_cancelled(job, [], "")
+                        self.done += 1  # no reply of this batch will count it
+                todo = [(job, prompt) for job, prompt in ready[part] if job.key in self.running]
+                for job, parts in self._generate(todo, streamed={}) if todo else []:
                     self._answer(job, parts)
         self.running, self.cancelling = {}, set()
 

@@ -5,6 +5,7 @@ that names nothing is ignored; and a worker that dies holding a cancelled reques
 run again. Requests go over bare DEALER sockets where a test must see every message per id."""
 
 import http.client
+import io
 import json
 import os
 import signal
@@ -284,3 +285,38 @@ def _health(port: int) -> int:
         return 0
     finally:
         conn.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_request_cancelled_while_an_earlier_part_of_its_batch_runs_never_starts(start_supervisor, tiny_model):
+    """Four requests make one batch, split in two parts by `prefill_tokens`; the last is cancelled
+    while the first part runs: it is answered cancelled with no tokens before its part runs, and
+    the other three are answered as usual."""
+    from PIL import Image as PILImage
+    from qvl.protocol.contract import ModelOptions
+    from qvl.worker.engine import Engine
+
+    params = GenerationParams(max_new_tokens=4, min_new_tokens=4)
+    engine_messages = [{"role": "user", "content": [{"type": "image", "frame": 0},
+                                                    {"type": "text", "text": "Tell me about it."}]}]
+    length = len(Engine(ModelOptions(str(tiny_model), "cpu")).prepare(
+        engine_messages, [PILImage.open(io.BytesIO(IMAGE)).convert("RGB")], params).ids)
+    sup = start_supervisor("--prefill-tokens", str(3 * length), "--max-batch-size", "4",
+                           env={"QVL_FAULTS": "slow_ms=700"})
+    sup.wait_ready()
+    raw = Raw(sup.endpoint)
+    try:
+        raw.generate("first", 4)
+        time.sleep(0.2)  # the worker is in the first request's generate
+        for rid in "abcd":
+            raw.generate(rid, 4)
+        raw.reply("first", 30)
+        time.sleep(0.3)  # the batch's first part, a and b, runs
+        raw.cancel("d")
+        for rid in "abcd":
+            assert raw.reply(rid, 30) is not None, rid
+    finally:
+        raw.close()
+    cancelled = raw.replies("d")[0]
+    assert cancelled["finish_reason"] == "cancelled" and cancelled["usage"]["completion_tokens"] == 0, cancelled
+    assert [raw.replies(rid)[0]["finish_reason"] for rid in "abc"] == ["length"] * 3

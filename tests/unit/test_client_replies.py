@@ -216,7 +216,7 @@ def test_a_call_flooded_past_any_answer_ends_internal_however_slowly_it_is_read(
     async def run():
         async with AsyncClient(endpoint, timeout=5, limits=Limits(max_new_tokens=16)) as client:
             texts = []
-            with pytest.raises(InternalError, match="more than 17 messages"):
+            with pytest.raises(InternalError, match="more than 17 messages or"):
                 async for chunk in client.stream(MESSAGES, max_new_tokens=16):
                     texts.append(chunk.text)
                     await asyncio.sleep(0.05)  # read slowly: the reader takes everything meanwhile
@@ -225,6 +225,20 @@ def test_a_call_flooded_past_any_answer_ends_internal_however_slowly_it_is_read(
     texts, after = asyncio.run(run())
     assert len(texts) <= 17 and after.text == "fine"
     assert wait_for(lambda: len(server.cancels) == 1)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.timeout(30)
+def test_a_call_given_more_bytes_than_any_request_ends_internal(frontend):
+    """Few messages, but more bytes in all than `max_request_bytes`: the call ends with `internal`."""
+    endpoint, _ = frontend(lambda n, r: [good(r["id"], "z" * 3000, kind="chunk")] * 4 + [good(r["id"])])
+
+    async def run():
+        async with AsyncClient(endpoint, timeout=5, limits=Limits(max_request_bytes=10_000)) as client:
+            with pytest.raises(InternalError, match="10000 bytes"):
+                async for _ in client.stream(MESSAGES, max_new_tokens=4):
+                    await asyncio.sleep(0.05)
+    asyncio.run(run())
 
 
 @pytest.mark.timeout(30)
