@@ -6,6 +6,11 @@ prefill forwards (the vision tower apart), in making pixels and prompts, and the
 latency beside their latency alone.
 
     python scripts/profile_mixed.py --model DIR [--concurrency 32] [--requests 96] [--alone 16] [--flags k=v ...]
+        [--profile-adds 8]
+
+With `--profile-adds N`, N adds of the workload's requests (each as many as one add takes, then
+aborted) run under torch.profiler after the timed run, and the operators taking the most device and
+host time are printed: where an add's time goes beyond the vision tower.
 """
 
 import argparse
@@ -20,6 +25,7 @@ from PIL import Image
 
 from qvl.protocol.contract import ModelOptions
 from qvl.protocol.messages import GenerationParams
+from qvl.worker import continuous
 from qvl.worker.continuous import ContinuousEngine
 from qvl.worker.engine import NO_IMAGES, Engine
 
@@ -87,6 +93,60 @@ def run(engine, items, concurrency, timer):
     return latency
 
 
+def profile_adds(engine, items, adds, per_add):
+    """`adds` adds of `per_add` requests each (as many as the timed run's adds held), run under
+    torch.profiler and aborted: the wall time beside the device's busy time, and the operators that
+    take the most of each."""
+    from torch.profiler import ProfilerActivity, profile
+    queue = collections.deque(enumerate(items))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    wall, tokens = 0.0, 0
+    with profile(activities=activities) as prof:
+        for _ in range(adds):
+            joining = []
+            while queue and len(joining) < per_add and engine.has_room([p for _, p, _ in joining], queue[0][1][0]):
+                key, (prompt, params) = queue.popleft()
+                joining.append((key, prompt, params))
+            if not joining:
+                break
+            sync()
+            t0 = time.perf_counter()
+            engine.add(joining)
+            sync()
+            wall += time.perf_counter() - t0
+            tokens += sum(len(p.ids) for _, p, _ in joining)
+            for key, _, _ in joining:
+                engine.abort(key)
+    events = prof.key_averages()
+    device = sum(e.self_device_time_total for e in events) / 1e6
+    print(f"\n{adds} adds of {per_add} requests under the profiler, {tokens / adds:.0f} prompt tokens per add: "
+          f"{wall:.2f} s wall, device busy {device:.2f} s")
+    for sort in ("self_device_time_total", "self_cpu_time_total"):
+        print(events.table(sort_by=sort, row_limit=25, max_name_column_width=60))
+
+
+def time_calls(timer, owner, name, label):
+    """Time every call of `owner.name` under `label` (the device synchronised around it)."""
+    inner = getattr(owner, name)
+    setattr(owner, name, lambda *args, **kwargs: timer.time(label, lambda: inner(*args, **kwargs)))
+
+
+def time_module(timer, module, label):
+    """Time every forward of `module` under `label` (the device synchronised around it)."""
+    def before(*_):
+        sync()
+        timer.started = time.perf_counter()
+
+    def after(*_):
+        sync()
+        took = time.perf_counter() - timer.started
+        timer.total[label] += took
+        timer.longest[label] = max(timer.longest[label], took)
+        timer.count[label] += 1
+    module.register_forward_pre_hook(before)
+    module.register_forward_hook(after)
+
+
 def _value(text):
     """A flag's value as JSON reads it (true, 8192, 0.5), else the text itself (continuous)."""
     try:
@@ -103,6 +163,7 @@ def main():
     ap.add_argument("--requests", type=int, default=96)
     ap.add_argument("--alone", type=int, default=16, help="requests run one at a time first, for the short ones' latency")
     ap.add_argument("--no-cudnn-attention", action="store_true", help="SDPA without its cuDNN backend")
+    ap.add_argument("--profile-adds", type=int, default=0, help="adds run under torch.profiler after the timed run")
     ap.add_argument("--flags", nargs="*", default=[], help="ModelOptions fields, as name=value (JSON values)")
     args = ap.parse_args()
     fields = {name: _value(text) for name, text in (flag.split("=", 1) for flag in args.flags)}
@@ -114,19 +175,10 @@ def main():
     engine.warm_up()
     print(f"warm-up {time.perf_counter() - t0:.1f} s, options {fields}")
 
-    visual = engine.model.model.visual
-    vision = {"s": 0.0, "n": 0}
-
-    def before(*_):
-        sync()
-        vision["t"] = time.perf_counter()
-
-    def after(*_):
-        sync()
-        vision["s"] += time.perf_counter() - vision["t"]
-        vision["n"] += 1
-    visual.register_forward_pre_hook(before)
-    visual.register_forward_hook(after)
+    timer = Timer()
+    time_module(timer, engine.model.model.visual, "of add: vision tower")
+    time_calls(timer, continuous, "decoder_inputs", "of add: model forward up to the decoder")
+    time_calls(timer, engine.packed, "prefill", "of add: decoder layers (packed)")
 
     raw = workloads.mixed(args.requests + args.alone, seed=1)
     made_items = [made(engine, item) for item in raw]
@@ -135,10 +187,8 @@ def main():
         pixels_s[None if item.image is None else Image.open(io.BytesIO(item.image)).size].append(tp)
     items = [(p, params) for p, params, _, _ in made_items]
 
-    alone = Timer()
-    short_alone = [lat for n, lat in run(engine, items[:args.alone], 1, alone) if n == workloads.SHORT]
-    vision.update(s=0.0, n=0)
-    timer = Timer()
+    short_alone = [lat for n, lat in run(engine, items[:args.alone], 1, Timer()) if n == workloads.SHORT]
+    timer.total.clear(), timer.count.clear(), timer.longest.clear()
     t0 = time.perf_counter()
     latency = run(engine, items[args.alone:], args.concurrency, timer)
     wall = time.perf_counter() - t0
@@ -147,11 +197,10 @@ def main():
     print(f"\nconcurrency {args.concurrency}, {len(latency)} requests in {wall:.2f} s: {len(latency) / wall:.2f} req/s")
     print("| part | calls | total s | share of wall | mean ms | longest ms |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for name in ("step", "add"):
+    for name in ("step", "add", "of add: model forward up to the decoder", "of add: vision tower",
+                 "of add: decoder layers (packed)"):
         print(f"| {name} | {timer.count[name]} | {timer.total[name]:.2f} | {timer.total[name] / wall:.0%} | "
               f"{1000 * timer.total[name] / max(1, timer.count[name]):.1f} | {1000 * timer.longest[name]:.0f} |")
-    print(f"| of add: vision tower | {vision['n']} | {vision['s']:.2f} | {vision['s'] / wall:.0%} | "
-          f"{1000 * vision['s'] / max(1, vision['n']):.1f} | |")
     print(f"\nprefill: {engine.prefill_forwards} forwards, {engine.prefill_chunks} chunks, "
           f"{timer.total['add tokens'] / max(1, timer.count['add']):.0f} prompt tokens per add")
     if short and short_alone:
@@ -159,6 +208,8 @@ def main():
               f"({statistics.median(short) / statistics.median(short_alone):.1f}x)")
     for size, times in pixels_s.items():
         print(f"pixels {size}: {1000 * statistics.mean(times):.1f} ms (CPU, worker's image pool)")
+    if args.profile_adds:
+        profile_adds(engine, items, args.profile_adds, max(1, round(len(latency) / max(1, timer.count["add"]))))
 
 
 if __name__ == "__main__":

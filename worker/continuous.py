@@ -3,11 +3,11 @@
 The KV pool (`kv_cache_tokens`) is cut into `rows` slots of equal length. Requests join between
 steps, each in the lowest free slot: the worker hands over, in one `add`, the requests ready, in
 order, while each has a free row and their prompt tokens stay within `prefill_tokens` (a longer
-prompt joins alone). Their prompts are prefilled one forward per group of prompts whose lengths
-round up to the same multiple of `LENGTH_BUCKET`, padded on the right to the longest: the model's
-own forward up to its text decoder (the vision tower, the image features put in place), then the
-decoder's layers through the step's functions (`kv_pool.DecodeStep.prefill`, compiled for prompts
-of any length, not graphed), writing each row's keys and values straight into its slot. Every step decodes one
+prompt joins alone). Their prompts are prefilled in one forward: the model's own forward up to its
+text decoder over them padded on the right (the vision tower, the image features put in place),
+then the decoder's layers over them packed end to end, through the step's functions
+(`packed_prefill.py`: one CUDA graph per bucket of tokens on CUDA), writing each row's keys and
+values straight into its slot. Every step decodes one
 token for every row of the lowest power-of-two bucket of slots (two at least) that holds all running rows, over
 the shortest multiple of `LENGTH_BUCKET` that holds the longest row; each row writes at its own
 position, with its own mask, rotary position and sampling parameters (temperature, top-k, top-p,
@@ -18,9 +18,9 @@ made incrementally (`detokenizer.py`), so a step's work does not grow with the a
 
 On CUDA each (rows, length) bucket's step is captured once as a CUDA graph over the slots' state
 tensors and replayed; on CPU the same step runs eagerly (how it is tested against `generate`).
-Every bucket is captured at warm-up; with `compile_decode` (on CUDA, the default) the step's and
-the prefill's layer functions are compiled there (`kv_pool.DecodeStep`), and a shape warm-up
-missed runs uncompiled.
+Every bucket of the step and of the prefill is captured at warm-up; with `compile_decode` (on
+CUDA, the default) the step's and the prefill's layer functions are compiled there
+(`kv_pool.DecodeStep`), and a shape warm-up missed runs uncompiled.
 A prompt longer than `prefill_tokens` joins alone and is prefilled in chunks of that many tokens,
 one chunk per step before the running rows decode (`kv_pool.ChunkedPrefill`), so a 10 000-token
 image prompt delays each step by one chunk instead of stalling every row for its whole prefill;
@@ -39,7 +39,9 @@ from qvl.protocol.messages import LENGTH, STOPPED, GenerationParams
 
 from .detokenizer import Detokenizer
 from .engine import NO_IMAGES, Completion, Engine, ImageInputs, Prompt, StepOutput
-from .kv_pool import LENGTH_BUCKET, ChunkedPrefill, decoder_inputs, next_positions, next_power_of_two, round_up
+from .kv_pool import (LENGTH_BUCKET, ChunkedPrefill, cuda_graph, decoder_inputs, next_positions, next_power_of_two,
+                      round_up)
+from .packed_prefill import PackedPrefill
 
 log = logging.getLogger("qvl.worker")
 
@@ -93,6 +95,7 @@ class ContinuousEngine:
         self.rows: dict[int, _Row] = {}  # slot -> its request
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
+        self.packed = PackedPrefill(engine, self.kv, self.slots, self.slot_length, self.graph_pool)
         self.prefill_forwards = 0  # model forwards that prefilled joining requests
         self.chunked: _Chunked | None = None  # the one long prompt being prefilled a chunk per step
         self.prefill_chunks = 0  # forwards that prefilled a chunk of a long prompt (not in prefill_forwards)
@@ -118,14 +121,14 @@ class ContinuousEngine:
                 "prefill_chunks": self.prefill_chunks}
 
     def warm_up(self) -> None:
-        """The model's warm-up, then the prefill traced (`trace_prefill`) and every bucket of rows
-        captured (`capture_buckets`). With `compile_decode`, the prefill and the step are compiled
+        """The model's warm-up, then the prefill's buckets captured (`capture_prefill`) and every
+        bucket of rows too (`capture_buckets`). With `compile_decode`, the prefill and the step are compiled
         there; should either fail to compile, it runs uncompiled and the other stays compiled.
         After that a shape warm-up did not meet runs uncompiled too, and no request waits for a
         compile."""
         self.engine.warm_up()
         decode = self.engine.decode
-        self._or_uncompiled("prefill", decode.prefill_compiled, self.trace_prefill)
+        self._or_uncompiled("prefill", decode.prefill_compiled, self.capture_prefill)
         self._or_uncompiled("step", decode.step_compiled, self.capture_buckets)
         if decode.prefill_compiled or decode.step_compiled:
             torch.compiler.set_stance("eager_on_recompile")
@@ -139,26 +142,22 @@ class ContinuousEngine:
             log.warning("event=compile_failed part=%s error=%s: it runs uncompiled", part, type(exc).__name__,
                         exc_info=True)
             self.engine.decode.uncompile(part)
-            self.graphs.clear()
             run()
 
-    @torch.inference_mode()
-    def trace_prefill(self) -> None:
-        """A prefill of one row and of two into free slots, so its compiled layers are traced here
-        for prompts of any length (one row apart from more: torch.compile traces a dimension of size
-        1 on its own). Only before any request joins: it writes those slots' caches."""
+    def capture_prefill(self) -> None:
+        """The prefill's graph of every bucket of tokens captured on CUDA, its compiled functions
+        traced elsewhere (`PackedPrefill.warm_up`). Only before any request joins: this writes into
+        a free slot's cache."""
         if self.running:
-            raise RuntimeError("the prefill is traced before any request joins")
-        for rows, tokens in ((1, 17), (min(2, self.slots), 33)):
-            ids = torch.full((rows, tokens), self.engine.pad_id, dtype=torch.long, device=self.device)
-            given = {"inputs_embeds": self.model.model.language_model.embed_tokens(ids)}
-            self._prefill_into(self.row_index[:rows], given, torch.full((rows,), tokens, device=self.device))
+            raise RuntimeError("the prefill is captured before any request joins")
+        self.packed.warm_up()
 
     @torch.inference_mode()
     def capture_buckets(self) -> None:
         """A step of every row bucket (two rows to all slots) at the shortest and the longest
         length, with every slot free (nothing changes): each graph is captured, and the compiled
         step traced, here rather than at a request's step."""
+        self.graphs.clear()
         rows = {min(1 << k, self.slots) for k in range(1, max(2, self.slots).bit_length() + 1)}
         for n in sorted(rows):
             for length in sorted({LENGTH_BUCKET, self.slot_length}):
@@ -188,9 +187,9 @@ class ContinuousEngine:
 
     @torch.inference_mode()
     def add(self, requests: Sequence[tuple[int, Prompt, GenerationParams]]) -> None:
-        """Prefill (key, prompt, params) requests into the lowest free slots; they decode from the
-        next step on. One forward per group of prompts of like length (`length_groups`). All join,
-        or none does: where a forward fails, the slots taken so far are freed and the error raised."""
+        """Prefill (key, prompt, params) requests into the lowest free slots, in one forward; they
+        decode from the next step on. All join, or none does: where the prefill fails, the slots
+        taken so far are freed and the error raised."""
         free = [slot for slot in range(self.slots)
                 if slot not in self.rows and (self.chunked is None or slot != self.chunked.slot)]
         if len(requests) > len(free):
@@ -198,42 +197,30 @@ class ContinuousEngine:
         if len(requests) == 1 and len(requests[0][1].ids) > self.prefill_tokens:
             self._start_chunked(*requests[0], free[0])
             return
-        taken = 0
         try:
-            for group in length_groups(requests):
-                self._prefill(group, free[taken:taken + len(group)])
-                taken += len(group)
+            self._prefill(requests, free[:len(requests)])
         except BaseException:
-            for slot in free[:len(requests)]:  # a group that failed midway may hold some of its slots
+            for slot in free[:len(requests)]:  # a prefill that failed while its rows took their slots
                 if slot in self.rows:
                     self._free(slot)
             raise
 
-    def _prefill(self, group: Sequence[tuple[int, Prompt, GenerationParams]], slots: list[int]) -> None:
-        """One forward over prompts padded on the right to the longest: the model's own forward up
-        to its text decoder (the vision tower and all), then the decoder's layers (`DecodeStep.prefill`),
-        which write each row's keys and values straight into its slot. A free slot's cache may be
-        written before the forward ends: only once it has are the rows seated."""
+    def _prefill(self, requests: Sequence[tuple[int, Prompt, GenerationParams]], slots: list[int]) -> None:
+        """One prefill of every prompt (`PackedPrefill.prefill`), the model's own forward taking them
+        padded on the right. A free slot's cache may be written before the prefill ends: only once
+        it has are the rows seated."""
         added_at = time.perf_counter()
-        prompts = [prompt for _, prompt, _ in group]
-        inputs = self.engine.inputs(prompts, pad_left=False).to(self.device)
-        logits = self._prefill_into(torch.tensor(slots, device=self.device), decoder_inputs(self.model, inputs),
-                                    inputs["attention_mask"].sum(dim=1))
+        prompts = [prompt for _, prompt, _ in requests]
+        inputs = self.engine.inputs(prompts, pad_left=False)
+        positions = next_positions(self.model, inputs, [prompt.images for prompt in prompts])  # on the host
+        width = inputs["input_ids"].shape[1]
+        given = decoder_inputs(self.model, inputs.to(self.device))
+        logits = self.packed.prefill(given, [prompt.ids for prompt in prompts], width, slots)
         self.prefill_forwards += 1
-        rows = [self._new_row(key, len(prompt.ids), params, added_at) for key, prompt, params in group]
+        rows = [self._new_row(key, len(prompt.ids), params, added_at) for key, prompt, params in requests]
         first = self._choose(logits, rows).tolist()
-        positions = next_positions(self.model, inputs, [prompt.images for prompt in prompts])
         for slot, row, position, token in zip(slots, rows, positions, first):
             self._seat(slot, row, position, token)
-
-    def _prefill_into(self, slots: torch.Tensor, given: dict, lengths: torch.Tensor) -> torch.Tensor:
-        """The text decoder's prefill of `given` (`DecodeStep.prefill`), each row's keys and values
-        written into its slot of `slots`: the next-token logits per row."""
-        width = given["inputs_embeds"].shape[1]
-
-        def write(cache: torch.Tensor, new: torch.Tensor) -> None:
-            cache[slots, :, :width] = new
-        return self.engine.decode.prefill(given, lengths, self.kv, write)
 
     def _seat(self, slot: int, row: _Row, position: int, first: int) -> None:
         """Slot `slot`, whose cache holds the row's prompt, takes `row`."""
@@ -373,24 +360,15 @@ class ContinuousEngine:
 
     def _capture(self, n: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The graph of one bucket's step. Capturing runs the step for real; the rows' state is put
-        back after (the keys and values written past a row's end are masked until overwritten)."""
+        back after each run (the keys and values written past a row's end are masked until
+        overwritten; a second run from a moved position could write past the bucket's length)."""
         state = (self.tokens, self.positions, self.write_at, self.mask)
         saved = [t.clone() for t in state]
 
-        def restore() -> None:  # after every real run: a second run from a moved position could write
-            for tensor, copy in zip(state, saved):  # past the bucket's length
+        def restore() -> None:
+            for tensor, copy in zip(state, saved):
                 tensor.copy_(copy)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._forward(n, length)
-                restore()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.graph_pool, capture_error_mode="thread_local"):
-            logits = self._forward(n, length)
-        return graph, logits
+        return cuda_graph(lambda: self._forward(n, length), self.graph_pool, self.device, restore)
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         """The next token of each row under its own parameters: argmax at temperature 0, else
@@ -420,11 +398,3 @@ class ContinuousEngine:
             chosen[sampled] = order.gather(1, picks.view(-1, 1))[:, 0]
         return chosen
 
-
-def length_groups(requests: Sequence[tuple[int, Prompt, GenerationParams]]) -> list[list]:
-    """`requests` grouped by prompt length rounded up to `LENGTH_BUCKET`, in order of their first
-    request: a prompt is padded by less than one bucket in its group's forward."""
-    groups: dict[int, list] = {}
-    for request in requests:
-        groups.setdefault(round_up(len(request[1].ids), LENGTH_BUCKET), []).append(request)
-    return list(groups.values())

@@ -152,16 +152,7 @@ class KVPool:
         return self.buckets[key]
 
     def _capture(self, bucket: _Bucket) -> None:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # the first runs initialise kernels and workspaces outside the graph
-            for _ in range(2):
-                self._forward(bucket)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        bucket.graph = torch.cuda.CUDAGraph()
-        # thread_local: the worker's heartbeat thread reads memory telemetry while this one captures
-        with torch.cuda.graph(bucket.graph, pool=self.graph_pool, capture_error_mode="thread_local"):
-            bucket.logits = self._forward(bucket)
+        bucket.graph, bucket.logits = cuda_graph(lambda: self._forward(bucket), self.graph_pool, self.device)
 
     def _step(self, bucket: _Bucket) -> torch.Tensor:
         if bucket.graph is None:
@@ -177,6 +168,24 @@ class KVPool:
         bucket.write_at += 1
         bucket.positions += 1
         return logits
+
+
+def cuda_graph(run: Callable[[], object], pool, device, reset: Callable[[], None] = lambda: None):
+    """`run` recorded as a CUDA graph in the memory pool `pool`, after two runs on a side stream
+    that initialise its kernels and workspaces outside the graph (`reset` after each, where a run
+    moves state the next must start from): the graph, and what the recorded run returned."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+            reset()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: the worker's heartbeat thread reads memory telemetry while this one captures
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        out = run()
+    return graph, out
 
 
 def cache_argument(model) -> str:
@@ -276,8 +285,9 @@ class DecodeStep:
     into a few kernels: about 12 kernels a layer where the modules launch about 50. Building one
     stacks each layer's q, k and v weights (and gate and up) in one matrix and makes the modules'
     weights views of it, so the model's own forward (the static pool's prefill, the vision side)
-    reads the same memory. `prefill` runs prompts through the same weights, compiled for prompts of
-    any length, with causal attention over each prompt instead of the cache.
+    reads the same memory. `prefill` runs prompts packed end to end through the same weights
+    (`packed_prefill.py`), compiled for any number of tokens, with attention causal within each
+    prompt instead of over the cache.
     """
 
     def __init__(self, model, compiled: bool):
@@ -299,7 +309,7 @@ class DecodeStep:
         self.attention_rest = torch.compile(_attention_rest) if compiled else _attention_rest
         # prompts differ in length: their functions are traced with the tokens a dimension of any size
         self.prefill_inputs = torch.compile(_qkv, dynamic=True) if compiled else _qkv
-        self.prefill_rest = torch.compile(_prefill_rest, dynamic=True) if compiled else _prefill_rest
+        self.prefill_output = torch.compile(_output, dynamic=True) if compiled else _output
 
     def uncompile(self, part: str) -> None:
         """Run `part`, "step" or "prefill", uncompiled from now on; the other stays as it is."""
@@ -308,7 +318,7 @@ class DecodeStep:
             self.attention_inputs, self.attention_rest = _attention_inputs, _attention_rest
         else:
             self.prefill_compiled = False
-            self.prefill_inputs, self.prefill_rest = _qkv, _prefill_rest
+            self.prefill_inputs, self.prefill_output = _qkv, _output
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv: list, mask: torch.Tensor,
                  write: Callable[[torch.Tensor, torch.Tensor], object]) -> torch.Tensor:
@@ -326,32 +336,25 @@ class DecodeStep:
                                          w.gate_up, w.down, self.eps)
         return self.model.lm_head(self.text.norm(hidden)[:, 0]).float()
 
-    def prefill(self, given: dict, lengths: torch.Tensor, kv: list,
-                write: Callable[[torch.Tensor, torch.Tensor], object]) -> torch.Tensor:
-        """The text decoder over prompts padded on the right, `given` as `decoder_inputs` takes it
-        from the model's forward (the embeddings with the image features in place, the rotary
-        positions, the deepstack features), `lengths` each row's tokens. Each layer's keys and values
-        (rows x kv heads x tokens x head dim) go into the cache by `write(cache, new)`, padding
-        included; the next-token logits per row, from its last token."""
-        hidden = given["inputs_embeds"]
-        positions = given.get("position_ids")  # the three rows of multimodal RoPE
-        if positions is None:  # text only: the model numbers every row's tokens from 0, as padding on the right keeps them
-            rows, tokens = hidden.shape[:2]
-            positions = torch.arange(tokens, device=hidden.device).view(1, 1, -1).expand(3, rows, -1)
-        cos, sin = self.text.rotary_emb(hidden, positions)
+    def prefill(self, packed, kv: list) -> torch.Tensor:
+        """The text decoder over `packed` (`packed_prefill.Packed`): prompts end to end, attention
+        causal within each. Each layer writes every token's keys and values into its slot at its
+        column, and deepstack's features are added at the image tokens after the first layers, as
+        the model adds them. The final (normed) hidden state of each prompt's last token."""
+        hidden = packed.embeds
+        cos, sin = self.text.rotary_emb(hidden, packed.positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        visual, deepstack = given.get("visual_pos_masks"), given.get("deepstack_visual_embeds") or []
+        mask = None if packed.flash else _segment_mask(packed.segments)
         for index, (w, (keys, values)) in enumerate(zip(self.layers, kv)):
             q, k, v = self.prefill_inputs(hidden, cos, sin, w.input_norm, w.qkv, w.qkv_bias, w.q_norm, w.k_norm,
                                           self.split, self.head_dim, self.eps)
-            write(keys, k)
-            write(values, v)
-            hidden = self.prefill_rest(hidden, q, k, v, w.scaling, w.o, w.o_bias, w.post_norm, w.gate_up, w.down,
-                                       self.eps)
-            if index < len(deepstack):  # the image features of a vision layer, added as the model adds them
-                hidden[visual] += deepstack[index].to(hidden.dtype)
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
-        return self.model.lm_head(self.text.norm(last)).float()
+            keys[packed.slots, :, packed.columns] = k[0].transpose(0, 1)
+            values[packed.slots, :, packed.columns] = v[0].transpose(0, 1)
+            attended = _packed_attention(q, k, v, packed.starts, mask, w.scaling)
+            hidden = self.prefill_output(hidden, attended, w.o, w.o_bias, w.post_norm, w.gate_up, w.down, self.eps)
+            if index < packed.deepstack.shape[0]:
+                hidden[0].index_add_(0, packed.visual, packed.deepstack[index].to(hidden.dtype))
+        return self.text.norm(hidden[0, packed.last])
 
 
 @dataclass(frozen=True)
@@ -421,18 +424,30 @@ def _attention_rest(hidden, q, keys, values, mask, scaling, o, o_bias, post_norm
     return _output(hidden, attended.reshape(hidden.shape[0], 1, -1), o, o_bias, post_norm, gate_up, down, eps)
 
 
-def _prefill_rest(hidden, q, k, v, scaling, o, o_bias, post_norm, gate_up, down, eps):
-    """A prefill's layer output: causal attention of the prompt's tokens over themselves (a row's
-    padding, on its right, is never attended), then `_output`."""
-    rows, tokens = hidden.shape[:2]
+def _segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """1 x 1 x T x T: token i attends to token j when both are of one prompt and j is not after i."""
+    tokens = segments.shape[0]
+    causal = torch.ones((tokens, tokens), dtype=torch.bool, device=segments.device).tril()
+    return (causal & (segments.view(-1, 1) == segments.view(1, -1))).view(1, 1, tokens, tokens)
+
+
+def _packed_attention(q, k, v, starts, mask, scaling):
+    """Causal attention within each prompt of a packed sequence, q (1 x heads x T x head dim) over
+    k and v (1 x kv heads x T x head dim): by flash attention over the prompts starting at `starts`
+    where `mask` is None, else under `mask`. 1 x T x (heads x head dim)."""
+    tokens = q.shape[2]
+    if mask is None:  # flash attention takes grouped keys as they are
+        attended = torch.ops.aten._flash_attention_forward(
+            q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), starts, starts, tokens, tokens,
+            0.0, True, False, scale=scaling)[0]
+        return attended.reshape(1, tokens, -1)
     grouped = q.dtype in (torch.float16, torch.bfloat16)
     if not grouped:
-        # only flash attention (half precision) takes grouped keys as they are; in float32 the kernel
-        # that would take them builds rows x heads x tokens² weights, so each key head is repeated
+        # in float32 the kernel that would take grouped keys builds heads x tokens² weights, so each
+        # key head is repeated
         k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
-    attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=grouped)
-    return _output(hidden, attended.transpose(1, 2).reshape(rows, tokens, -1), o, o_bias, post_norm, gate_up,
-                   down, eps)
+    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=grouped)
+    return attended.transpose(1, 2).reshape(1, tokens, -1)
 
 
 def _output(hidden, attended, o, o_bias, post_norm, gate_up, down, eps):

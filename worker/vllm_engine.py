@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -108,10 +107,6 @@ class VllmEngine:
         self._core_figures: dict = {}
         self._core_figures_at = float("-inf")
         self.rows: dict[str, _Row] = {}
-        # The image pool's threads hold the GIL while they process pixels; the main thread, back from
-        # waiting for the engine core's output, would wait up to the default 5 ms for it every step
-        # (vLLM's own server processes images in its API process). 0.5 ms bounds that wait.
-        sys.setswitchinterval(0.0005)
 
     @property
     def running(self) -> int:

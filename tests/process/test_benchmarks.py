@@ -35,9 +35,10 @@ def test_router_benchmark_prints_both_paths():
 def test_mixed_profile_times_steps_and_prefills(tiny_model):
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_mixed.py"), "--model", str(tiny_model),
                              "--device", "cpu", "--concurrency", "4", "--requests", "10", "--alone", "5",
-                             "--flags", "kv_cache=continuous", "kv_cache_tokens=32768"],
+                             "--profile-adds", "2", "--flags", "kv_cache=continuous", "kv_cache_tokens=32768"],
                             capture_output=True, text=True, timeout=300, cwd=ROOT / "scripts")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "concurrency 4, 10 requests in" in result.stdout
     rows = {line.split(" | ")[0].strip("| ") for line in result.stdout.splitlines() if line.startswith("| ")}
     assert {"step", "add", "of add: vision tower"} <= rows
+    assert "2 adds of " in result.stdout and " requests under the profiler" in result.stdout

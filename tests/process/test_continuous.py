@@ -101,7 +101,7 @@ def test_the_compiled_step_and_prefill_give_the_eager_tokens_and_compile_only_at
     engine = Engine(ModelOptions(str(tiny_model), "cpu", kv_cache="continuous", kv_cache_tokens=4096))
     engine.decode = DecodeStep(engine.model, compiled=True)
     continuous = ContinuousEngine(engine, rows=8)
-    continuous.trace_prefill()  # what warm_up does after the model's warm-up, before it seals
+    continuous.capture_prefill()  # what warm_up does after the model's warm-up, before it seals
     continuous.capture_buckets()
     compiled = counters["stats"]["unique_graphs"]
     assert compiled >= 2  # both halves of a layer, at least
@@ -132,15 +132,15 @@ def test_stop_tokens_end_a_row_as_generate_does(reference, continuous):
 
 
 def test_requests_prefilled_together_give_their_tokens_alone(reference, continuous):
-    """Prompts of different lengths, images and text only, join in one call: those within one length
-    bucket share one prefill forward, and each gives its greedy tokens alone."""
+    """Prompts of different lengths, images and text only, join in one call: they share one prefill
+    forward, packed end to end, and each gives its greedy tokens alone."""
     requests = [*REQUESTS[:3], text_request("Why? " * 80), text_request("Why? " * 100)]
     params = [GenerationParams(max_new_tokens=n, min_new_tokens=n) for n in (9, 14, 6, 11, 8)]
     prompts = [continuous.prompt(m, continuous.process_images(m, i, p) if i else NO_IMAGES, p)
                for (m, i), p in zip(requests, params)]
     assert len({len(p.ids) for p in prompts}) == 5 and min(len(p.ids) for p in prompts[3:]) > 256
     continuous.add([(key, prompt, p) for key, (prompt, p) in enumerate(zip(prompts, params))])
-    assert continuous.stats() == {"running_requests": 5, "prefill_forwards": 2, "prefill_chunks": 0}
+    assert continuous.stats() == {"running_requests": 5, "prefill_forwards": 1, "prefill_chunks": 0}
     result = run(continuous, {0: []})
     for key, (request, p) in enumerate(zip(requests, params)):
         assert result["done"][key].text == alone(reference, request, p).text, key
@@ -222,18 +222,21 @@ def test_a_failed_joint_prefill_takes_no_slot(continuous, monkeypatch):
     params = GenerationParams(max_new_tokens=4)
     prompt = continuous.prompt(*text_request("Tell me a story."), params)
     long = continuous.prompt(*text_request("Tell me a story " * 80), params)
-    forward = continuous.engine.decode.prefill
-    calls = []
+    forward = continuous.engine.decode.prefill_output
 
-    def fail_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
+    def fail_midway(*args, **kwargs):  # its last layer fails, after the others wrote into the free slots
+        if fail_midway.calls == len(continuous.engine.decode.layers) - 1:
             raise RuntimeError("injected")
+        fail_midway.calls += 1
         return forward(*args, **kwargs)
-    monkeypatch.setattr(continuous.engine.decode, "prefill", fail_second)
+    fail_midway.calls = 0
+    monkeypatch.setattr(continuous.engine.decode, "prefill_output", fail_midway)
     with pytest.raises(RuntimeError, match="injected"):
         continuous.add([(0, prompt, params), (1, long, params)])
     assert continuous.running == 0 and continuous.has_room([prompt] * 4, prompt)
+    monkeypatch.undo()
+    continuous.add([(0, prompt, params), (1, long, params)])  # the slots are free again
+    assert continuous.running == 2
 
 
 def test_a_prefill_failing_after_it_wrote_into_free_slots_leaves_the_running_row_as_it_was(
@@ -249,14 +252,14 @@ def test_a_prefill_failing_after_it_wrote_into_free_slots_leaves_the_running_row
         done.update((out.key, out.completion) for out in continuous.step() if out.completion is not None)
     for _ in range(3):
         step()
-    rest, calls = continuous.engine.decode.prefill_rest, []
+    rest, calls = continuous.engine.decode.prefill_output, []
 
     def fail_in_the_last_layer(*args, **kwargs):
         calls.append(1)
         if len(calls) == len(continuous.engine.decode.layers):
             raise RuntimeError("injected")
         return rest(*args, **kwargs)
-    monkeypatch.setattr(continuous.engine.decode, "prefill_rest", fail_in_the_last_layer)
+    monkeypatch.setattr(continuous.engine.decode, "prefill_output", fail_in_the_last_layer)
     with pytest.raises(RuntimeError, match="injected"):
         add(continuous, 1, REQUESTS[2], params)
     monkeypatch.undo()

@@ -67,6 +67,7 @@ def test_continuous_batching_graphs_give_the_eager_tokens(gpu_model):
     def serve(graphs: bool) -> dict:
         engine = ContinuousEngine(Engine(ModelOptions(str(gpu_model), "cuda:0", kv_cache="continuous",
                                                       kv_cache_tokens=16384)), rows=8)
+        engine.capture_prefill()  # both prefill alike: a prefill padded to its graph's bucket rounds otherwise
         if not graphs:
             engine.graph_pool = None  # the same steps, run eagerly
         texts, done = {}, {}
@@ -90,6 +91,45 @@ def test_continuous_batching_graphs_give_the_eager_tokens(gpu_model):
 
     graphed, eager = serve(True), serve(False)
     assert graphed == eager and len(graphed) == 6
+
+
+@pytest.mark.timeout(600)
+def test_a_packed_graphed_prefill_gives_each_prompts_logits_alone(gpu_model):
+    """Prompts of different lengths, with images of different sizes and text only, prefilled together
+    end to end through a bucket's CUDA graph: each prompt's next-token logits are those of the
+    model's own forward over it alone, to the rounding of its dtype."""
+    from PIL import Image
+    from qvl.protocol.contract import ModelOptions
+    from qvl.protocol.messages import GenerationParams
+    from qvl.worker.continuous import ContinuousEngine
+    from qvl.worker.engine import NO_IMAGES, Engine
+    from qvl.worker.kv_pool import decoder_inputs
+
+    engine = ContinuousEngine(Engine(ModelOptions(str(gpu_model), "cuda:0", kv_cache="continuous",
+                                                  kv_cache_tokens=16384)), rows=8)
+    engine.capture_prefill()
+    params = GenerationParams(max_new_tokens=4)
+    prompts = []
+    for key, size in enumerate([(448, 448), None, (224, 336), None, (672, 448)]):
+        content = [{"type": "text", "text": f"Question {key}: " + "why? " * (7 * key)}]
+        if size is None:
+            images = NO_IMAGES
+        else:
+            content.insert(0, {"type": "image", "frame": 0})
+            frame = Image.effect_noise(size, 30 + key).convert("RGB")
+            images = engine.process_images([{"role": "user", "content": content}], [frame], params)
+        prompts.append(engine.prompt([{"role": "user", "content": content}], images, params))
+    inputs = engine.engine.inputs(prompts, pad_left=False)
+    width = inputs["input_ids"].shape[1]
+    with torch.inference_mode():
+        given = decoder_inputs(engine.model, inputs.to(engine.device))
+        packed = engine.packed.prefill(given, [p.ids for p in prompts], width, list(range(len(prompts))))
+        assert sum(len(p.ids) for p in prompts) <= max(engine.packed.graphs)  # it ran through a graph
+        for row, prompt in enumerate(prompts):
+            own = engine.model(**engine.engine.inputs([prompt]).to(engine.device)).logits[0, -1].float()
+            error = float((packed[row] - own).abs().max() / own.abs().max())
+            print(f"prompt {row}: {len(prompt.ids)} tokens, largest difference {error:.4f} of the largest logit")
+            assert error < 0.05, row
 
 
 @pytest.mark.timeout(300)
