@@ -64,11 +64,13 @@ class Timer:
         t0 = time.perf_counter()
         out = fn(*args)
         sync()
-        took = time.perf_counter() - t0
+        self.record(name, time.perf_counter() - t0)
+        return out
+
+    def record(self, name, took):
         self.total[name] += took
         self.longest[name] = max(self.longest[name], took)
         self.count[name] += 1
-        return out
 
 
 def run(engine, items, concurrency, timer):
@@ -95,12 +97,12 @@ def run(engine, items, concurrency, timer):
 
 def profile_adds(engine, items, adds, per_add):
     """`adds` adds of `per_add` requests each (as many as the timed run's adds held), run under
-    torch.profiler and aborted: the wall time beside the device's busy time, and the operators that
-    take the most of each."""
+    torch.profiler and aborted: their wall time, and the operators that take the most of the
+    device's time and of the host's."""
     from torch.profiler import ProfilerActivity, profile
     queue = collections.deque(enumerate(items))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    wall, tokens = 0.0, 0
+    wall, tokens, done = 0.0, 0, 0
     with profile(activities=activities) as prof:
         for _ in range(adds):
             joining = []
@@ -115,12 +117,12 @@ def profile_adds(engine, items, adds, per_add):
             sync()
             wall += time.perf_counter() - t0
             tokens += sum(len(p.ids) for _, p, _ in joining)
+            done += 1
             for key, _, _ in joining:
                 engine.abort(key)
     events = prof.key_averages()
-    device = sum(e.self_device_time_total for e in events) / 1e6
-    print(f"\n{adds} adds of {per_add} requests under the profiler, {tokens / adds:.0f} prompt tokens per add: "
-          f"{wall:.2f} s wall, device busy {device:.2f} s")
+    print(f"\n{done} adds of {per_add} requests under the profiler, {tokens / max(1, done):.0f} prompt tokens per add: "
+          f"{wall:.2f} s wall (the device's time in kernels: the tables' Self CUDA total)")
     for sort in ("self_device_time_total", "self_cpu_time_total"):
         print(events.table(sort_by=sort, row_limit=25, max_name_column_width=60))
 
@@ -139,10 +141,7 @@ def time_module(timer, module, label):
 
     def after(*_):
         sync()
-        took = time.perf_counter() - timer.started
-        timer.total[label] += took
-        timer.longest[label] = max(timer.longest[label], took)
-        timer.count[label] += 1
+        timer.record(label, time.perf_counter() - timer.started)
     module.register_forward_pre_hook(before)
     module.register_forward_hook(after)
 

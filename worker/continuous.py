@@ -18,7 +18,8 @@ made incrementally (`detokenizer.py`), so a step's work does not grow with the a
 
 On CUDA each (rows, length) bucket's step is captured once as a CUDA graph over the slots' state
 tensors and replayed; on CPU the same step runs eagerly (how it is tested against `generate`).
-Every bucket of the step and of the prefill is captured at warm-up; with `compile_decode` (on
+Every bucket of the prefill, and every bucket of rows at the shortest and the longest length, is
+captured at warm-up (other lengths the first step that needs them); with `compile_decode` (on
 CUDA, the default) the step's and the prefill's layer functions are compiled there
 (`kv_pool.DecodeStep`), and a shape warm-up missed runs uncompiled.
 A prompt longer than `prefill_tokens` joins alone and is prefilled in chunks of that many tokens,
@@ -132,6 +133,8 @@ class ContinuousEngine:
         self._or_uncompiled("step", decode.step_compiled, self.capture_buckets)
         if decode.prefill_compiled or decode.step_compiled:
             torch.compiler.set_stance("eager_on_recompile")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the warm-up's blocks outside the graphs' pool: a fresh worker reads unfragmented
 
     def _or_uncompiled(self, part: str, compiled: bool, run) -> None:
         try:
@@ -178,6 +181,8 @@ class ContinuousEngine:
     def prompt(self, messages: list, images: ImageInputs | object, params: GenerationParams) -> Prompt:
         """A request's prompt (`images` as `process_images` made them, or anything else for none),
         refused with `BadRequest` when it and its new tokens do not fit a row."""
+        if params.max_new_tokens < 1:  # a row holds at least one new token: its last column is the prefill's padding's
+            raise BadRequest("max_new_tokens must be at least 1")
         prompt = self.engine.prompt(messages, images if isinstance(images, ImageInputs) else NO_IMAGES, params)
         if len(prompt.ids) + params.max_new_tokens > self.slot_length:
             raise BadRequest(f"{len(prompt.ids)} prompt tokens plus max_new_tokens {params.max_new_tokens} "

@@ -113,10 +113,6 @@ class WorkerService:
         self.done = 0     # requests answered
         self.telemetry: Telemetry | None = None
         self.image_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="images")
-        # The image pool's threads hold the GIL while they process pixels; the main thread, back from
-        # a step's wait on the device (or vLLM's engine core), would wait up to the default 5 ms for
-        # it each time. 0.5 ms bounds that wait.
-        sys.setswitchinterval(0.0005)
 
     def read_telemetry(self) -> dict:
         return self.faults.apply(self.telemetry.read(), self.done)
@@ -126,6 +122,10 @@ class WorkerService:
 
     def run(self) -> int:
         spec = self.spec
+        # The image pool's threads hold the GIL while they process pixels; the main thread, back from
+        # a step's wait on the device (or vLLM's engine core), would wait up to the default 5 ms for
+        # it each time. 0.5 ms bounds that wait.
+        sys.setswitchinterval(0.0005)
         self.sock.connect(spec.backend)
         self._send(Hello(spec.slot, spec.generation, os.getpid()).header())
         self.faults.at_start()

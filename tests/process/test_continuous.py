@@ -115,6 +115,46 @@ def test_the_compiled_step_and_prefill_give_the_eager_tokens_and_compile_only_at
     assert counters["stats"]["unique_graphs"] == compiled
 
 
+def test_a_prefill_padded_to_its_bucket_gives_the_unpadded_logits_and_writes_padding_nowhere_but_its_column(
+        continuous):
+    """What a graph of the prefill reads, run eagerly here: prompts with and without images packed
+    and padded to a 256-token bucket (the padding's embeddings rubbish) give the logits and the
+    keys and values of the same prompts unpadded; the padding writes only the last prompt's slot's
+    last column, and a slot not in the add is untouched."""
+    from qvl.worker.kv_pool import decoder_inputs
+    from qvl.worker.packed_prefill import _to
+
+    params = GenerationParams(max_new_tokens=4)
+    requests = [REQUESTS[0], text_request("Tell me a story " * 6), REQUESTS[3]]
+    prompts = [continuous.prompt(m, continuous.process_images(m, i, params) if i else NO_IMAGES, params)
+               for m, i in requests]
+    packed_prefill, kv = continuous.packed, continuous.kv
+    inputs = continuous.engine.inputs(prompts, pad_left=False)
+    with torch.inference_mode():
+        packed = packed_prefill._pack(decoder_inputs(continuous.model, inputs), [p.ids for p in prompts],
+                                      inputs["input_ids"].shape[1], [0, 1, 2])
+        assert packed.visual.numel() and packed.tokens < 256
+        plain = continuous.model.lm_head(continuous.engine.decode.prefill(_to(packed, continuous.device), kv))
+        before = [(keys.clone(), values.clone()) for keys, values in kv]
+        packed_prefill.buffers = packed_prefill.empty_buffers(256)
+        packed_prefill.buffers.embeds.normal_()  # what earlier adds left in the padding
+        padded = continuous.model.lm_head(continuous.engine.decode.prefill(packed_prefill.padded(packed, 256, 2), kv))
+    assert torch.allclose(padded[:3], plain, atol=1e-4)
+    last = continuous.slot_length - 1
+    for (keys, values), (old_keys, old_values) in zip(kv, before):
+        for new, old in ((keys, old_keys), (values, old_values)):
+            for slot, prompt in enumerate(prompts):
+                assert torch.allclose(new[slot, :, :len(prompt.ids)], old[slot, :, :len(prompt.ids)], atol=1e-4)
+            assert torch.equal(new[:2, :, last], old[:2, :, last]) and torch.equal(new[3:], old[3:])
+            assert not torch.equal(new[2, :, last], old[2, :, last])  # the padding's column
+            assert torch.equal(new[2, :, len(prompts[2].ids):last], old[2, :, len(prompts[2].ids):last])
+
+
+def test_max_new_tokens_below_one_is_refused(continuous):
+    with pytest.raises(BadRequest, match="at least 1"):
+        continuous.prompt(*text_request("Why?"), GenerationParams(max_new_tokens=0))
+
+
 def test_a_request_too_long_for_a_row_is_refused_before_its_pixels_are_made(continuous):
     params = GenerationParams(max_new_tokens=1000)  # a row is 1024 tokens
     messages, images = image_request((448, 448), "What is it?", 5)
