@@ -441,12 +441,10 @@ def _packed_attention(q, k, v, starts, mask, scaling):
             q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), starts, starts, tokens, tokens,
             0.0, True, False, scale=scaling)[0]
         return attended.reshape(1, tokens, -1)
-    grouped = q.dtype in (torch.float16, torch.bfloat16)
-    if not grouped:
-        # in float32 the kernel that would take grouped keys builds heads x tokens² weights, so each
-        # key head is repeated
-        k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
-    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=grouped)
+    # under a mask, SDPA may take grouped keys only in the kernel that builds heads x tokens² weights,
+    # so each key head is repeated
+    k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
     return attended.transpose(1, 2).reshape(1, tokens, -1)
 
 

@@ -4,7 +4,7 @@ and on CUDA replayed as a graph.
 The prompts of an add are put end to end (`PackedPrefill.prefill`), so one forward of the text decoder
 prefills them all whatever their lengths, with no padding between them: attention is causal within
 each prompt (flash attention over variable-length sequences in half precision on CUDA, a
-block-diagonal mask elsewhere: float32, or a GPU older than compute capability 8.0), each token's
+block-diagonal mask elsewhere: on CPU, in float32, below compute capability 8.0), each token's
 keys and values go straight into its row's slot at
 its column, and deepstack's image features are added at the image tokens (`DecodeStep.prefill`).
 
@@ -39,8 +39,9 @@ def token_bucket(tokens: int) -> int:
 
 @dataclass
 class Packed:
-    """An add's prompts end to end, as `DecodeStep.prefill` takes them: T tokens, R prompts (in a
-    graph's buffers, T its bucket, and `starts` and `last` sized for every slot)."""
+    """An add's prompts end to end, as `DecodeStep.prefill` takes them: T tokens, R prompts. In a
+    graph's buffers T is its bucket, the padding is prompt R (`segments`), `starts` has an entry
+    for every slot and two more (the padding's segment, then empty ones), `last` one per slot."""
     embeds: torch.Tensor      # 1 x T x hidden: the embeddings, image features in place
     positions: torch.Tensor   # 3 x 1 x T: multimodal rotary positions
     slots: torch.Tensor       # T: each token's slot in the KV pool
@@ -83,7 +84,8 @@ class PackedPrefill:
 
     def empty_buffers(self, tokens: int) -> Packed:
         """Zeroed buffers for up to `tokens` tokens of up to every slot's prompt, and the padding's
-        segment after them: what a graph reads."""
+        segment after them: what a graph reads. A new `out` too, so graphs captured before no
+        longer write where `prefill` reads."""
         def zeros(*shape, dtype=torch.long):
             return torch.zeros(shape, dtype=dtype, device=self.device)
         self.out = zeros(self.slots, self.hidden, dtype=self.model.dtype)
@@ -142,7 +144,7 @@ class PackedPrefill:
         b.starts[rows + 1:].fill_(bucket)  # the padding's segment, then empty ones
         seen = packed.visual.shape[0]
         b.visual[:seen].copy_(packed.visual)
-        b.visual[seen:bucket].copy_(self.counting[seen:bucket])  # distinct tokens, each adding zeros
+        b.visual[seen:bucket].copy_(self.counting[seen:bucket])  # distinct among themselves, each adding zeros
         b.deepstack[:, :seen].copy_(packed.deepstack)
         b.deepstack[:, seen:bucket].zero_()
         b.last[:rows].copy_(packed.last)

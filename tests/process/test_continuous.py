@@ -138,8 +138,14 @@ def test_a_prefill_padded_to_its_bucket_gives_the_unpadded_logits_and_writes_pad
         before = [(keys.clone(), values.clone()) for keys, values in kv]
         packed_prefill.buffers = packed_prefill.empty_buffers(256)
         packed_prefill.buffers.embeds.normal_()  # what earlier adds left in the padding
-        padded = continuous.model.lm_head(continuous.engine.decode.prefill(packed_prefill.padded(packed, 256, 2), kv))
+        views = packed_prefill.padded(packed, 256, 2)
+        padded = continuous.model.lm_head(continuous.engine.decode.prefill(views, kv))
     assert torch.allclose(padded[:3], plain, atol=1e-4)
+    total, seen = packed.tokens, packed.visual.numel()
+    ends = torch.tensor([len(p.ids) for p in prompts]).cumsum(0).tolist()
+    assert views.starts.tolist() == [0, *ends, 256, 256, 256]  # the padding's segment, then the two slots' empty ones
+    assert views.segments[total:].eq(3).all() and views.visual[seen:].tolist() == list(range(seen, 256))
+    assert views.last.tolist() == [end - 1 for end in ends] + [0, 0]
     last = continuous.slot_length - 1
     for (keys, values), (old_keys, old_values) in zip(kv, before):
         for new, old in ((keys, old_keys), (values, old_values)):
@@ -148,6 +154,26 @@ def test_a_prefill_padded_to_its_bucket_gives_the_unpadded_logits_and_writes_pad
             assert torch.equal(new[:2, :, last], old[:2, :, last]) and torch.equal(new[3:], old[3:])
             assert not torch.equal(new[2, :, last], old[2, :, last])  # the padding's column
             assert torch.equal(new[2, :, len(prompts[2].ids):last], old[2, :, len(prompts[2].ids):last])
+
+
+def test_a_prefill_filling_its_bucket_in_every_slot_leaves_the_padding_segment_empty(continuous):
+    """Every slot's prompt, their tokens exactly a bucket: the padding's segment is empty and the
+    last prompt ends at the bucket."""
+    from qvl.worker.packed_prefill import Packed
+
+    packed_prefill, lengths = continuous.packed, [40, 60, 50, 56, 50]  # 256 tokens in 5 slots
+    packed_prefill.buffers = packed_prefill.empty_buffers(256)
+    starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    hidden = packed_prefill.hidden
+    packed = Packed(embeds=torch.zeros(1, 256, hidden), positions=torch.zeros(3, 1, 256, dtype=torch.long),
+                    slots=torch.arange(5).repeat_interleave(torch.tensor(lengths)),
+                    columns=torch.cat([torch.arange(n) for n in lengths]),
+                    segments=torch.arange(5).repeat_interleave(torch.tensor(lengths)), starts=starts.int(),
+                    visual=torch.zeros(0, dtype=torch.long), deepstack=torch.zeros(packed_prefill.deep_layers, 0, hidden),
+                    last=starts[1:] - 1, flash=False)
+    views = packed_prefill.padded(packed, 256, 4)
+    assert views.starts.tolist() == [0, 40, 100, 150, 206, 256, 256]
+    assert views.last.tolist() == [39, 99, 149, 205, 255] and views.segments.tolist() == packed.segments.tolist()
 
 
 def test_max_new_tokens_below_one_is_refused(continuous):
