@@ -165,7 +165,8 @@ def test_a_split_batch_answers_each_part_as_it_ends(start_supervisor, tiny_model
                 return time.monotonic(), result
             first = asyncio.ensure_future(timed(-1))
             await asyncio.sleep(0.2)  # the worker is in the first request's generate
-            return await first, await asyncio.gather(*(timed(i) for i in range(4)))
+            rest = asyncio.gather(*(timed(i) for i in range(4)))  # sent now, before the first is answered
+            return await first, await rest
     _, batch = asyncio.run(run())
     arrivals = sorted(at for at, _ in batch)
     assert [result.timings["batch_size"] for _, result in batch] == [2, 2, 2, 2]
