@@ -78,17 +78,17 @@ class PackedPrefill:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.max_tokens = min(GRAPHED_TOKENS, token_bucket(engine.options.prefill_tokens))
         self.slots = slots
-        self.counting = torch.arange(self.max_tokens, device=self.device)  # the padding's deepstack indices
         if graph_pool is not None:
             self.buffers = self.empty_buffers(self.max_tokens)
 
     def empty_buffers(self, tokens: int) -> Packed:
         """Zeroed buffers for up to `tokens` tokens of up to every slot's prompt, and the padding's
         segment after them: what a graph reads. A new `out` too, so graphs captured before no
-        longer write where `prefill` reads."""
+        longer write where `prefill` reads, and the indices the padding's deepstack rows take."""
         def zeros(*shape, dtype=torch.long):
             return torch.zeros(shape, dtype=dtype, device=self.device)
         self.out = zeros(self.slots, self.hidden, dtype=self.model.dtype)
+        self.counting = torch.arange(tokens, device=self.device)  # the padding's deepstack indices
         return Packed(embeds=zeros(1, tokens, self.hidden, dtype=self.model.dtype), positions=zeros(3, 1, tokens),
                       slots=zeros(tokens), columns=zeros(tokens), segments=zeros(tokens),
                       starts=zeros(self.slots + 2, dtype=torch.int32), visual=zeros(tokens),
