@@ -24,7 +24,8 @@ first text chunk (the worker sends text every 4 decoding steps, so this holds up
 TPOT, the median of the worker's decode time per output token after the first (qvl only: the
 seed's service reports no split; its latency per token is printed below its table); 16-tok p50,
 in `mixed`, the 16-token requests' p50 under that load, and the row "alone" runs them one at a
-time; peak reserved GiB.
+time; peak reserved GiB. Below each qvl row of `mixed`, the medians of the 16-token requests'
+parts, from their replies' timings (`short_parts`).
 
     python scripts/bench_gpu.py --model DIR [--workloads uniform,mixed] [--concurrency 1,8,32,64]
 """
@@ -66,6 +67,7 @@ class Done:
     tokens: int
     ttft_s: float | None = None  # streamed requests only
     tpot_ms: float | None = None  # the worker's decode time per token after the first (qvl only)
+    timings: dict | None = None  # the reply's (qvl only)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,22 @@ def row(name: str, r: Round, peak_bytes: float, seed_rate: float | None) -> str:
             f"{_or_dash(ttft and percentile(ttft, 50), 9, '.0f')} {_or_dash(tpot and statistics.median(tpot), 8, '.1f')} "
             f"{_or_dash(short and percentile(short, 50), 11, '.0f')} {peak_bytes / 2**30:>9.2f} "
             f"{_or_dash(seed_rate and r.rate / seed_rate, 7, '.1f')}{'' if seed_rate is None else 'x'}")
+
+
+def short_parts(r: Round) -> str | None:
+    """Where the short requests' latency went, from their replies' timings: the medians of each
+    part, and what is left of the client's latency (sockets, the client, the step the answer waits
+    for). `wait` is the time in the worker before the engine took the request, `images` the part
+    of it spent making its images."""
+    short = [d for d in r.done if d.item.max_new_tokens == SHORT and d.timings]
+    if not short:
+        return None
+    parts = {name: statistics.median(d.timings.get(f"{name}_ms", 0.0) for d in short)
+             for name in ("queue", "wait", "images", "prefill", "decode")}
+    rest = statistics.median(d.latency_s * 1000 - sum(d.timings.get(f"{name}_ms", 0.0)
+                                                      for name in ("queue", "wait", "prefill", "decode"))
+                             for d in short)
+    return f"  {SHORT}-token medians, ms: " + ", ".join(f"{k} {v:.0f}" for k, v in parts.items()) + f", rest {rest:.0f}"
 
 
 def _or_dash(value, width: int, spec: str) -> str:
@@ -205,7 +223,7 @@ async def qvl_round(endpoint: str, items: list[Item], concurrency: int) -> Round
                 latency = time.perf_counter() - started
                 tokens = usage["completion_tokens"]
                 return Done(item, latency, tokens, ttft if i % 2 else None,
-                            timings["decode_ms"] / max(1, tokens - 1))
+                            timings["decode_ms"] / max(1, tokens - 1), timings)
 
         started = time.perf_counter()
         done = await asyncio.gather(*(one(i, item) for i, item in enumerate(items)))
@@ -236,9 +254,12 @@ def qvl_rows(args, levels: list[int], workloads: dict[str, dict], seeds: dict) -
                 r = asyncio.run(qvl_round(endpoint, w["items"][:requests(args, conc)], conc))
                 rows[name].append(row(f"qvl, concurrency {conc}", r, peak_reserved(endpoint), seed_rate))
                 print(f"[{name}] {rows[name][-1]}", file=sys.stderr, flush=True)
+                if (parts := short_parts(r)) is not None:
+                    rows[name].append(parts)
             if w["short"]:
                 r = asyncio.run(qvl_round(endpoint, w["short"], 1))
                 rows[name].append(row(f"qvl, {SHORT}-token alone", r, peak_reserved(endpoint), None))
+                rows[name].append(short_parts(r))
     finally:
         sup.terminate()
         sup.wait(60)

@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -71,6 +71,15 @@ class Job:
     stream: bool = False
     prompt: object = None  # a step engine's input, made once its images are ready
     deadline: float | None = None  # monotonic time after which it must not start
+    arrived_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None  # when the engine took it
+    images_ms: float = 0.0  # the image pool's time opening and processing its images
+
+    def timings(self) -> dict:
+        """Where its time before the prefill went, sent in its reply: waiting in this worker (for
+        its images, then for room in the engine) and, of that, making its images."""
+        waited = (self.started_at or time.perf_counter()) - self.arrived_at
+        return {"wait_ms": waited * 1000.0, "images_ms": self.images_ms}
 
 
 class HeartbeatSender(threading.Thread):
@@ -220,7 +229,8 @@ class WorkerService:
             self._join(joining[half:])
         else:
             self.running.update((job.key, job) for job in jobs)
-            for job in jobs:  # the engine has what it needs: the pixels need not live as long as the row
+            for job in jobs:
+                job.started_at = time.perf_counter()  # the engine has what it needs: the pixels need not live as long as the row
                 job.prompt, job.images = None, _NO_IMAGES
 
     def _step(self) -> None:
@@ -267,8 +277,10 @@ class WorkerService:
         for garbage in self.faults.garbage(self.arrived):
             self.sock.send_multipart(garbage)
         deadline = None if message.timeout_ms is None else time.monotonic() + message.timeout_ms / 1000.0
-        self.waiting.append(Job(message.id, self.arrived, message.messages, message.params,
-                                self._images(message), message.stream, deadline=deadline))
+        job = Job(message.id, self.arrived, message.messages, message.params, _NO_IMAGES, message.stream,
+                  deadline=deadline)
+        job.images = self._images(job, message)
+        self.waiting.append(job)
 
     def _expire(self) -> None:
         """Answer `deadline_exceeded` for each waiting job whose deadline passed before it started."""
@@ -336,6 +348,7 @@ class WorkerService:
                 ready.append((job, self.engine.prompt(job.messages, job.images.result(), job.params)))
             except Exception as exc:
                 self._answer(job, self._failed(job, exc))
+            job.started_at = time.perf_counter()
         if ready:
             for part in self.engine.sub_batches([prompt for _, prompt in ready], batch[0].params):
                 self._take_requests()  # cancels that came while the part before ran
@@ -383,7 +396,8 @@ class WorkerService:
         self.done += 1
         return encode(Reply(job.key, c.text,
                             {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
-                            {"prefill_ms": c.prefill_ms, "decode_ms": c.decode_ms, "batch_size": batch_size},
+                            {**job.timings(), "prefill_ms": c.prefill_ms, "decode_ms": c.decode_ms,
+                             "batch_size": batch_size},
                             telemetry, finish_reason=c.finish_reason).header())
 
     def _device_error(self, exc: Exception) -> None:
@@ -459,15 +473,19 @@ class WorkerService:
         del self.running[job.key]
         log.info("event=cancelled key=%d where=running tokens=%d", job.key, len(row))
 
-    def _images(self, request: GenerateRequest) -> Future:
+    def _images(self, job: Job, request: GenerateRequest) -> Future:
         """A request's images, opened and processed on the image pool while the model works."""
         if request.images:
-            return self.image_pool.submit(self._process_images, request)
+            return self.image_pool.submit(self._process_images, job, request)
         return _NO_IMAGES  # text only: no hop through the pool
 
-    def _process_images(self, request: GenerateRequest) -> ImageInputs:
+    def _process_images(self, job: Job, request: GenerateRequest) -> ImageInputs:
         """Image tokens counted from the headers first: a request too long decodes no pixel."""
-        self.engine.check_images(request.messages, [image_size(f, self.spec.max_image_pixels) for f in request.images],
-                                 request.params)
-        frames = [open_image(f, self.spec.max_image_pixels) for f in request.images]
-        return self.engine.process_images(request.messages, frames, request.params)
+        started = time.perf_counter()
+        try:
+            self.engine.check_images(request.messages,
+                                     [image_size(f, self.spec.max_image_pixels) for f in request.images], request.params)
+            frames = [open_image(f, self.spec.max_image_pixels) for f in request.images]
+            return self.engine.process_images(request.messages, frames, request.params)
+        finally:
+            job.images_ms = (time.perf_counter() - started) * 1000.0

@@ -484,6 +484,8 @@ def test_served_with_kv_cache_continuous(start_supervisor):
         results = list(pool.map(ask, range(6)))
     assert "".join(c.text for c in chunks) == whole.text and chunks[-1].done
     assert [r.usage["completion_tokens"] for r in results] == [4 + 6 * n for n in range(6)]
+    for r in [whole, *results]:  # in the worker, each waited for its images at least, and then joined
+        assert 0 < r.timings["images_ms"] <= r.timings["wait_ms"] < r.timings["total_ms"]
     pids = {sup.pid, *sup.remember_workers()}
     assert sup.stop() == 0
     assert wait_gone(pids) == set()

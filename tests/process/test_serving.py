@@ -32,8 +32,13 @@ def check(result, messages):
     # every image adds its merged patches to the prompt, so more images mean a longer prompt
     assert result.usage["prompt_tokens"] > 10 + 4 * images
     assert result.worker["slot"] in (0, 1) and result.worker["pid"] > 0
-    for key in ("queue_ms", "prefill_ms", "decode_ms", "total_ms"):
+    for key in ("queue_ms", "wait_ms", "images_ms", "prefill_ms", "decode_ms", "total_ms"):
         assert result.timings[key] >= 0
+    # the worker's wait holds its images' making; the whole holds every part
+    assert result.timings["images_ms"] <= result.timings["wait_ms"]
+    assert (result.timings["images_ms"] > 0) == (images > 0)
+    assert result.timings["queue_ms"] + result.timings["wait_ms"] + result.timings["prefill_ms"] \
+        <= result.timings["total_ms"]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
