@@ -41,7 +41,7 @@ from qvl.protocol.messages import LENGTH, STOPPED, GenerationParams
 from .detokenizer import Detokenizer
 from .engine import NO_IMAGES, Completion, Engine, ImageInputs, Prompt, StepOutput
 from .kv_pool import (LENGTH_BUCKET, ChunkedPrefill, cuda_graph, decoder_inputs, next_positions, next_power_of_two,
-                      round_up)
+                      round_up, to_device)
 from .packed_prefill import PackedPrefill
 
 log = logging.getLogger("qvl.worker")
@@ -219,7 +219,7 @@ class ContinuousEngine:
         inputs = self.engine.inputs(prompts, pad_left=False)
         positions = next_positions(self.model, inputs, [prompt.images for prompt in prompts])  # on the host
         width = inputs["input_ids"].shape[1]
-        given = decoder_inputs(self.model, inputs.to(self.device))
+        given = decoder_inputs(self.model, inputs)
         logits = self.packed.prefill(given, [prompt.ids for prompt in prompts], width, slots)
         self.prefill_forwards += 1
         rows = [self._new_row(key, len(prompt.ids), params, added_at) for key, prompt, params in requests]
@@ -233,9 +233,10 @@ class ContinuousEngine:
         self.mask[slot].zero_()
         self.mask[slot, 0, 0, :n] = True
         self.positions[:, slot, 0] = position
-        self.write_at[slot] = n
-        self.tokens[slot, 0] = first
-        self.live[slot] = 1
+        # one element filled, not assigned: assigning copies a host scalar and waits for the device
+        self.write_at[slot].fill_(n)
+        self.tokens[slot, 0].fill_(first)
+        self.live[slot].fill_(1)
         self.rows[slot] = row
         row.first_at = time.perf_counter()
         row.tokens.append(first)
@@ -244,7 +245,7 @@ class ContinuousEngine:
     def _start_chunked(self, key: int, prompt: Prompt, params: GenerationParams, slot: int) -> None:
         """Reserve `slot` for a prompt over the step's budget and prefill its first chunk (the vision
         tower runs here, whole); the rest follows a chunk per step. A failure here takes no slot."""
-        inputs = self.engine.inputs([prompt]).to(self.device)
+        inputs = self.engine.inputs([prompt])
         row = self._new_row(key, len(prompt.ids), params, time.perf_counter())
         chunked = _Chunked(slot, row, inputs, prompt.images, ChunkedPrefill(self.model, inputs))
         chunked.prefill.advance(self.prefill_tokens)
@@ -332,11 +333,11 @@ class ContinuousEngine:
 
     def _free(self, slot: int) -> _Row:
         row = self.rows.pop(slot)
-        self.live[slot] = 0
-        self.write_at[slot] = 0
-        self.positions[:, slot] = 0
+        self.live[slot].zero_()
+        self.write_at[slot].zero_()
+        self.positions[:, slot].zero_()
         self.mask[slot].zero_()
-        self.mask[slot, 0, 0, 0] = True
+        self.mask[slot, 0, 0, 0].fill_(True)
         return row
 
     def _decode(self, n: int, length: int) -> torch.Tensor:
@@ -379,20 +380,23 @@ class ContinuousEngine:
         """The next token of each row under its own parameters: argmax at temperature 0, else
         sampling with temperature, top-k and top-p as `generate` does; no stop token before a
         row's `min_new_tokens`."""
-        early = torch.tensor([len(r.tokens) < r.params.min_new_tokens for r in rows], device=self.device)
+        def tensor(values: list) -> torch.Tensor:  # made on the host, copied without a wait for the device
+            return to_device(torch.tensor(values), self.device)
+        early = tensor([len(r.tokens) < r.params.min_new_tokens for r in rows])
         logits = logits.clone()
         logits[:, self.eos] = logits[:, self.eos].masked_fill(early.view(-1, 1), float("-inf"))
         chosen = logits.argmax(dim=-1)
         sampled = [i for i, r in enumerate(rows) if r.params.temperature > 0]
         if sampled:
             params = [rows[i].params for i in sampled]
-            part = logits[sampled] / torch.tensor([p.temperature for p in params], device=self.device).view(-1, 1)
+            index = tensor(sampled)
+            part = logits.index_select(0, index) / tensor([p.temperature for p in params]).view(-1, 1)
             ordered, order = part.sort(dim=-1, descending=True)
             vocab = part.shape[-1]
-            top_k = torch.tensor([min(p.top_k, vocab) if p.top_k else vocab for p in params], device=self.device)
+            top_k = tensor([min(p.top_k, vocab) if p.top_k else vocab for p in params])
             outside_k = torch.arange(vocab, device=self.device).view(1, -1) >= top_k.view(-1, 1)
             probs = ordered.masked_fill(outside_k, float("-inf")).softmax(dim=-1)
-            top_p = torch.tensor([p.top_p for p in params], device=self.device).view(-1, 1)
+            top_p = tensor([p.top_p for p in params]).view(-1, 1)
             outside_p = probs.cumsum(dim=-1) - probs > top_p  # the most likely token always stays
             ordered = ordered.masked_fill(outside_k | outside_p, float("-inf"))
             probs = ordered.softmax(dim=-1)
@@ -400,6 +404,6 @@ class ContinuousEngine:
             for i, r in enumerate(rows[j] for j in sampled):  # a seeded row draws from its own generator
                 if r.generator is not None:
                     picks[i] = torch.multinomial(probs[i], 1, generator=r.generator)[0]
-            chosen[sampled] = order.gather(1, picks.view(-1, 1))[:, 0]
+            chosen[index] = order.gather(1, picks.view(-1, 1))[:, 0]
         return chosen
 

@@ -35,6 +35,7 @@ from transformers.generation.streamers import BaseStreamer
 from .image_tokens import ImageTokens
 from .kv_pool import STOP_CHECK_EVERY, DecodeStep, KVPool, Progress, choose_tokens
 from .prompts import PromptTokenizer
+from .vision import attend_image_by_image
 from .stop_strings import cut_at_stop, find_stop, streamable
 
 
@@ -128,6 +129,7 @@ class Engine:
         self.model = AutoModelForImageTextToText.from_pretrained(
             options.model, dtype=self._dtype(), attn_implementation=options.attn_implementation,
         ).to(self.device).eval()
+        attend_image_by_image(self.model)
         tokenizer = self.processor.tokenizer
         self.eos_ids = set(_as_list(self.model.generation_config.eos_token_id)) | {tokenizer.eos_token_id}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -169,7 +171,8 @@ class Engine:
         patches = grids.prod(dim=1)
         if (patches // self.image_tokens.merge_size ** 2).tolist() != per_frame:
             raise InternalError(f"image token counts {per_frame} differ from the processor's grids {grids.tolist()}")
-        frame_pixels = pixels["pixel_values"].split(patches.tolist())
+        # in the model's dtype here, on the pool: the tower converts them anyway, and half the bytes cross to the device
+        frame_pixels = pixels["pixel_values"].to(self.model.dtype).split(patches.tolist())
         return ImageInputs(tokens, torch.cat([frame_pixels[f] for f in references]), grids[references])
 
     def check_images(self, messages: list, sizes: list[tuple[int, int]], params: GenerationParams) -> tuple[int, ...]:

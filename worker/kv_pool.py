@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from qvl.protocol.messages import GenerationParams
 from transformers import DynamicCache
 
+from .vision import host_inputs
+
 LENGTH_BUCKET = 256
 STOP_CHECK_EVERY = 4  # steps between checks that every row has ended (each check waits for the GPU)
 
@@ -211,11 +213,17 @@ class _Captured(Exception):
 
 
 def decoder_inputs(model, inputs) -> dict:
-    """What the model's own forward hands its text decoder for `inputs`: the embeddings with the
-    image features in place, the rotary positions (numbered past padding by `attention_mask`), and
-    the visual positions and features that deepstack adds in the first layers. The forward stops
-    there: the decoder runs later, in chunks (`ChunkedPrefill`) or as `DecodeStep.prefill`."""
+    """What the model's own forward hands its text decoder for `inputs` (on the host): the
+    embeddings with the image features in place, the rotary positions (numbered past padding by
+    `attention_mask`), and the visual positions and features that deepstack adds in the first
+    layers. The inputs go to the device without a wait, with what `host_inputs` made of them there
+    (the images' grid stays on the host where the tower takes those). The forward stops at the
+    decoder: it runs later, in chunks (`ChunkedPrefill`) or as `DecodeStep.prefill`."""
     text = model.model.language_model
+    made = host_inputs(model, inputs)
+    on_host = {"image_grid_thw"} if "image_cu_seqlens" in made else set()
+    arguments = {name: to_device(value, model.device) if isinstance(value, torch.Tensor) and name not in on_host
+                 else value for name, value in {**inputs, **made}.items()}
     captured: dict = {}
 
     def take(module, args, kwargs):
@@ -224,12 +232,20 @@ def decoder_inputs(model, inputs) -> dict:
 
     hook = text.register_forward_pre_hook(take, with_kwargs=True)
     try:
-        model.model(**inputs)
+        model.model(**arguments)
     except _Captured:
         pass
     finally:
         hook.remove()
     return captured
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor`, made on the host, on `device` without waiting for the work queued there: on CUDA
+    through pinned memory, since a copy from pageable memory waits for the stream."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.contiguous().pin_memory().to(device, non_blocking=True)  # an expanded view cannot be pinned
 
 
 class ChunkedPrefill:

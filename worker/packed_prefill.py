@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from .kv_pool import LENGTH_BUCKET, cuda_graph, next_power_of_two, round_up
+from .kv_pool import LENGTH_BUCKET, cuda_graph, next_power_of_two, round_up, to_device
 
 GRAPHED_TOKENS = 8192  # the largest bucket captured; a larger prefill runs unrecorded
 
@@ -114,7 +114,7 @@ class PackedPrefill:
         the indices made on the host, so nothing here waits for the device's results."""
         lengths = torch.tensor([len(row) for row in ids])
         columns = torch.cat([torch.arange(n) for n in lengths.tolist()])
-        taken = (columns + torch.arange(len(ids)).repeat_interleave(lengths) * width).to(self.device)
+        taken = to_device(columns + torch.arange(len(ids)).repeat_interleave(lengths) * width, self.device)
         embeds = given["inputs_embeds"].reshape(len(ids) * width, -1).index_select(0, taken)
         if given.get("position_ids") is not None:  # the last three rows: multimodal RoPE's
             positions = given["position_ids"][-3:].reshape(3, -1).index_select(1, taken)
@@ -132,8 +132,10 @@ class PackedPrefill:
                       deepstack=features, last=starts[1:] - 1, flash=self.flash)
 
     def padded(self, packed: Packed, bucket: int, last_slot: int) -> Packed:
-        """`packed` copied into the buffers, padded to `bucket`: the views `bucket`'s graph reads."""
+        """`packed` copied into the buffers, padded to `bucket`: the views `bucket`'s graph reads.
+        The indices made on the host go over without a wait for the device."""
         b, total, rows = self.buffers, packed.tokens, packed.last.shape[0]
+        packed = _to(packed, self.device)
         b.embeds[:, :total].copy_(packed.embeds)
         b.positions[..., :total].copy_(packed.positions)
         b.positions[..., total:bucket].zero_()
@@ -178,5 +180,5 @@ class PackedPrefill:
 
 
 def _to(packed: Packed, device: torch.device) -> Packed:
-    return replace(packed, **{f.name: getattr(packed, f.name).to(device) for f in fields(Packed)
+    return replace(packed, **{f.name: to_device(getattr(packed, f.name), device) for f in fields(Packed)
                               if isinstance(getattr(packed, f.name), torch.Tensor)})

@@ -215,6 +215,7 @@ class WorkerService:
         the jobs are split in halves and each half added again, down to the job at fault: only a job
         that fails alone is answered with the error."""
         jobs = [job for job, _ in joining]
+        started = time.perf_counter()
         try:
             self.faults.before_generate([job.number for job in jobs])
             self.engine.add([(job.key, prompt, job.params) for job, prompt in joining])
@@ -230,7 +231,7 @@ class WorkerService:
         else:
             self.running.update((job.key, job) for job in jobs)
             for job in jobs:
-                job.started_at = time.perf_counter()  # the engine has what it needs: the pixels need not live as long as the row
+                job.started_at = started  # the engine has what it needs: the pixels need not live as long as the row
                 job.prompt, job.images = None, _NO_IMAGES
 
     def _step(self) -> None:

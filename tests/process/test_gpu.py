@@ -122,7 +122,7 @@ def test_a_packed_graphed_prefill_gives_each_prompts_logits_alone(gpu_model):
     inputs = engine.engine.inputs(prompts, pad_left=False)
     width = inputs["input_ids"].shape[1]
     with torch.inference_mode():
-        given = decoder_inputs(engine.model, inputs.to(engine.device))
+        given = decoder_inputs(engine.model, inputs)
         packed = engine.packed.prefill(given, [p.ids for p in prompts], width, list(range(len(prompts))))
         assert sum(len(p.ids) for p in prompts) <= max(engine.packed.graphs)  # it ran through a graph
         for row, prompt in enumerate(prompts):
@@ -130,6 +130,70 @@ def test_a_packed_graphed_prefill_gives_each_prompts_logits_alone(gpu_model):
             error = float((packed[row] - own).abs().max() / own.abs().max())
             print(f"prompt {row}: {len(prompt.ids)} tokens, largest difference {error:.4f} of the largest logit")
             assert error < 0.05, row
+        # an add of text alone numbers its prompts itself (an expanded view, copied to the device)
+        text_only = [prompts[1], prompts[3]]
+        inputs = engine.engine.inputs(text_only, pad_left=False)
+        given = decoder_inputs(engine.model, inputs)
+        packed = engine.packed.prefill(given, [p.ids for p in text_only], inputs["input_ids"].shape[1], [0, 1])
+        for row, prompt in enumerate(text_only):
+            own = engine.model(**engine.engine.inputs([prompt]).to(engine.device)).logits[0, -1].float()
+            assert float((packed[row] - own).abs().max() / own.abs().max()) < 0.05, row
+
+
+@pytest.mark.timeout(300)
+def test_the_vision_tower_attends_image_by_image_and_the_forward_rarely_waits(gpu_model):
+    """The tower's features for images of other sizes, attended to image by image with the lengths
+    from the host, are those of transformers' SDPA to bfloat16's rounding; and the forward up to
+    the decoder, its inputs made on the host (`host_inputs`), waits for the device at most twice."""
+    import warnings
+
+    from PIL import Image
+    from qvl.protocol.contract import ModelOptions
+    from qvl.protocol.messages import GenerationParams
+    from qvl.worker.engine import NO_IMAGES, Engine
+    from qvl.worker.kv_pool import decoder_inputs, to_device
+    from qvl.worker.vision import IMAGE_BY_IMAGE, host_inputs
+
+    engine = Engine(ModelOptions(str(gpu_model), "cuda:0", kv_cache="continuous"))
+    visual = engine.model.model.visual
+    assert visual.config._attn_implementation == IMAGE_BY_IMAGE
+    params = GenerationParams(max_new_tokens=4)
+    prompts = []
+    for key, size in enumerate([(1344, 896), None, (224, 336), (448, 448)]):
+        content = [{"type": "text", "text": f"Question {key}: what is it?"}]
+        images = NO_IMAGES
+        if size is not None:
+            content.insert(0, {"type": "image", "frame": 0})
+            frame = Image.effect_noise(size, 30 + key).convert("RGB")
+            images = engine.process_images([{"role": "user", "content": content}], [frame], params)
+        prompts.append(engine.prompt([{"role": "user", "content": content}], images, params))
+    inputs = engine.inputs(prompts, pad_left=False)
+    pixels, grid = inputs["pixel_values"].to(engine.device), inputs["image_grid_thw"].to(engine.device)
+    with torch.inference_mode():
+        made = {name: to_device(value, engine.device) if isinstance(value, torch.Tensor) else value
+                for name, value in host_inputs(engine.model, inputs).items() if name.startswith("image_")}
+        mine = engine.model.model.get_image_features(pixels, grid, **made)
+        visual.config._attn_implementation = "sdpa"
+        try:
+            sdpa = engine.model.model.get_image_features(pixels, grid)
+        finally:
+            visual.config._attn_implementation = IMAGE_BY_IMAGE
+        for ours, theirs in zip([*mine.pooler_output, *[f for fs in mine.deepstack_features for f in fs]],
+                                [*sdpa.pooler_output, *[f for fs in sdpa.deepstack_features for f in fs]], strict=True):
+            error = float((ours - theirs).abs().max() / theirs.abs().max())
+            assert error < 0.03, error
+        decoder_inputs(engine.model, inputs)  # the first call allocates pinned memory
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                decoder_inputs(engine.model, inputs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    print(f"{len(waits)} waits for the device in the forward up to the decoder")
+    assert len(waits) <= 2, waits
 
 
 @pytest.mark.timeout(300)
