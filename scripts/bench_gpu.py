@@ -259,7 +259,8 @@ def qvl_rows(args, levels: list[int], workloads: dict[str, dict], seeds: dict) -
             if w["short"]:
                 r = asyncio.run(qvl_round(endpoint, w["short"], 1))
                 rows[name].append(row(f"qvl, {SHORT}-token alone", r, peak_reserved(endpoint), None))
-                rows[name].append(short_parts(r))
+                if (parts := short_parts(r)) is not None:
+                    rows[name].append(parts)
     finally:
         sup.terminate()
         sup.wait(60)

@@ -35,7 +35,7 @@ from transformers.generation.streamers import BaseStreamer
 from .image_tokens import ImageTokens
 from .kv_pool import STOP_CHECK_EVERY, DecodeStep, KVPool, Progress, choose_tokens
 from .prompts import PromptTokenizer
-from .vision import attend_image_by_image
+from .vision import prepare_vision
 from .stop_strings import cut_at_stop, find_stop, streamable
 
 
@@ -129,7 +129,7 @@ class Engine:
         self.model = AutoModelForImageTextToText.from_pretrained(
             options.model, dtype=self._dtype(), attn_implementation=options.attn_implementation,
         ).to(self.device).eval()
-        attend_image_by_image(self.model)
+        prepare_vision(self.model)
         tokenizer = self.processor.tokenizer
         self.eos_ids = set(_as_list(self.model.generation_config.eos_token_id)) | {tokenizer.eos_token_id}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -349,7 +349,6 @@ class WorkerService:
                 ready.append((job, self.engine.prompt(job.messages, job.images.result(), job.params)))
             except Exception as exc:
                 self._answer(job, self._failed(job, exc))
-            job.started_at = time.perf_counter()
         if ready:
             for part in self.engine.sub_batches([prompt for _, prompt in ready], batch[0].params):
                 self._take_requests()  # cancels that came while the part before ran
@@ -358,6 +357,9 @@ class WorkerService:
                         self._answer_cancelled(job, [], "")
                         self.done += 1  # no reply of this batch will count it
                 todo = [(job, prompt) for job, prompt in ready[part] if job.key in self.running]
+                started = time.perf_counter()  # until now each waited for the batch's images and the parts before
+                for job, _ in todo:
+                    job.started_at = started
                 for job, parts in self._generate(todo, streamed={}) if todo else []:
                     self._answer(job, parts)
         self.running, self.cancelling = {}, set()

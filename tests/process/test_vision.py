@@ -1,17 +1,23 @@
 """What the model's forward would derive from the images' grid and the ids, made on the host
 (`qvl.worker.vision`), with the tiny model on CPU: the forward takes those values instead of
-deriving them, and they are its own."""
+deriving them, and they are its own; a tower that would not take them fails the probe at load and
+is left deriving its own."""
+
+import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from transformers import AutoModelForImageTextToText
 
 from qvl.protocol.contract import ModelOptions
 from qvl.protocol.messages import GenerationParams
 from qvl.worker import kv_pool, vision
 from qvl.worker.engine import NO_IMAGES, Engine
 
-pytestmark = pytest.mark.skipif(vision.vision_utils is None, reason="transformers takes no made vision inputs")
+needs_tower_inputs = pytest.mark.skipif(vision.vision_utils is None,
+                                        reason="this transformers release's vision tower takes no made inputs")
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +40,36 @@ def prompts(engine):
     return engine.inputs(made, pad_left=False)
 
 
+def test_the_forward_takes_the_rotary_positions_made_on_the_host(engine, monkeypatch):
+    """Made from the true grid, handed to a forward given the grid transposed (4 x 6 patches as
+    6 x 4): a forward that numbered the text's multimodal rotary positions itself would number
+    them otherwise; it takes the model's own, exactly."""
+    inputs = prompts(engine)
+    made = {"position_ids": vision.host_inputs(engine.model, inputs)["position_ids"]}
+    swapped = dict(inputs, image_grid_thw=inputs["image_grid_thw"][:, [0, 2, 1]])
+    with torch.inference_mode():
+        monkeypatch.setattr(kv_pool, "host_inputs", lambda model, inputs: {})
+        own = kv_pool.decoder_inputs(engine.model, inputs)
+        derived = kv_pool.decoder_inputs(engine.model, swapped)  # the swap does change what is derived
+        monkeypatch.setattr(kv_pool, "host_inputs", lambda model, inputs: made)
+        taken = kv_pool.decoder_inputs(engine.model, swapped)
+    assert torch.equal(taken["position_ids"], own["position_ids"])
+    assert not torch.equal(derived["position_ids"], own["position_ids"])
+
+
+@needs_tower_inputs
 def test_the_forward_takes_the_values_made_on_the_host(engine, monkeypatch):
     """The grid handed to the forward is swapped for one of the same sizes transposed (4 x 6 patches
     as 6 x 4) after the values were made from the true one. A forward that derived any of them
     itself (the text's rotary positions, the tower's interpolation, rotary positions or images'
-    boundaries) would give other embeddings or positions; it gives the model's own, exactly."""
+    boundaries) would give other embeddings or positions; it gives the model's own, exactly, and
+    what was made for the tower is not kept with the decoder's inputs."""
     inputs = prompts(engine)
     grid = inputs["image_grid_thw"]
     assert (grid[:, 1] != grid[:, 2]).all()
+    assert vision.takes_host_inputs(engine.model)
     made = vision.host_inputs(engine.model, inputs)
-    assert {"position_ids", "image_cu_seqlens", "image_max_seqlen", "image_position_ids",
+    assert {"position_ids", "image_cu_seqlens", "image_max_seqlen", "image_position_ids", "image_lengths",
             "image_interp_indices", "image_interp_weights"} <= set(made)
     with torch.inference_mode():
         monkeypatch.setattr(kv_pool, "host_inputs", lambda model, inputs: {})
@@ -59,6 +85,7 @@ def test_the_forward_takes_the_values_made_on_the_host(engine, monkeypatch):
         assert torch.equal(mine, theirs)
     assert not torch.equal(derived["inputs_embeds"], own["inputs_embeds"])
     assert not torch.equal(derived["position_ids"], own["position_ids"])
+    assert not [name for name in taken if name.startswith("image_")]
 
 
 def test_a_batch_without_images_needs_nothing_made(engine):
@@ -68,6 +95,7 @@ def test_a_batch_without_images_needs_nothing_made(engine):
     assert vision.host_inputs(engine.model, inputs) == {}
 
 
+@needs_tower_inputs
 def test_the_tower_attending_image_by_image_gives_the_features_of_transformers_sdpa(engine):
     """With the images' lengths from the host, and without them (read back from the device, as in
     `generate`), the tower's features and deepstack features are SDPA's, exactly."""
@@ -94,4 +122,55 @@ def test_the_tower_attending_image_by_image_gives_the_features_of_transformers_s
 def test_another_attention_asked_for_is_kept(tiny_model):
     eager = Engine(ModelOptions(str(tiny_model), "cpu", attn_implementation="eager"))
     assert eager.model.model.visual.config._attn_implementation == "eager"
-    assert not vision.attend_image_by_image(eager.model)
+
+
+def _model(tiny_model):
+    return AutoModelForImageTextToText.from_pretrained(str(tiny_model), attn_implementation="sdpa").eval()
+
+
+def _deriving_anyway(function):
+    """A stand-in for a transformers release whose tower derives a value itself: `function` called
+    without the keyword arguments it would otherwise take the value from."""
+    return lambda *args, kwargs=None, **rest: function(*args, **rest)
+
+
+@needs_tower_inputs
+@pytest.mark.parametrize("derived, why", [("get_vision_attention_seqlens", "cu_seqlens"),
+                                          ("get_vision_position_ids", "passed")])
+def test_a_tower_that_derives_its_inputs_anyway_fails_the_probe_and_is_left_as_it_was(
+        engine, tiny_model, monkeypatch, caplog, derived, why):
+    """The tower's module made to derive the images' boundaries (or rotary positions) itself: the
+    probe sees it, the tower keeps transformers' SDPA, nothing is made for it, and its features for
+    an add are still the model's own."""
+    import transformers.models.qwen3_vl.modeling_qwen3_vl as modeling
+
+    model = _model(tiny_model)
+    monkeypatch.setattr(modeling, derived, _deriving_anyway(getattr(modeling, derived)))
+    with caplog.at_level(logging.WARNING, logger=vision.__name__):
+        vision.prepare_vision(model)
+    assert why in caplog.text
+    assert not vision.takes_host_inputs(model)
+    assert model.model.visual.config._attn_implementation == "sdpa"
+    inputs = prompts(engine)  # made by the engine's processor, for the model probed here
+    assert set(vision.host_inputs(model, inputs)) == {"position_ids"}
+    with torch.inference_mode():
+        given = kv_pool.decoder_inputs(model, inputs)
+        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    assert torch.equal(given["inputs_embeds"][given["visual_pos_masks"]], torch.cat(features.pooler_output))
+
+
+@needs_tower_inputs
+def test_the_probe_passes_for_the_tower_as_transformers_ships_it(tiny_model):
+    model = _model(tiny_model)
+    vision.prepare_vision(model)
+    assert vision.takes_host_inputs(model)
+    assert model.model.visual.config._attn_implementation == vision.IMAGE_BY_IMAGE
+
+
+def test_handed_one_image_at_a_time_the_attention_attends_over_all_it_is_handed():
+    """Should transformers split the images itself (no boundaries handed over), each call's patches
+    are one image, whatever lengths came along in the keyword arguments."""
+    generator = torch.Generator().manual_seed(1)
+    query, key, value = (torch.randn(1, 2, 10, 8, generator=generator) for _ in range(3))
+    attended, _ = vision._attend_image_by_image(None, query, key, value, scaling=0.3, lengths=[4, 6])
+    assert torch.equal(attended, F.scaled_dot_product_attention(query, key, value, scale=0.3).transpose(1, 2))
