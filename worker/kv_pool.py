@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from qvl.protocol.messages import GenerationParams
 from transformers import DynamicCache
 
-from .vision import host_inputs, takes_host_inputs
+from .vision import host_inputs
 
 LENGTH_BUCKET = 256
 STOP_CHECK_EVERY = 4  # steps between checks that every row has ended (each check waits for the GPU)
@@ -221,7 +221,7 @@ def decoder_inputs(model, inputs) -> dict:
     decoder: it runs later, in chunks (`ChunkedPrefill`) or as `DecodeStep.prefill`."""
     text = model.model.language_model
     made = host_inputs(model, inputs)
-    on_host = {"image_grid_thw"} if takes_host_inputs(model) else set()
+    on_host = {"image_grid_thw"} if "image_cu_seqlens" in made else set()  # the tower then reads only its sizes
     arguments = {name: to_device(value, model.device) if isinstance(value, torch.Tensor) and name not in on_host
                  else value for name, value in {**inputs, **made}.items()}
     captured: dict = {}

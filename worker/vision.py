@@ -16,7 +16,8 @@ launches what follows.
   6.2 ms (H200). Then a probe on the model's device, two small images through the tower: it must
   take the inputs made on the host (`_tower_inputs`) in place of its own and give its own
   features. A transformers release that names them otherwise, or derives them anyway, fails the
-  probe, and the tower is left as transformers made it, deriving them on the device.
+  probe (first under that attention, then under the one asked for), and the tower is left as
+  transformers made it, deriving them on the device. A failure of the device itself is raised.
 - `host_inputs(model, inputs)`: those values made from `inputs` on the host with transformers' own
   functions, passed to the forward, which takes them instead of deriving them; the grid then stays
   on the host, where the forward only reads its sizes.
@@ -41,6 +42,8 @@ IMAGE_BY_IMAGE = "qvl_sdpa_image_by_image_flash_interface"  # named *flash*: tra
 # with the images' boundaries instead of reading them back from the device first
 _PROBED = weakref.WeakSet()  # the vision towers that passed the probe: they take `_tower_inputs`
 _MADE_FOR_THE_TOWER = ("interp_indices", "interp_weights", "position_ids")  # what it must not pass on
+FEATURE_TOLERANCE = 0.05  # of the largest feature: bfloat16's rounding under other kernels (3 % on an H200)
+_DEVICE_FAILURES = (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", torch.OutOfMemoryError))
 
 
 def _attend_image_by_image(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
@@ -59,24 +62,29 @@ def _attend_image_by_image(module, query, key, value, attention_mask=None, scali
 
 def prepare_vision(model) -> None:
     """Have the vision tower of `model` attend by `IMAGE_BY_IMAGE` where it was to use SDPA (another
-    implementation asked for is kept), and take what `host_inputs` makes if the probe shows it does."""
+    implementation asked for is kept), and take what `host_inputs` makes if the probe shows it does:
+    first with that attention, then, should it fail, with the implementation asked for."""
     visual = getattr(getattr(model, "model", None), "visual", None)
     if visual is None or vision_utils is None:
         return
     asked = visual.config._attn_implementation
     if asked == "sdpa":
         AttentionInterface.register(IMAGE_BY_IMAGE, _attend_image_by_image)
-        visual.config._attn_implementation = IMAGE_BY_IMAGE
-    try:
-        with torch.inference_mode():
-            failure = _probe(model, asked)
-    except Exception as error:  # noqa: BLE001 - any failure of the probe means: leave the tower as it was
-        failure = f"{type(error).__name__}: {str(error).splitlines()[-1] if str(error) else ''}"
-    if failure is None:
-        _PROBED.add(visual)
-    else:
-        visual.config._attn_implementation = asked
-        log.warning("the vision tower derives its inputs on the device (slower): %s", failure)
+    for implementation in dict.fromkeys((IMAGE_BY_IMAGE if asked == "sdpa" else asked, asked)):
+        visual.config._attn_implementation = implementation
+        try:
+            with torch.inference_mode():
+                failure = _probe(model, asked)
+        except _DEVICE_FAILURES:  # the device itself failed: no fallback would serve on it
+            raise
+        except Exception:  # noqa: BLE001 - whatever went wrong, the tower as transformers made it stays
+            log.warning("the probe of the vision tower under %s raised", implementation, exc_info=True)
+            failure = "the probe raised"
+        if failure is None:
+            _PROBED.add(visual)
+            return
+        log.warning("the vision tower under %s does not take the inputs made on the host: %s", implementation, failure)
+    log.warning("the vision tower derives its inputs on the device (slower)")
 
 
 def _probe(model, asked: str) -> str | None:
@@ -88,8 +96,8 @@ def _probe(model, asked: str) -> str | None:
     patch = visual.patch_embed.proj.weight[0].numel()
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(int(grid.prod(-1).sum()), patch, generator=generator).to(visual.device, visual.dtype)
-    made = {name: value.to(visual.device) if isinstance(value, torch.Tensor) else value  # as `decoder_inputs`
-            for name, value in _tower_inputs(visual, grid).items()}                     # hands them over
+    made = {name: value.to(visual.device) if isinstance(value, torch.Tensor) else value  # where `decoder_inputs`
+            for name, value in _tower_inputs(visual, grid).items()}                     # puts them
     seen: dict = {}
     hook = visual.blocks[0].register_forward_pre_hook(lambda module, args, kwargs: seen.update(kwargs),
                                                       with_kwargs=True)
@@ -107,12 +115,16 @@ def _probe(model, asked: str) -> str | None:
         own = model.model.get_image_features(pixels, grid.to(visual.device))
     finally:
         visual.config._attn_implementation = ours
-    for mine, theirs in zip([*taken.pooler_output, *[f for fs in taken.deepstack_features for f in fs]],
-                            [*own.pooler_output, *[f for fs in own.deepstack_features for f in fs]], strict=True):
+    for mine, theirs in zip(features(taken), features(own), strict=True):
         error = float((mine.float() - theirs.float()).abs().max() / theirs.float().abs().max().clamp(min=1e-6))
-        if not error < 0.05:  # bfloat16's rounding with other kernels is within 3 %
+        if not error < FEATURE_TOLERANCE:
             return f"its features differ from its own by {error:.1%}"
     return None
+
+
+def features(output) -> list[torch.Tensor]:
+    """Every image's features and deepstack features in the output of `get_image_features`."""
+    return [*output.pooler_output, *[image for layer in output.deepstack_features for image in layer]]
 
 
 def _tower_inputs(visual, grid: torch.Tensor) -> dict:
@@ -143,7 +155,3 @@ def host_inputs(model, inputs) -> dict:
         made.update(_tower_inputs(model.model.visual, grid))
     return made
 
-
-def takes_host_inputs(model) -> bool:
-    """Whether the vision tower of `model` passed the probe and takes what `host_inputs` makes."""
-    return getattr(getattr(model, "model", None), "visual", None) in _PROBED

@@ -67,7 +67,6 @@ def test_the_forward_takes_the_values_made_on_the_host(engine, monkeypatch):
     inputs = prompts(engine)
     grid = inputs["image_grid_thw"]
     assert (grid[:, 1] != grid[:, 2]).all()
-    assert vision.takes_host_inputs(engine.model)
     made = vision.host_inputs(engine.model, inputs)
     assert {"position_ids", "image_cu_seqlens", "image_max_seqlen", "image_position_ids", "image_lengths",
             "image_interp_indices", "image_interp_weights"} <= set(made)
@@ -113,58 +112,84 @@ def test_the_tower_attending_image_by_image_gives_the_features_of_transformers_s
             sdpa = engine.model.model.get_image_features(pixels, grid)
         finally:
             visual.config._attn_implementation = vision.IMAGE_BY_IMAGE
-    for features in (with_lengths, without):
-        for mine, theirs in zip([*features.pooler_output, *[f for fs in features.deepstack_features for f in fs]],
-                                [*sdpa.pooler_output, *[f for fs in sdpa.deepstack_features for f in fs]], strict=True):
+    for output in (with_lengths, without):
+        for mine, theirs in zip(vision.features(output), vision.features(sdpa), strict=True):
             assert torch.equal(mine, theirs)
 
 
-def test_another_attention_asked_for_is_kept(tiny_model):
+def test_another_attention_asked_for_is_kept_and_takes_the_inputs_made_on_the_host(tiny_model):
     eager = Engine(ModelOptions(str(tiny_model), "cpu", attn_implementation="eager"))
     assert eager.model.model.visual.config._attn_implementation == "eager"
+    assert "image_cu_seqlens" in vision.host_inputs(eager.model, prompts(eager))
 
 
 def _model(tiny_model):
     return AutoModelForImageTextToText.from_pretrained(str(tiny_model), attn_implementation="sdpa").eval()
 
 
-def _deriving_anyway(function):
+def _deriving_anyway(function, taking=()):
     """A stand-in for a transformers release whose tower derives a value itself: `function` called
-    without the keyword arguments it would otherwise take the value from."""
-    return lambda *args, kwargs=None, **rest: function(*args, **rest)
+    without the keyword arguments it would take the value from, after popping the names `taking`
+    from them (a release that takes them and ignores them)."""
+    def derive(*args, kwargs=None, **rest):
+        for name in taking:
+            (kwargs or {}).pop(name, None)
+        return function(*args, **rest)
+    return derive
 
 
-@needs_tower_inputs
-@pytest.mark.parametrize("derived, why", [("get_vision_attention_seqlens", "cu_seqlens"),
-                                          ("get_vision_position_ids", "passed")])
-def test_a_tower_that_derives_its_inputs_anyway_fails_the_probe_and_is_left_as_it_was(
-        engine, tiny_model, monkeypatch, caplog, derived, why):
-    """The tower's module made to derive the images' boundaries (or rotary positions) itself: the
-    probe sees it, the tower keeps transformers' SDPA, nothing is made for it, and its features for
-    an add are still the model's own."""
-    import transformers.models.qwen3_vl.modeling_qwen3_vl as modeling
-
-    model = _model(tiny_model)
-    monkeypatch.setattr(modeling, derived, _deriving_anyway(getattr(modeling, derived)))
-    with caplog.at_level(logging.WARNING, logger=vision.__name__):
-        vision.prepare_vision(model)
-    assert why in caplog.text
-    assert not vision.takes_host_inputs(model)
+def _left_as_it_was(engine, model, caplog, why):
+    """The probe failed for `why` (twice: under each attention), the tower keeps transformers'
+    SDPA, nothing is made for it, and an add's features are still the model's own."""
+    assert caplog.text.count(why) == 2, caplog.text
+    assert "derives its inputs on the device" in caplog.text
     assert model.model.visual.config._attn_implementation == "sdpa"
     inputs = prompts(engine)  # made by the engine's processor, for the model probed here
     assert set(vision.host_inputs(model, inputs)) == {"position_ids"}
     with torch.inference_mode():
         given = kv_pool.decoder_inputs(model, inputs)
-        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-    assert torch.equal(given["inputs_embeds"][given["visual_pos_masks"]], torch.cat(features.pooler_output))
+        own = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    assert torch.equal(given["inputs_embeds"][given["visual_pos_masks"]], torch.cat(own.pooler_output))
 
 
 @needs_tower_inputs
-def test_the_probe_passes_for_the_tower_as_transformers_ships_it(tiny_model):
+@pytest.mark.parametrize("derived, taking, why", [
+    ("get_vision_attention_seqlens", ("cu_seqlens", "max_seqlen"), "derived the images' boundaries"),
+    ("get_vision_attention_seqlens", (), "multiple values for keyword argument"),
+    ("get_vision_position_ids", (), "passed ['position_ids'] on")])
+def test_a_tower_that_derives_its_inputs_anyway_fails_the_probe_and_is_left_as_it_was(
+        engine, tiny_model, monkeypatch, caplog, derived, taking, why):
+    """The tower's module made to derive the images' boundaries (taking the made ones or leaving
+    them to clash with its own) or its rotary positions itself."""
+    import transformers.models.qwen3_vl.modeling_qwen3_vl as modeling
+
+    model = _model(tiny_model)
+    monkeypatch.setattr(modeling, derived, _deriving_anyway(getattr(modeling, derived), taking))
+    with caplog.at_level(logging.WARNING, logger=vision.__name__):
+        vision.prepare_vision(model)
+    _left_as_it_was(engine, model, caplog, why)
+
+
+@needs_tower_inputs
+def test_a_tower_that_takes_wrong_inputs_fails_the_probe_by_its_features(engine, tiny_model, monkeypatch, caplog):
+    """Inputs taken but not the tower's own (interpolation weights a thousand times too large): its
+    features differ."""
+    model = _model(tiny_model)
+    tower_inputs = vision._tower_inputs
+    monkeypatch.setattr(vision, "_tower_inputs", lambda visual, grid: {
+        **tower_inputs(visual, grid), "image_interp_weights": tower_inputs(visual, grid)["image_interp_weights"] * 1000})
+    with caplog.at_level(logging.WARNING, logger=vision.__name__):
+        vision.prepare_vision(model)
+    monkeypatch.undo()
+    _left_as_it_was(engine, model, caplog, "features differ")
+
+
+@needs_tower_inputs
+def test_the_probe_passes_for_the_tower_as_transformers_ships_it(engine, tiny_model):
     model = _model(tiny_model)
     vision.prepare_vision(model)
-    assert vision.takes_host_inputs(model)
     assert model.model.visual.config._attn_implementation == vision.IMAGE_BY_IMAGE
+    assert "image_cu_seqlens" in vision.host_inputs(model, prompts(engine))
 
 
 def test_handed_one_image_at_a_time_the_attention_attends_over_all_it_is_handed():
