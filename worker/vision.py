@@ -75,9 +75,9 @@ def prepare_vision(model) -> None:
         try:
             with torch.inference_mode():
                 failure = _probe(model, asked)
-        except _DEVICE_FAILURES:  # the device itself failed: no fallback would serve on it
-            raise
-        except Exception:  # noqa: BLE001 - whatever went wrong, the tower as transformers made it stays
+        except Exception as error:  # noqa: BLE001 - whatever went wrong, the tower as transformers made it stays
+            if isinstance(error, _DEVICE_FAILURES) or str(error).startswith("CUDA error"):
+                raise  # the device itself failed (older torch says so only in the message): no fallback serves
             log.warning("the probe of the vision tower under %s raised", implementation, exc_info=True)
             failure = "the probe raised"
         if failure is None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoModelForImageTextToText
+from transformers import AttentionInterface, AutoModelForImageTextToText
 
 from qvl.protocol.contract import ModelOptions
 from qvl.protocol.messages import GenerationParams
@@ -182,6 +182,39 @@ def test_a_tower_that_takes_wrong_inputs_fails_the_probe_by_its_features(engine,
         vision.prepare_vision(model)
     monkeypatch.undo()
     _left_as_it_was(engine, model, caplog, "features differ")
+
+
+@needs_tower_inputs
+def test_an_attention_that_gives_other_features_fails_the_probe_and_the_one_asked_for_is_probed_next(
+        engine, tiny_model, monkeypatch, caplog):
+    """The image-by-image attention made wrong (twice its output): the probe compares it with the
+    tower under SDPA and fails it, then passes under SDPA, which takes the inputs made on the host."""
+    model = _model(tiny_model)
+    attend = vision._attend_image_by_image
+    monkeypatch.setattr(vision, "_attend_image_by_image", lambda *args, **kwargs: (attend(*args, **kwargs)[0] * 2, None))
+    try:
+        with caplog.at_level(logging.WARNING, logger=vision.__name__):
+            vision.prepare_vision(model)
+    finally:  # the registry is transformers' and global: the true attention back for the other tests
+        AttentionInterface.register(vision.IMAGE_BY_IMAGE, attend)
+    assert caplog.text.count("features differ") == 1, caplog.text
+    assert "derives its inputs on the device" not in caplog.text
+    assert model.model.visual.config._attn_implementation == "sdpa"
+    assert "image_cu_seqlens" in vision.host_inputs(model, prompts(engine))
+
+
+@needs_tower_inputs
+@pytest.mark.parametrize("failure", [torch.OutOfMemoryError("CUDA out of memory"),
+                                     RuntimeError("CUDA error: an illegal memory access was encountered")])
+def test_a_failure_of_the_device_during_the_probe_is_raised_not_hidden(tiny_model, monkeypatch, failure):
+    model = _model(tiny_model)
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(model.model, "get_image_features", fail)
+    with pytest.raises(type(failure), match="CUDA"):
+        vision.prepare_vision(model)
 
 
 @needs_tower_inputs
