@@ -15,7 +15,9 @@ for all: at the client, from sending to the first streamed tokens, and from ther
 (`workloads.py`) are made before any timing; each level is warmed with one round first.
 
 `sweep`: the uniform and mixed workloads at each concurrency: req/s, output tok/s, p50/p99 latency,
-TTFT, TPOT, the 16-token requests' p50 in the mix, peak device memory (NVML, whole device).
+TTFT, TPOT, the 16-token requests' p50 in the mix, peak device memory (NVML, whole device); for qvl
+also where its TTFT went (the JSON's p50s): waiting in the worker (read off its socket until the
+engine has it), from there to the first token, and outside the worker (client, supervisor, sockets).
 `death`: 64 requests of 256 tokens in flight (not streamed), SIGKILL 2 s in to vLLM's engine core (bare
 vLLM) or qvl's worker: requests answered, failed and lost, and the time from the kill until the
 system answers a new request (bare vLLM: never, until restarted by hand). `death-core` does the same
@@ -155,7 +157,7 @@ class Qvl:
             else:  # chunks carry only new text, which random weights seldom make: where none came, the
                 # first token was the worker's decode time before this last chunk arrived
                 tokens = chunk.usage.get("completion_tokens", 0)
-                mark(time.perf_counter() - chunk.timings.get("decode_ms", 0.0) / 1000.0)
+                mark(time.perf_counter() - chunk.timings.get("decode_ms", 0.0) / 1000.0, chunk.timings)
         return tokens
 
     def model_pid(self, engine_core: bool = False) -> int:
@@ -175,9 +177,11 @@ async def timed(system, item: Item, stream: bool = True) -> dict:
     """One request: start, first text (streams) and end times, output tokens, or the error."""
     record = {"start": time.perf_counter(), "first": None, "max_new_tokens": item.max_new_tokens}
 
-    def mark(at: float | None = None):
+    def mark(at: float | None = None, worker: dict | None = None):
         if record["first"] is None:
             record["first"] = time.perf_counter() if at is None else at
+        if worker:  # qvl's own account of the request in the worker
+            record["worker"] = worker
     try:
         record["tokens"] = await system.one(item, mark, stream)
     except Exception as exc:  # counted, not raised: the death test expects failures
@@ -204,12 +208,18 @@ def summarize(workload: str, concurrency: int, wall: float, records: list[dict])
     ttft = [r["first"] - r["start"] for r in ok if r["first"]]
     tpot = [(r["end"] - r["first"]) / (r["tokens"] - 1) for r in ok if r["first"] and r["tokens"] > 1]
     short = [r["end"] - r["start"] for r in ok if r["max_new_tokens"] == 16]
+    split = [(r["worker"]["wait_ms"], r["worker"]["prefill_ms"], 1000 * (r["first"] - r["start"]))
+             for r in ok if r["first"] and "prefill_ms" in r.get("worker", {})]
     return {"workload": workload, "concurrency": concurrency, "requests": len(records),
             "failed": len(records) - len(ok), "req_s": len(ok) / wall,
             "tok_s": sum(r["tokens"] for r in ok) / wall,
             "p50_s": percentile(latency, 50), "p99_s": percentile(latency, 99),
             "ttft_p50_s": percentile(ttft, 50), "tpot_p50_ms": 1000 * percentile(tpot, 50),
-            "short_p50_s": percentile(short, 50) if short else None}
+            "short_p50_s": percentile(short, 50) if short else None,
+            # qvl only: where the time to first token went, p50 of each part
+            **({"worker_wait_p50_ms": percentile([w for w, _, _ in split], 50),
+                "worker_prefill_p50_ms": percentile([p for _, p, _ in split], 50),
+                "outside_worker_p50_ms": percentile([t - w - p for w, p, t in split], 50)} if split else {})}
 
 
 async def sweep(system, levels: list[int], rounds: int) -> list[dict]:

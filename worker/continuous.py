@@ -106,6 +106,10 @@ class ContinuousEngine:
     def running(self) -> int:
         return len(self.rows) + (self.chunked is not None)
 
+    def ready_to_step(self) -> bool:
+        """Whether the worker should step now: whenever a row runs, as each step computes here."""
+        return self.running > 0
+
     def has_room(self, joining: Sequence[Prompt], prompt: Prompt) -> bool:
         """Whether `prompt` may join at this step beside the prompts `joining`: a free row for it,
         and all of them within the step's prefill budget. A prompt over the budget joins alone, one

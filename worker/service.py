@@ -45,6 +45,7 @@ from qvl.protocol.exits import WorkerExit
 from qvl.protocol.messages import (CANCELLED, STOPPED, Bye, Cancel, Chunk, ErrorReply, GenerateRequest, GenerationParams,
                                    Heartbeat, Hello, Ready, Reply, Stop)
 
+from .bell import Bell
 from .engine import NO_IMAGES, Completion, Engine, ImageInputs, Prompt, load_engine
 from .faults import Faults
 from .images import image_size, open_image
@@ -122,6 +123,7 @@ class WorkerService:
         self.done = 0     # requests answered
         self.telemetry: Telemetry | None = None
         self.image_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="images")
+        self.bell = Bell()  # rung by the image pool and vLLM's engine core (`_serve_steps`)
 
     def read_telemetry(self) -> dict:
         return self.faults.apply(self.telemetry.read(), self.done)
@@ -179,17 +181,37 @@ class WorkerService:
 
     def _serve_steps(self) -> None:
         """For an engine that schedules every step (vLLM): a request joins the running batch as soon
-        as its inputs are ready, and its answer goes out the step it ends."""
+        as its inputs are ready, and its answer goes out the step it ends. Between steps the loop
+        sleeps on its socket and the bell together (`bell.py`): vLLM's engine core steps in a
+        process of its own and rings when a step comes back, the image pool rings when a request's
+        inputs are ready, so a request is read, and added, while the core works."""
         engine = self.engine
         idle = getattr(engine, "idle", None)  # vLLM's: its engine core's figures, read while idle too
+        ring_on_output = getattr(engine, "ring_on_output", None)
+        if ring_on_output is not None:
+            ring_on_output(self.bell)
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.bell, zmq.POLLIN)
         while self.waiting or engine.running or not self.stopping:
-            if not engine.running:  # idle, or only inputs being made: sleep until a message or 1 ms
-                self.sock.poll(1 if self.waiting else (1000 * idle() if idle else None))
+            if not engine.ready_to_step():
+                poller.poll(self._sleep_ms(idle))
+                self.bell.clear()
             self._take_requests()
             self._expire()
             self._admit()
-            if engine.running:
+            if engine.ready_to_step():
                 self._step()
+
+    def _sleep_ms(self, idle: Callable[[], float] | None) -> float | None:
+        """How long the step loop may sleep with nothing to step: until a ring or a message, the
+        earliest deadline of a waiting job, or, with nothing at all to do, when `idle` is due again."""
+        timeout = 1000.0 * idle() if idle and not (self.waiting or self.engine.running) else None
+        deadlines = [job.deadline for job in self.waiting if job.deadline is not None]
+        if deadlines:
+            due = max(0.0, 1000.0 * (min(deadlines) - time.monotonic()))
+            timeout = due if timeout is None else min(timeout, due)
+        return timeout
 
     def _admit(self) -> None:
         """Hand the engine, in one call, the waiting jobs whose inputs are ready, as many as it has
@@ -479,7 +501,10 @@ class WorkerService:
     def _images(self, job: Job, request: GenerateRequest) -> Future:
         """A request's images, opened and processed on the image pool while the model works."""
         if request.images:
-            return self.image_pool.submit(self._process_images, job, request)
+            images = self.image_pool.submit(self._process_images, job, request)
+            if self.engine.steps:  # the step loop sleeps until they are ready
+                images.add_done_callback(lambda _: self.bell.ring())
+            return images
         return _NO_IMAGES  # text only: no hop through the pool
 
     def _process_images(self, job: Job, request: GenerateRequest) -> ImageInputs:

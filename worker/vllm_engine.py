@@ -1,7 +1,9 @@
 """vLLM's engine inside the worker: iteration-level scheduling, qvl's recycling around it.
 
 The worker drives vLLM's `LLMEngine`: its step loop adds a request as soon as its inputs are ready
-and calls `step` while any runs; vLLM schedules every step (new rows prefill in chunks beside
+and calls `step` once the engine core has handed a step back (`ready_to_step`; the core rings the
+worker's bell then, so the worker sleeps on its socket, not in `step`, and a request that arrives
+mid-step reaches the core at once); vLLM schedules every step (new rows prefill in chunks beside
 running ones) and a row leaves the batch when it ends. `abort` is vLLM's abort. vLLM's engine core
 (scheduler, model, CUDA state) runs in a child process of the worker, as in vLLM's own server, and
 dies with it (`vllm_core.py`); in the worker's process its GIL would be shared with detokenizing,
@@ -98,6 +100,7 @@ class VllmEngine:
         self.llm = LLMEngine.from_engine_args(args, UsageContext.ENGINE_CONTEXT, enable_multiprocessing=True,
                                               stat_loggers=[self._scheduler_stats.factory])
         (self.engine_core_pid,) = self.llm.collective_rpc(PID_METHOD)
+        self._outputs = self.llm.engine_core.outputs_queue  # what `step` waits on: the core's steps, queued
         self._stopping_core = exit_with_engine_core(self.engine_core_pid)
         self.device = torch.device("cuda", 0)  # the child's, under the worker's CUDA_VISIBLE_DEVICES
         self.model_config = self.llm.vllm_config.model_config
@@ -111,6 +114,21 @@ class VllmEngine:
     @property
     def running(self) -> int:
         return len(self.rows)
+
+    def ready_to_step(self) -> bool:
+        """Whether the engine core has handed back a step (or its failure) that `step` would take
+        without waiting; the worker sleeps on its socket, not in `step`, until then."""
+        return not self._outputs.empty()
+
+    def ring_on_output(self, bell) -> None:
+        """Ring `bell` whenever vLLM's client thread queues what the engine core sent back. The
+        thread calls the queue's `put_nowait`; an attribute of the queue itself takes its place."""
+        put = self._outputs.put_nowait
+
+        def put_and_ring(item) -> None:
+            put(item)
+            bell.ring()
+        self._outputs.put_nowait = put_and_ring
 
     def has_room(self, joining: Sequence[Rendered], prompt: Rendered) -> bool:
         return True  # vLLM queues what it cannot schedule yet
