@@ -9,6 +9,7 @@ chosen through `CUDA_VISIBLE_DEVICES`. A spec that cannot be read exits with `BA
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
@@ -46,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
                         format=_FORMAT.format(slot=spec.slot, name=spec.generation))
     from .service import WorkerService
-    return WorkerService(spec).run()
+    code = WorkerService(spec).run()
+    # All is closed: the engine stopped, the last messages sent. The interpreter's own teardown of
+    # torch and transformers would add a second or more to every stop and recycle.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -153,6 +153,7 @@ class WorkerService:
         if hasattr(self.engine, "close"):  # vLLM's engine core: stopped, its device memory freed, before bye
             self.engine.close()
         self._send(Bye().header())
+        self.ctx.destroy(linger=2000)  # returns once the replies and the bye are sent (or 2 s passed)
         return WorkerExit.OK
 
     def _load(self) -> None:
