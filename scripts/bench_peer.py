@@ -15,9 +15,11 @@ for all: at the client, from sending to the first streamed tokens, and from ther
 (`workloads.py`) are made before any timing; each level is warmed with one round first.
 
 `sweep`: the uniform and mixed workloads at each concurrency: req/s, output tok/s, p50/p99 latency,
-TTFT, TPOT, the 16-token requests' p50 in the mix, peak device memory (NVML, whole device); for qvl
-also where its TTFT went (the JSON's p50s): waiting in the worker (read off its socket until the
-engine has it), from there to the first token, and outside the worker (client, supervisor, sockets).
+TTFT, TPOT, the 16-token requests' p50 in the mix, peak device memory (NVML, whole device); and
+where the time to first token went: for qvl waiting in the worker (read off its socket until the
+engine has it), from there to the first token, and outside the worker (client, supervisor, sockets);
+for vLLM's engine core, bare or in qvl's worker, its own timestamps (`core_timings`): the request's
+arrival there, its wait to be scheduled, and from scheduled to its first token.
 `death`: 64 requests of 256 tokens in flight (not streamed), SIGKILL 2 s in to vLLM's engine core (bare
 vLLM) or qvl's worker: requests answered, failed and lost, and the time from the kill until the
 system answers a new request (bare vLLM: never, until restarted by hand). `death-core` does the same
@@ -100,12 +102,15 @@ class BareVllm:
         params = SamplingParams(max_tokens=item.max_new_tokens, min_tokens=item.max_new_tokens,
                                 temperature=item.temperature, top_p=item.top_p, seed=item.seed,
                                 output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
+        from qvl.worker.vllm_engine import core_timings
         self.counter += 1
-        tokens = 0
+        tokens, sent_at = 0, time.monotonic()
         async for out in self.llm.generate(prompt, params, request_id=str(self.counter)):
             if out.outputs[0].token_ids:
                 mark()
             tokens += len(out.outputs[0].token_ids)
+            if out.finished:  # its core arrival counted from the client's call, rendering included
+                mark(worker=core_timings(out.metrics, sent_at))
         return tokens
 
     def model_pid(self, engine_core: bool = True) -> int:
@@ -157,7 +162,8 @@ class Qvl:
             else:  # chunks carry only new text, which random weights seldom make: where none came, the
                 # first token was the worker's decode time before this last chunk arrived
                 tokens = chunk.usage.get("completion_tokens", 0)
-                mark(time.perf_counter() - chunk.timings.get("decode_ms", 0.0) / 1000.0, chunk.timings)
+                mark(time.perf_counter() - chunk.timings.get("decode_ms", 0.0) / 1000.0)
+                mark(worker=chunk.timings)
         return tokens
 
     def model_pid(self, engine_core: bool = False) -> int:
@@ -178,10 +184,10 @@ async def timed(system, item: Item, stream: bool = True) -> dict:
     record = {"start": time.perf_counter(), "first": None, "max_new_tokens": item.max_new_tokens}
 
     def mark(at: float | None = None, worker: dict | None = None):
-        if record["first"] is None:
-            record["first"] = time.perf_counter() if at is None else at
-        if worker:  # qvl's own account of the request in the worker
+        if worker is not None:  # the system's own account of the request: the worker's, vLLM's core's
             record["worker"] = worker
+        elif record["first"] is None:
+            record["first"] = time.perf_counter() if at is None else at
     try:
         record["tokens"] = await system.one(item, mark, stream)
     except Exception as exc:  # counted, not raised: the death test expects failures
@@ -210,6 +216,7 @@ def summarize(workload: str, concurrency: int, wall: float, records: list[dict])
     short = [r["end"] - r["start"] for r in ok if r["max_new_tokens"] == 16]
     split = [(r["worker"]["wait_ms"], r["worker"]["prefill_ms"], 1000 * (r["first"] - r["start"]))
              for r in ok if r["first"] and "prefill_ms" in r.get("worker", {})]
+    core = [r["worker"] for r in ok if "core_prefill_ms" in r.get("worker", {})]
     return {"workload": workload, "concurrency": concurrency, "requests": len(records),
             "failed": len(records) - len(ok), "req_s": len(ok) / wall,
             "tok_s": sum(r["tokens"] for r in ok) / wall,
@@ -219,7 +226,10 @@ def summarize(workload: str, concurrency: int, wall: float, records: list[dict])
             # qvl only: where the time to first token went, p50 of each part
             **({"worker_wait_p50_ms": percentile([w for w, _, _ in split], 50),
                 "worker_prefill_p50_ms": percentile([p for _, p, _ in split], 50),
-                "outside_worker_p50_ms": percentile([t - w - p for w, p, t in split], 50)} if split else {})}
+                "outside_worker_p50_ms": percentile([t - w - p for w, p, t in split], 50)} if split else {}),
+            # vLLM's engine core, bare or in qvl's worker: p50 of its own timestamps
+            **{f"{key[:-3]}_p50_ms": percentile([c[key] for c in core], 50)
+               for key in ("core_arrival_ms", "core_queue_ms", "core_prefill_ms") if core}}
 
 
 async def sweep(system, levels: list[int], rounds: int) -> list[dict]:
@@ -303,6 +313,16 @@ def report(results: list[dict]) -> str:
         short = "" if row["short_p50_s"] is None else f"{row['short_p50_s']:.2f}"
         out.append(f"| {s} | {workload} | {c} | {row['req_s']:.2f} | {row['tok_s']:.0f} | {row['p50_s']:.2f} | "
                    f"{row['p99_s']:.2f} | {row['ttft_p50_s']:.3f} | {row['tpot_p50_ms']:.2f} | {short} | {row['failed']} |")
+    split = [(key, row) for key, row in table.items() if "core_prefill_p50_ms" in row or "worker_wait_p50_ms" in row]
+    if split:
+        parts = ("worker_wait", "worker_prefill", "outside_worker", "core_arrival", "core_queue", "core_prefill")
+        out += ["", "Where the time to first token went, p50 ms (core arrival: bare vLLM from its `generate` call, "
+                "rendering included; qvl from when its worker added the request):", "",
+                "| system | workload | concurrency | TTFT | " + " | ".join(p.replace("_", " ") for p in parts) + " |",
+                "| --- | --- | --- | --- | " + " | ".join("---" for _ in parts) + " |"]
+        for (s, workload, c), row in split:
+            cells = ["" if row.get(f"{p}_p50_ms") is None else f"{row[f'{p}_p50_ms']:.1f}" for p in parts]
+            out.append(f"| {s} | {workload} | {c} | {1000 * row['ttft_p50_s']:.1f} | " + " | ".join(cells) + " |")
     out += ["", "| system | start to ready s | peak device GiB |", "| --- | --- | --- |"]
     out += [f"| {s} | {r['ready_s']:.1f} | {r.get('peak_device_gib', float('nan')):.1f} |" for s, r in by.items()]
     deaths = [(s + (" (engine core)" if part == "death-core" else ""), r[part])

@@ -19,7 +19,7 @@ referenced.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -73,6 +73,7 @@ class Completion:
     prefill_ms: float
     decode_ms: float
     finish_reason: str = STOPPED  # STOPPED: the row ended on a stop token; LENGTH: at max_new_tokens
+    engine_timings: dict = field(default_factory=dict)  # an engine's own account, sent in the reply's timings
 
 
 @dataclass(frozen=True)

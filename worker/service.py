@@ -423,7 +423,7 @@ class WorkerService:
         return encode(Reply(job.key, c.text,
                             {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
                             {**job.timings(), "prefill_ms": c.prefill_ms, "decode_ms": c.decode_ms,
-                             "batch_size": batch_size},
+                             "batch_size": batch_size, **c.engine_timings},
                             telemetry, finish_reason=c.finish_reason).header())
 
     def _device_error(self, exc: Exception) -> None:

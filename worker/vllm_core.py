@@ -26,6 +26,7 @@ import atexit
 import logging
 import os
 import select
+import sys
 import threading
 from typing import NoReturn
 
@@ -40,6 +41,7 @@ from .telemetry import ModelProcessFigures
 log = logging.getLogger("qvl.worker")
 
 _WORKER_PID_ENV = "QVL_ENGINE_CORE_PARENT"
+PYTHON_SWITCH_INTERVAL_S = 0.005
 _run_vllm_engine_core = EngineCoreProc.run_engine_core  # vLLM's own, before it is replaced below
 FIGURES_METHOD, PID_METHOD = "qvl_engine_core_figures", "qvl_engine_core_pid"
 EXTENSION = f"{__name__}.EngineCoreCalls"
@@ -55,6 +57,9 @@ def _run_engine_core(*args, **kwargs) -> None:
     exit_with_parent()
     if os.getppid() != int(os.environ[_WORKER_PID_ENV]):  # the worker died before the tie was made
         os._exit(1)
+    # forked from the worker, the core would keep the worker's short switch interval (`WorkerService.run`),
+    # made for its image pool: vLLM's own engine core runs with Python's default
+    sys.setswitchinterval(PYTHON_SWITCH_INTERVAL_S)
     _run_vllm_engine_core(*args, **kwargs)
 
 

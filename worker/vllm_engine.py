@@ -74,6 +74,7 @@ class Rendered:
 class _Row:
     added_at: float
     prompt_tokens: int
+    added_monotonic: float  # the engine core's clock (CLOCK_MONOTONIC, shared by the processes)
     text: list[str] = field(default_factory=list)
     tokens: int = 0
     first_at: float | None = None
@@ -237,7 +238,7 @@ class VllmEngine:
             for key, rendered, params in requests:
                 with self._core_alive():
                     self.llm.add_request(str(key), rendered.engine_input, sampling_params(params))
-                self.rows[str(key)] = _Row(time.perf_counter(), rendered.prompt_tokens)
+                self.rows[str(key)] = _Row(time.perf_counter(), rendered.prompt_tokens, time.monotonic())
                 started.append(key)
         except Exception as exc:
             for key in started:
@@ -283,7 +284,8 @@ class VllmEngine:
                 first = row.first_at or now
                 completion = Completion("".join(row.text), row.prompt_tokens, row.tokens,
                                         (first - row.added_at) * 1000.0, (now - first) * 1000.0,
-                                        LENGTH if piece.finish_reason == "length" else STOPPED)
+                                        LENGTH if piece.finish_reason == "length" else STOPPED,
+                                        core_timings(out.metrics, row.added_monotonic))
             outputs.append(StepOutput(int(out.request_id), piece.text, len(piece.token_ids), completion))
         return outputs
 
@@ -303,6 +305,17 @@ class _SchedulerStats(StatLoggerBase):
 
     def log_engine_initialized(self) -> None:
         pass
+
+
+def core_timings(stats, added_at: float) -> dict:
+    """Where a request's prefill went in vLLM's engine core, from its own timestamps (`RequestStateStats`,
+    monotonic): reaching the core after the worker added it, waiting there to be scheduled, and from
+    scheduled to its first token. Empty where vLLM kept none."""
+    if stats is None or not stats.queued_ts or not stats.first_token_ts:
+        return {}
+    return {"core_arrival_ms": (stats.queued_ts - added_at) * 1000.0,
+            "core_queue_ms": (stats.scheduled_ts - stats.queued_ts) * 1000.0,
+            "core_prefill_ms": (stats.first_token_ts - stats.scheduled_ts) * 1000.0}
 
 
 def sampling_params(params: GenerationParams) -> SamplingParams:

@@ -45,6 +45,9 @@ def test_serves_an_image_with_vllm_telemetry(vllm_supervisor):
         result = client.ask(png((448, 448)), "What is in this picture?", max_new_tokens=16, min_new_tokens=16)
         status = client.status()
     assert result.usage["completion_tokens"] == 16 and result.usage["prompt_tokens"] > 100
+    timings = result.timings  # vLLM's engine core's own account beside the worker's
+    assert 0 <= timings["core_arrival_ms"] < timings["prefill_ms"]
+    assert timings["core_queue_ms"] >= 0 and 0 < timings["core_prefill_ms"] <= timings["prefill_ms"]
     telemetry = status["workers"][0]["telemetry"]
     assert 0 <= telemetry["kv_cache_usage"] <= 1
     assert telemetry["reserved_bytes"] > 0 and telemetry["device_used_bytes"] > 0
