@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     # torch and transformers would add a second or more to every stop and recycle.
     logging.shutdown()
     sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(code)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import math
 import os
 import sys
 import threading
@@ -210,7 +211,7 @@ class WorkerService:
         timeout = 1000.0 * idle() if idle and not (self.waiting or self.engine.running) else None
         deadlines = [job.deadline for job in self.waiting if job.deadline is not None]
         if deadlines:
-            due = max(0.0, 1000.0 * (min(deadlines) - time.monotonic()))
+            due = math.ceil(max(0.0, 1000.0 * (min(deadlines) - time.monotonic())))  # zmq cuts to whole ms
             timeout = due if timeout is None else min(timeout, due)
         return timeout
 

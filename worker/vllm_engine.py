@@ -1,9 +1,9 @@
 """vLLM's engine inside the worker: iteration-level scheduling, qvl's recycling around it.
 
 The worker drives vLLM's `LLMEngine`: its step loop adds a request as soon as its inputs are ready
-and calls `step` once the engine core has handed a step back (`ready_to_step`; the core rings the
-worker's bell then, so the worker sleeps on its socket, not in `step`, and a request that arrives
-mid-step reaches the core at once); vLLM schedules every step (new rows prefill in chunks beside
+and calls `step` once the engine core has handed a step back (`ready_to_step`; vLLM's output
+thread rings the worker's bell as it queues the step, so the worker sleeps on its socket, not in
+`step`, and a request that arrives mid-step reaches the core at once); vLLM schedules every step (new rows prefill in chunks beside
 running ones) and a row leaves the batch when it ends. `abort` is vLLM's abort. vLLM's engine core
 (scheduler, model, CUDA state) runs in a child process of the worker, as in vLLM's own server, and
 dies with it (`vllm_core.py`); in the worker's process its GIL would be shared with detokenizing,
@@ -74,7 +74,7 @@ class Rendered:
 class _Row:
     added_at: float
     prompt_tokens: int
-    added_monotonic: float  # the engine core's clock (CLOCK_MONOTONIC, shared by the processes)
+    added_monotonic: float  # as `added_at` (before vLLM's add), on the engine core's clock (CLOCK_MONOTONIC)
     text: list[str] = field(default_factory=list)
     tokens: int = 0
     first_at: float | None = None
@@ -236,9 +236,10 @@ class VllmEngine:
         started: list[int] = []
         try:
             for key, rendered, params in requests:
+                row = _Row(time.perf_counter(), rendered.prompt_tokens, time.monotonic())
                 with self._core_alive():
                     self.llm.add_request(str(key), rendered.engine_input, sampling_params(params))
-                self.rows[str(key)] = _Row(time.perf_counter(), rendered.prompt_tokens, time.monotonic())
+                self.rows[str(key)] = row
                 started.append(key)
         except Exception as exc:
             for key in started:
@@ -311,7 +312,7 @@ def core_timings(stats, added_at: float) -> dict:
     """Where a request's prefill went in vLLM's engine core, from its own timestamps (`RequestStateStats`,
     monotonic): reaching the core after the worker added it, waiting there to be scheduled, and from
     scheduled to its first token. Empty where vLLM kept none."""
-    if stats is None or not stats.queued_ts or not stats.first_token_ts:
+    if stats is None or not (stats.queued_ts and stats.scheduled_ts and stats.first_token_ts):
         return {}
     return {"core_arrival_ms": (stats.queued_ts - added_at) * 1000.0,
             "core_queue_ms": (stats.scheduled_ts - stats.queued_ts) * 1000.0,
