@@ -144,7 +144,8 @@ def test_rows_end_at_their_stop_string_not_at_max_new_tokens(engines, kv_cache, 
 def test_a_split_batch_answers_each_part_as_it_ends(start_supervisor, tiny_model):
     """Four text requests wait together behind a first one, so they make one batch; `prefill_tokens`
     of three prompts' tokens splits it in two parts of two. Each part is answered when it ends: the
-    second part's replies come at least 0.4 s (of its injected 1 s) after the first part's."""
+    second part's replies come at least 0.4 s (of its injected 1 s) after the first part's, and its
+    requests' `wait_ms` counts that time (each part's wait ends when the part starts)."""
     import asyncio
     import time
 
@@ -171,3 +172,6 @@ def test_a_split_batch_answers_each_part_as_it_ends(start_supervisor, tiny_model
     arrivals = sorted(at for at, _ in batch)
     assert [result.timings["batch_size"] for _, result in batch] == [2, 2, 2, 2]
     assert arrivals[2] - arrivals[1] >= 0.4, arrivals  # the second part ran (1 s injected) after the first's replies
+    # each part's wait ends when it starts: the second part's includes the first part's run
+    waits = [result.timings["wait_ms"] for _, result in sorted(batch, key=lambda pair: pair[0])]
+    assert min(waits[2:]) - max(waits[:2]) >= 400, waits
