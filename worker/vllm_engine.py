@@ -3,14 +3,14 @@
 The worker drives vLLM's `LLMEngine`: its step loop adds a request as soon as its inputs are ready
 and calls `step` once the engine core has handed a step back (`ready_to_step`; vLLM's output
 thread rings the worker's bell as it queues the step, so the worker sleeps on its socket, not in
-`step`, and a request that arrives mid-step reaches the core at once); vLLM schedules every step (new rows prefill in chunks beside
-running ones) and a row leaves the batch when it ends. `abort` is vLLM's abort. vLLM's engine core
-(scheduler, model, CUDA state) runs in a child process of the worker, as in vLLM's own server, and
-dies with it (`vllm_core.py`); in the worker's process its GIL would be shared with detokenizing,
-image processing and the socket, which cost a fifth of vLLM's speed at 32 to 64 requests in flight.
-The child's allocator and device figures are read over vLLM's RPC at most every
-`FIGURES_INTERVAL_S`, between steps, and sent with every reply; its KV cache usage comes from
-vLLM's scheduler statistics.
+`step`, and a request that arrives mid-step reaches the core at once); vLLM schedules every step
+(new rows prefill in chunks beside running ones) and a row leaves the batch when it ends. `abort`
+is vLLM's abort. vLLM's engine core (scheduler, model, CUDA state) runs in a child process of the
+worker, as in vLLM's own server, and dies with it (`vllm_core.py`); in the worker's process its GIL
+would be shared with detokenizing, image processing and the socket, which cost a fifth of vLLM's
+speed at 32 to 64 requests in flight. The child's allocator and device figures are read over
+vLLM's RPC at most every `FIGURES_INTERVAL_S`, between steps, and sent with every reply; its KV
+cache usage comes from vLLM's scheduler statistics.
 
 Prompts are built by qvl, not by vLLM's chat rendering: `PromptTokenizer` tokenizes what users
 wrote as plain text (special tokens cannot open a turn) with one image placeholder per image,
