@@ -72,9 +72,8 @@ class Rendered:
 
 @dataclass
 class _Row:
-    added_at: float
+    added_at: float  # before vLLM's add, on the engine core's clock (time.monotonic), as are all a row's times
     prompt_tokens: int
-    added_monotonic: float  # as `added_at` (before vLLM's add), on the engine core's clock (CLOCK_MONOTONIC)
     text: list[str] = field(default_factory=list)
     tokens: int = 0
     first_at: float | None = None
@@ -236,7 +235,7 @@ class VllmEngine:
         started: list[int] = []
         try:
             for key, rendered, params in requests:
-                row = _Row(time.perf_counter(), rendered.prompt_tokens, time.monotonic())
+                row = _Row(time.monotonic(), rendered.prompt_tokens)
                 with self._core_alive():
                     self.llm.add_request(str(key), rendered.engine_input, sampling_params(params))
                 self.rows[str(key)] = row
@@ -274,7 +273,7 @@ class VllmEngine:
                 outputs.append(StepOutput(int(out.request_id), "", 0,
                                           error=WorkerFailed("vLLM's engine core failed this request")))
                 continue
-            now = time.perf_counter()
+            now = time.monotonic()
             if row.first_at is None and piece.token_ids:
                 row.first_at = now
             row.text.append(piece.text)
@@ -286,7 +285,7 @@ class VllmEngine:
                 completion = Completion("".join(row.text), row.prompt_tokens, row.tokens,
                                         (first - row.added_at) * 1000.0, (now - first) * 1000.0,
                                         LENGTH if piece.finish_reason == "length" else STOPPED,
-                                        core_timings(out.metrics, row.added_monotonic))
+                                        core_timings(out.metrics, row.added_at))
             outputs.append(StepOutput(int(out.request_id), piece.text, len(piece.token_ids), completion))
         return outputs
 
