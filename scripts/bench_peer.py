@@ -217,7 +217,10 @@ def summarize(workload: str, concurrency: int, wall: float, records: list[dict])
     short = [r["end"] - r["start"] for r in ok if r["max_new_tokens"] == 16]
     split = [(r["worker"]["wait_ms"], r["worker"]["prefill_ms"], 1000 * (r["first"] - r["start"]))
              for r in ok if r["first"] and "prefill_ms" in r.get("worker", {})]
-    core = [r["worker"] for r in ok if "core_prefill_ms" in r.get("worker", {})]
+
+    def p50_of(key: str, name: str) -> dict:  # one of the system's own timings, where it reports it
+        values = [r["worker"][key] for r in ok if key in r.get("worker", {})]
+        return {f"{name}_p50_ms": percentile(values, 50)} if values else {}
     return {"workload": workload, "concurrency": concurrency, "requests": len(records),
             "failed": len(records) - len(ok), "req_s": len(ok) / wall,
             "tok_s": sum(r["tokens"] for r in ok) / wall,
@@ -228,9 +231,22 @@ def summarize(workload: str, concurrency: int, wall: float, records: list[dict])
             **({"worker_wait_p50_ms": percentile([w for w, _, _ in split], 50),
                 "worker_prefill_p50_ms": percentile([p for _, p, _ in split], 50),
                 "outside_worker_p50_ms": percentile([t - w - p for w, p, t in split], 50)} if split else {}),
-            # vLLM's engine core, bare or in qvl's worker: p50 of its own timestamps
-            **{f"{key[:-3]}_p50_ms": percentile([c[key] for c in core], 50)
-               for key in ("core_arrival_ms", "core_queue_ms", "core_prefill_ms") if core}}
+            **p50_of("images_ms", "worker_images"), **p50_of("render_ms", "worker_render"),
+            # vLLM's engine core, bare or in qvl's worker: its own timestamps
+            **p50_of("core_arrival_ms", "core_arrival"), **p50_of("core_queue_ms", "core_queue"),
+            **p50_of("core_prefill_ms", "core_prefill")}
+
+
+def timeline(records: list[dict]) -> list[dict]:
+    """Each request's start, first token and end in ms from the level's first start, its output
+    length and the system's own account of it: to read one level request by request."""
+    zero = min(r["start"] for r in records)
+
+    def ms(t: float | None) -> float | None:
+        return None if t is None else round(1000 * (t - zero), 2)
+    return [{"start": ms(r["start"]), "first": ms(r["first"]), "end": ms(r["end"]), "max_new_tokens": r["max_new_tokens"],
+             **{k: round(v, 2) for k, v in r.get("worker", {}).items() if isinstance(v, (int, float))},
+             **({"error": r["error"]} if "error" in r else {})} for r in records]
 
 
 async def sweep(system, levels: list[int], rounds: int) -> list[dict]:
@@ -241,6 +257,7 @@ async def sweep(system, levels: list[int], rounds: int) -> list[dict]:
             wall, records = await run_level(system, items[:concurrency], items[concurrency:], concurrency)
             rows.append(summarize(workload, concurrency, wall, records))
             print(json.dumps(rows[-1]), flush=True)
+            rows[-1]["timeline"] = timeline(records)  # in the JSON file only
     return rows
 
 
@@ -323,7 +340,7 @@ def report(results: list[dict]) -> str:
                    f"{row['p99_s']:.2f} | {row['ttft_p50_s']:.3f} | {row['tpot_p50_ms']:.2f} | {short} | {row['failed']} |")
     split = [(key, row) for key, row in table.items() if "core_prefill_p50_ms" in row or "worker_wait_p50_ms" in row]
     if split:
-        parts = ("worker_wait", "worker_prefill", "outside_worker", "core_arrival", "core_queue", "core_prefill")
+        parts = ("worker_wait", "worker_images", "worker_render", "worker_prefill", "outside_worker", "core_arrival", "core_queue", "core_prefill")
         out += ["", "Where the time to first token went, p50 ms (core arrival: bare vLLM from its `generate` call, "
                 "rendering included; qvl from when its worker added the request):", "",
                 "| system | workload | concurrency | TTFT | " + " | ".join(p.replace("_", " ") for p in parts) + " |",

@@ -64,16 +64,19 @@ log = logging.getLogger("qvl.worker")
 
 @dataclass(frozen=True)
 class Rendered:
-    """A request made ready for vLLM on the image pool: its engine input and prompt length."""
+    """A request made ready for vLLM on the image pool: its engine input, prompt length, and the
+    time vLLM's input processing took (its images' pixels, mostly)."""
 
     engine_input: dict
     prompt_tokens: int
+    render_ms: float = 0.0
 
 
 @dataclass
 class _Row:
     added_at: float  # before vLLM's add, on the engine core's clock (time.monotonic), as are all a row's times
     prompt_tokens: int
+    render_ms: float
     text: list[str] = field(default_factory=list)
     tokens: int = 0
     first_at: float | None = None
@@ -204,6 +207,7 @@ class VllmEngine:
     def _render(self, messages: list, images: list[Image.Image], image_tokens: int,
                 params: GenerationParams) -> Rendered:
         with self._render_lock:
+            started = time.perf_counter()
             ids = self.prompt_tokenizer.ids(messages, [1] * len(images))  # vLLM expands each placeholder
             prompt_tokens = len(ids) - len(images) + image_tokens
             self._check_length(prompt_tokens, "prompt tokens", params)
@@ -215,7 +219,8 @@ class VllmEngine:
                 (engine_input,) = self.renderer.render_cmpl([parsed])
             except ValueError as exc:  # vLLM's own refusal of an input
                 raise BadRequest(str(exc)) from None
-        return Rendered(engine_input, len(engine_input.get("prompt_token_ids") or ()) or prompt_tokens)
+        return Rendered(engine_input, len(engine_input.get("prompt_token_ids") or ()) or prompt_tokens,
+                            (time.perf_counter() - started) * 1000.0)
 
     def _check_length(self, tokens: int, what: str, params: GenerationParams) -> None:
         if tokens > self.max_prompt_tokens:
@@ -235,7 +240,7 @@ class VllmEngine:
         started: list[int] = []
         try:
             for key, rendered, params in requests:
-                row = _Row(time.monotonic(), rendered.prompt_tokens)
+                row = _Row(time.monotonic(), rendered.prompt_tokens, rendered.render_ms)
                 with self._core_alive():
                     self.llm.add_request(str(key), rendered.engine_input, sampling_params(params))
                 self.rows[str(key)] = row
@@ -285,7 +290,7 @@ class VllmEngine:
                 completion = Completion("".join(row.text), row.prompt_tokens, row.tokens,
                                         (first - row.added_at) * 1000.0, (now - first) * 1000.0,
                                         LENGTH if piece.finish_reason == "length" else STOPPED,
-                                        core_timings(out.metrics, row.added_at))
+                                        {"render_ms": row.render_ms, **core_timings(out.metrics, row.added_at)})
             outputs.append(StepOutput(int(out.request_id), piece.text, len(piece.token_ids), completion))
         return outputs
 

@@ -48,6 +48,7 @@ def test_serves_an_image_with_vllm_telemetry(vllm_supervisor):
     timings = result.timings  # vLLM's engine core's own account beside the worker's
     assert 0 <= timings["core_arrival_ms"] < timings["prefill_ms"]
     assert timings["core_queue_ms"] >= 0 and 0 < timings["core_prefill_ms"] <= timings["prefill_ms"]
+    assert 0 < timings["render_ms"] <= timings["images_ms"]  # vLLM's input processing, on the image pool
     telemetry = status["workers"][0]["telemetry"]
     assert 0 <= telemetry["kv_cache_usage"] <= 1
     assert telemetry["reserved_bytes"] > 0 and telemetry["device_used_bytes"] > 0
