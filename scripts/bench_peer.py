@@ -249,6 +249,27 @@ def timeline(records: list[dict]) -> list[dict]:
              **({"error": r["error"]} if "error" in r else {})} for r in records]
 
 
+def uniform_rounds(timeline: list[dict], concurrency: int) -> list[tuple[float, float, float]]:
+    """Each closed round of `concurrency` requests of a uniform level, in order of sending: (from the
+    first send to the first request queued in vLLM's engine core, from there to the last first token,
+    from there to the last answer). qvl's requests reach its worker half their time outside it after
+    the send (the other half is the first token's way back)."""
+    def queued(t: dict) -> float:
+        if "wait_ms" not in t:  # bare vLLM: its core's arrival counts from the send
+            return t["start"] + t["core_arrival_ms"]
+        outside = t["first"] - t["start"] - t["wait_ms"] - t["prefill_ms"]
+        return t["start"] + outside / 2 + t["wait_ms"] + t["core_arrival_ms"]
+    done = sorted((t for t in timeline if "core_arrival_ms" in t), key=lambda t: t["start"])
+    rounds = []
+    for i in range(0, len(done) - concurrency + 1, concurrency):
+        group = done[i:i + concurrency]
+        first_queued = min(map(queued, group))
+        last_first = max(queued(t) + t["core_queue_ms"] + t["core_prefill_ms"] for t in group)
+        rounds.append((first_queued - group[0]["start"], last_first - first_queued,
+                       max(t["end"] for t in group) - last_first))
+    return rounds
+
+
 async def sweep(system, levels: list[int], rounds: int) -> list[dict]:
     rows = []
     for workload, make in (("uniform", uniform), ("mixed", mixed)):
@@ -348,6 +369,17 @@ def report(results: list[dict]) -> str:
         for (s, workload, c), row in split:
             cells = ["" if row.get(f"{p}_p50_ms") is None else f"{row[f'{p}_p50_ms']:.1f}" for p in parts]
             out.append(f"| {s} | {workload} | {c} | {1000 * row['ttft_p50_s']:.1f} | " + " | ".join(cells) + " |")
+    phases = [(key, row, uniform_rounds(row["timeline"], row["concurrency"])) for key, row in table.items()
+              if row["workload"] == "uniform" and row.get("timeline") and "core_arrival_ms" in row["timeline"][0]]
+    if phases:
+        out += ["", "Rounds of the uniform workload (all of a round's requests end in one step, so the next round "
+                "starts together), median ms: from the round's first send to its first request reaching vLLM's "
+                "engine core, from there to the round's last first token, from there to its last answer:", "",
+                "| system | concurrency | rounds | to the core | to the last first token | to the last answer |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        for (s, _, c), row, parts in phases:
+            medians = [statistics.median(p) for p in zip(*parts)]
+            out.append(f"| {s} | {c} | {len(parts)} | " + " | ".join(f"{m:.0f}" for m in medians) + " |")
     out += ["", "| system | start to ready s | peak device GiB |", "| --- | --- | --- |"]
     out += [f"| {s} | {r['ready_s']:.1f} | {r.get('peak_device_gib', float('nan')):.1f} |" for s, r in by.items()]
     deaths = [(s + (" (engine core)" if part == "death-core" else ""), r[part])
