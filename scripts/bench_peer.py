@@ -10,7 +10,8 @@ Each system runs in a process of its own, one after another, so each has the GPU
   torch.compile, CUDA graphs, 90% of the device), a chat-template prompt and a PIL image per request;
 - `qvl-vllm` and `qvl-hf`: `qvl-supervisor start` with that engine, requests through `AsyncClient`.
 Every request streams, so time to first token and time per output token are measured the same way
-for all: at the client, from sending to the first streamed tokens, and from there to the last
+for all: at the client, from when the request's slot frees (`run_level`) to the first streamed
+tokens, and from there to the last
 (random weights often make tokens with no text, so tokens, not text, are what is waited for). Workloads
 (`workloads.py`) are made before any timing; each level is warmed with one round first.
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import io
 import json
 import os
@@ -180,9 +182,11 @@ class Qvl:
         self.process.wait(120)
 
 
-async def timed(system, item: Item, stream: bool = True) -> dict:
-    """One request: start, first text (streams) and end times, output tokens, or the error."""
-    record = {"start": time.perf_counter(), "first": None, "max_new_tokens": item.max_new_tokens}
+async def timed(system, item: Item, stream: bool = True, issued: float | None = None) -> dict:
+    """One request: start (`issued`, else now), first text (streams) and end times, output tokens,
+    or the error."""
+    record = {"start": time.perf_counter() if issued is None else issued, "first": None,
+              "max_new_tokens": item.max_new_tokens}
 
     def mark(at: float | None = None, worker: dict | None = None):
         if worker is not None:  # the system's own account of the request: the worker's, vLLM's core's
@@ -198,14 +202,26 @@ async def timed(system, item: Item, stream: bool = True) -> dict:
 
 
 async def run_level(system, warm: list[Item], items: list[Item], concurrency: int) -> tuple[float, list[dict]]:
+    """`concurrency` requests in flight, each sent as one ends. A request's time starts when its
+    slot is free (the level's start, or the end of the request before it in that slot), not when
+    its coroutine first runs: bare vLLM renders in the event loop, so a request released while
+    others render would otherwise start its clock only once they are done."""
     gate = asyncio.Semaphore(concurrency)
+    freed: collections.deque[float] = collections.deque()
 
     async def limited(item):
         async with gate:
-            return await timed(system, item)
-    await asyncio.gather(*(limited(i) for i in warm))
+            record = await timed(system, item, issued=freed.popleft())
+            freed.append(record["end"])
+            return record
+
+    async def phase(batch: list[Item]) -> list[dict]:
+        freed.clear()
+        freed.extend([time.perf_counter()] * concurrency)
+        return await asyncio.gather(*(limited(i) for i in batch))
+    await phase(warm)
     started = time.perf_counter()
-    records = await asyncio.gather(*(limited(i) for i in items))
+    records = await phase(items)
     return time.perf_counter() - started, records
 
 
