@@ -11,8 +11,8 @@ Each system runs in a process of its own, one after another, so each has the GPU
 - `qvl-vllm` and `qvl-hf`: `qvl-supervisor start` with that engine, requests through `AsyncClient`.
 Every request streams, so time to first token and time per output token are measured the same way
 for all: at the client, from when the request's slot frees (`run_level`) to the first streamed
-tokens, and from there to the last
-(random weights often make tokens with no text, so tokens, not text, are what is waited for). Workloads
+tokens, and from there to the last (random weights often make tokens with no text, so tokens, not
+text, are what is waited for). Workloads
 (`workloads.py`) are made before any timing; each level is warmed with one round first.
 
 `sweep`: the uniform and mixed workloads at each concurrency: req/s, output tok/s, p50/p99 latency,
@@ -107,6 +107,7 @@ class BareVllm:
                                 temperature=item.temperature, top_p=item.top_p, seed=item.seed,
                                 output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
         self.counter += 1
+        mark(sent=True)
         tokens, sent_at = 0, time.monotonic()
         async for out in self.llm.generate(prompt, params, request_id=str(self.counter)):
             if out.outputs[0].token_ids:
@@ -159,6 +160,7 @@ class Qvl:
         if not stream:
             return (await self.client.generate(messages, **params)).usage.get("completion_tokens", 0)
         tokens = 0
+        mark(sent=True)
         async for chunk in self.client.stream(messages, **params):
             if not chunk.done:
                 mark()
@@ -183,13 +185,16 @@ class Qvl:
 
 
 async def timed(system, item: Item, stream: bool = True, issued: float | None = None) -> dict:
-    """One request: start (`issued`, else now), first text (streams) and end times, output tokens,
-    or the error."""
+    """One request: start (`issued`, else now), send, first text (streams) and end times, output
+    tokens, or the error. The system calls `mark` as the request goes: `sent` as it sends it,
+    `worker` with its own account of it, else (the first time) at its first tokens."""
     record = {"start": time.perf_counter() if issued is None else issued, "first": None,
               "max_new_tokens": item.max_new_tokens}
 
-    def mark(at: float | None = None, worker: dict | None = None):
-        if worker is not None:  # the system's own account of the request: the worker's, vLLM's core's
+    def mark(at: float | None = None, worker: dict | None = None, sent: bool = False):
+        if sent:
+            record["sent"] = time.perf_counter()
+        elif worker is not None:  # the worker's account, vLLM's core's
             record["worker"] = worker
         elif record["first"] is None:
             record["first"] = time.perf_counter() if at is None else at
@@ -231,8 +236,8 @@ def summarize(workload: str, concurrency: int, wall: float, records: list[dict])
     ttft = [r["first"] - r["start"] for r in ok if r["first"]]
     tpot = [(r["end"] - r["first"]) / (r["tokens"] - 1) for r in ok if r["first"] and r["tokens"] > 1]
     short = [r["end"] - r["start"] for r in ok if r["max_new_tokens"] == 16]
-    split = [(r["worker"]["wait_ms"], r["worker"]["prefill_ms"], 1000 * (r["first"] - r["start"]))
-             for r in ok if r["first"] and "prefill_ms" in r.get("worker", {})]
+    outside = [1000 * (r["first"] - r["start"]) - r["worker"]["wait_ms"] - r["worker"]["prefill_ms"]
+               for r in ok if r["first"] and "prefill_ms" in r.get("worker", {})]
 
     def p50_of(key: str, name: str) -> dict:  # one of the system's own timings, where it reports it
         values = [r["worker"][key] for r in ok if key in r.get("worker", {})]
@@ -244,9 +249,8 @@ def summarize(workload: str, concurrency: int, wall: float, records: list[dict])
             "ttft_p50_s": percentile(ttft, 50), "tpot_p50_ms": 1000 * percentile(tpot, 50),
             "short_p50_s": percentile(short, 50) if short else None,
             # qvl only: where the time to first token went, p50 of each part
-            **({"worker_wait_p50_ms": percentile([w for w, _, _ in split], 50),
-                "worker_prefill_p50_ms": percentile([p for _, p, _ in split], 50),
-                "outside_worker_p50_ms": percentile([t - w - p for w, p, t in split], 50)} if split else {}),
+            **p50_of("wait_ms", "worker_wait"), **p50_of("prefill_ms", "worker_prefill"),
+            **({"outside_worker_p50_ms": percentile(outside, 50)} if outside else {}),
             **p50_of("images_ms", "worker_images"), **p50_of("render_ms", "worker_render"),
             # vLLM's engine core, bare or in qvl's worker: its own timestamps
             **p50_of("core_arrival_ms", "core_arrival"), **p50_of("core_queue_ms", "core_queue"),
@@ -260,25 +264,33 @@ def timeline(records: list[dict]) -> list[dict]:
 
     def ms(t: float | None) -> float | None:
         return None if t is None else round(1000 * (t - zero), 2)
-    return [{"start": ms(r["start"]), "first": ms(r["first"]), "end": ms(r["end"]), "max_new_tokens": r["max_new_tokens"],
+    return [{"start": ms(r["start"]), "sent": ms(r.get("sent")), "first": ms(r["first"]), "end": ms(r["end"]),
+             "max_new_tokens": r["max_new_tokens"],
              **{k: round(v, 2) for k, v in r.get("worker", {}).items() if isinstance(v, (int, float))},
              **({"error": r["error"]} if "error" in r else {})} for r in records]
 
 
-def uniform_rounds(timeline: list[dict], concurrency: int) -> list[tuple[float, float, float]]:
-    """Each closed round of `concurrency` requests of a uniform level, in order of sending: (from the
-    first send to the first request queued in vLLM's engine core, from there to the last first token,
-    from there to the last answer). qvl's requests reach its worker half their time outside it after
-    the send (the other half is the first token's way back)."""
+def uniform_rounds(requests: list[dict], concurrency: int) -> list[tuple[float, float, float]]:
+    """Each closed round of `concurrency` requests of a uniform level, in order of start: (from the
+    round's start, its first slot freed, to its first request queued in vLLM's engine core; from
+    there to its last first token; from there to its last answer). A round with a request that
+    failed or lacks the core's timings is left out. qvl's requests reach its worker half their time
+    outside it after the send (the other half is the first token's way back); bare vLLM's core
+    arrival counts from its send. Runs written before sends were marked sent at their start."""
+    needed = ("first", "core_arrival_ms", "core_queue_ms", "core_prefill_ms")
+
     def queued(t: dict) -> float:
-        if "wait_ms" not in t:  # bare vLLM: its core's arrival counts from the send
-            return t["start"] + t["core_arrival_ms"]
-        outside = t["first"] - t["start"] - t["wait_ms"] - t["prefill_ms"]
-        return t["start"] + outside / 2 + t["wait_ms"] + t["core_arrival_ms"]
-    done = sorted((t for t in timeline if "core_arrival_ms" in t), key=lambda t: t["start"])
+        sent = t["sent"] if t.get("sent") is not None else t["start"]
+        if "wait_ms" not in t:  # bare vLLM
+            return sent + t["core_arrival_ms"]
+        outside = t["first"] - sent - t["wait_ms"] - t["prefill_ms"]
+        return sent + outside / 2 + t["wait_ms"] + t["core_arrival_ms"]
+    ordered = sorted(requests, key=lambda t: t["start"])
     rounds = []
-    for i in range(0, len(done) - concurrency + 1, concurrency):
-        group = done[i:i + concurrency]
+    for i in range(0, len(ordered) - concurrency + 1, concurrency):
+        group = ordered[i:i + concurrency]
+        if any("error" in t or any(t.get(k) is None for k in needed) for t in group):
+            continue
         first_queued = min(map(queued, group))
         last_first = max(queued(t) + t["core_queue_ms"] + t["core_prefill_ms"] for t in group)
         rounds.append((first_queued - group[0]["start"], last_first - first_queued,
@@ -385,15 +397,15 @@ def report(results: list[dict]) -> str:
         for (s, workload, c), row in split:
             cells = ["" if row.get(f"{p}_p50_ms") is None else f"{row[f'{p}_p50_ms']:.1f}" for p in parts]
             out.append(f"| {s} | {workload} | {c} | {1000 * row['ttft_p50_s']:.1f} | " + " | ".join(cells) + " |")
-    phases = [(key, row, uniform_rounds(row["timeline"], row["concurrency"])) for key, row in table.items()
-              if row["workload"] == "uniform" and row.get("timeline") and "core_arrival_ms" in row["timeline"][0]]
+    phases = [(key, parts) for key, row in table.items() if row["workload"] == "uniform"
+              and (parts := uniform_rounds(row.get("timeline", []), row["concurrency"]))]
     if phases:
         out += ["", "Rounds of the uniform workload (all of a round's requests end in one step, so the next round "
-                "starts together), median ms: from the round's first send to its first request reaching vLLM's "
+                "starts together), median ms: from the round's start to its first request reaching vLLM's "
                 "engine core, from there to the round's last first token, from there to its last answer:", "",
                 "| system | concurrency | rounds | to the core | to the last first token | to the last answer |",
                 "| --- | --- | --- | --- | --- | --- |"]
-        for (s, _, c), row, parts in phases:
+        for (s, _, c), parts in phases:
             medians = [statistics.median(p) for p in zip(*parts)]
             out.append(f"| {s} | {c} | {len(parts)} | " + " | ".join(f"{m:.0f}" for m in medians) + " |")
     out += ["", "| system | start to ready s | peak device GiB |", "| --- | --- | --- |"]

@@ -64,12 +64,13 @@ log = logging.getLogger("qvl.worker")
 
 @dataclass(frozen=True)
 class Rendered:
-    """A request made ready for vLLM on the image pool: its engine input, prompt length, and the
-    time vLLM's input processing took (its images' pixels, mostly)."""
+    """A request made ready for vLLM (on the image pool, or for a text-only request on the main
+    thread): its engine input, its prompt length, and the time making them took (qvl's prompt
+    tokens, then vLLM's input processing: its images' pixels, mostly)."""
 
     engine_input: dict
     prompt_tokens: int
-    render_ms: float = 0.0
+    render_ms: float
 
 
 @dataclass
@@ -207,7 +208,7 @@ class VllmEngine:
     def _render(self, messages: list, images: list[Image.Image], image_tokens: int,
                 params: GenerationParams) -> Rendered:
         with self._render_lock:
-            started = time.perf_counter()
+            started = time.monotonic()
             ids = self.prompt_tokenizer.ids(messages, [1] * len(images))  # vLLM expands each placeholder
             prompt_tokens = len(ids) - len(images) + image_tokens
             self._check_length(prompt_tokens, "prompt tokens", params)
@@ -220,7 +221,7 @@ class VllmEngine:
             except ValueError as exc:  # vLLM's own refusal of an input
                 raise BadRequest(str(exc)) from None
         return Rendered(engine_input, len(engine_input.get("prompt_token_ids") or ()) or prompt_tokens,
-                            (time.perf_counter() - started) * 1000.0)
+                        (time.monotonic() - started) * 1000.0)
 
     def _check_length(self, tokens: int, what: str, params: GenerationParams) -> None:
         if tokens > self.max_prompt_tokens:

@@ -48,7 +48,7 @@ def test_serves_an_image_with_vllm_telemetry(vllm_supervisor):
     timings = result.timings  # vLLM's engine core's own account beside the worker's
     assert 0 <= timings["core_arrival_ms"] < timings["prefill_ms"]
     assert timings["core_queue_ms"] >= 0 and 0 < timings["core_prefill_ms"] <= timings["prefill_ms"]
-    assert 0 < timings["render_ms"] <= timings["images_ms"]  # vLLM's input processing, on the image pool
+    assert 0 < timings["render_ms"] <= timings["images_ms"]  # made on the image pool, after the JPEG's decode
     telemetry = status["workers"][0]["telemetry"]
     assert 0 <= telemetry["kv_cache_usage"] <= 1
     assert telemetry["reserved_bytes"] > 0 and telemetry["device_used_bytes"] > 0
@@ -68,6 +68,7 @@ def test_a_stream_is_the_answer_in_pieces(vllm_supervisor):
     assert len(chunks) >= 2 and chunks[-1].done and all(c.text for c in chunks[:-1])
     assert chunks[-1].usage["completion_tokens"] == whole.usage["completion_tokens"] == 2000
     assert chunks[-1].finish_reason == whole.finish_reason == "length"
+    assert whole.timings["images_ms"] == 0 < whole.timings["render_ms"]  # text only: made on the main thread
 
 
 @pytest.mark.timeout(600)
