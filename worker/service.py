@@ -207,7 +207,11 @@ class WorkerService:
 
     def _sleep_ms(self, idle: Callable[[], float] | None) -> float | None:
         """How long the step loop may sleep with nothing to step: until a ring or a message, the
-        earliest deadline of a waiting job, or, with nothing at all to do, when `idle` is due again."""
+        earliest deadline of a waiting job, or, with nothing at all to do, when `idle` is due again.
+        Not at all while a job whose inputs are ready waits: the engine had no room for it at this
+        pass, and nothing will ring for it (with no row left, the next pass admits it)."""
+        if any(job.images.done() for job in self.waiting):
+            return 0
         timeout = 1000.0 * idle() if idle and not (self.waiting or self.engine.running) else None
         deadlines = [job.deadline for job in self.waiting if job.deadline is not None]
         if deadlines:

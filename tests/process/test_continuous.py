@@ -492,6 +492,21 @@ def test_served_with_kv_cache_continuous(start_supervisor):
 
 
 @pytest.mark.timeout(120)
+def test_requests_waiting_for_room_join_when_every_row_ends_in_one_step(start_supervisor):
+    """One row, four requests at once: three wait, ready, for room; when the running row ends no
+    row is left, and the worker must admit the next then, not sleep until another message comes."""
+    sup = start_supervisor("--kv-cache", "continuous", "--max-batch-size", "1", "--max-inflight", "4")
+    sup.wait_ready()
+
+    def ask(n):
+        with sup.client(timeout=30) as c:
+            return c.generate(text_request(f"Count to {n}.")[0], max_new_tokens=8, min_new_tokens=8)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(ask, range(4)))
+    assert [r.usage["completion_tokens"] for r in results] == [8] * 4
+
+
+@pytest.mark.timeout(120)
 def test_a_worker_prefills_a_long_prompt_in_chunks_and_answers_it_as_generate_does(start_supervisor,
                                                                                    shared_supervisor):
     """`--prefill-tokens 16`: an image prompt of about 90 tokens goes in chunks while short requests
