@@ -75,7 +75,7 @@ class Job:
     deadline: float | None = None  # monotonic time after which it must not start
     arrived_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None  # when the engine took it
-    images_ms: float = 0.0  # the image pool's time opening and processing its images
+    images_ms: float = 0.0  # the image pool's time opening and processing its images (or making its prompt)
 
     def timings(self) -> dict:
         """Where its time before the prefill went, sent in its reply: waiting in this worker (for
@@ -505,8 +505,9 @@ class WorkerService:
         log.info("event=cancelled key=%d where=running tokens=%d", job.key, len(row))
 
     def _images(self, job: Job, request: GenerateRequest) -> Future:
-        """A request's images, opened and processed on the image pool while the model works."""
-        if request.images:
+        """A request's images, opened and processed on the image pool while the model works; for an
+        engine whose text-only prompts are made there too (`text_prompts_on_pool`), its prompt."""
+        if request.images or getattr(self.engine, "text_prompts_on_pool", False):
             images = self.image_pool.submit(self._process_images, job, request)
             if self.engine.steps:  # the step loop sleeps until they are ready
                 images.add_done_callback(lambda _: self.bell.ring())

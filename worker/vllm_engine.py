@@ -16,7 +16,7 @@ Prompts are built by qvl, not by vLLM's chat rendering: `PromptTokenizer` tokeni
 wrote as plain text (special tokens cannot open a turn) with one image placeholder per image,
 which vLLM's multimodal processor expands. Images and prompts are made ready on the worker's
 image pool, one request at a time (`_render_lock`: the tokenizer and vLLM's input processing are
-not made for concurrent use); the main thread only adds requests and steps. Image tokens are
+not made for concurrent use), text-only requests too; the main thread only adds requests and steps. Image tokens are
 counted from sizes before any pixel is processed, as in the transformers engine.
 
 Imported only when `engine = "vllm"`: neither the supervisor nor the default engine imports vLLM.
@@ -64,9 +64,9 @@ log = logging.getLogger("qvl.worker")
 
 @dataclass(frozen=True)
 class Rendered:
-    """A request made ready for vLLM (on the image pool, or for a text-only request on the main
-    thread): its engine input, its prompt length, and the time making them took (qvl's prompt
-    tokens, then vLLM's input processing: its images' pixels, mostly)."""
+    """A request made ready for vLLM on the image pool: its engine input, its prompt length, and
+    the time making them took (qvl's prompt tokens, then vLLM's input processing: its images'
+    pixels, mostly)."""
 
     engine_input: dict
     prompt_tokens: int
@@ -85,6 +85,9 @@ class _Row:
 
 class VllmEngine:
     steps = True  # the worker runs this engine step by step, not batch by batch
+    # a text-only request's prompt is made on the image pool too: making it takes `_render_lock`,
+    # which an image's rendering holds for 10-25 ms, and the main thread steps every few ms
+    text_prompts_on_pool = True
 
     def __init__(self, options: ModelOptions, max_prompt_tokens: int, max_images: int):
         self.options = options
@@ -230,10 +233,10 @@ class VllmEngine:
             raise BadRequest(f"{tokens} {what} plus max_new_tokens {params.max_new_tokens} exceed "
                              f"vllm_max_model_len {self.options.vllm_max_model_len}")
 
-    def prompt(self, messages: list, rendered: Rendered | object, params: GenerationParams) -> Rendered:
-        """A request's engine input: what `process_images` made, or, for a request without images
-        (anything else), rendered here on the main thread."""
-        return rendered if isinstance(rendered, Rendered) else self._render(messages, [], 0, params)
+    def prompt(self, messages: list, rendered: Rendered, params: GenerationParams) -> Rendered:
+        """A request's engine input: what `process_images` made of it on the image pool, text-only
+        requests included (`text_prompts_on_pool`)."""
+        return rendered
 
     def add(self, requests: Sequence[tuple[int, Rendered, GenerationParams]]) -> None:
         """Start (key, engine input, params) requests: all start, or none does (those started are

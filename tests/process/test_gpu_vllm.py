@@ -68,7 +68,7 @@ def test_a_stream_is_the_answer_in_pieces(vllm_supervisor):
     assert len(chunks) >= 2 and chunks[-1].done and all(c.text for c in chunks[:-1])
     assert chunks[-1].usage["completion_tokens"] == whole.usage["completion_tokens"] == 2000
     assert chunks[-1].finish_reason == whole.finish_reason == "length"
-    assert whole.timings["images_ms"] == 0 < whole.timings["render_ms"]  # text only: made on the main thread
+    assert 0 < whole.timings["render_ms"] <= whole.timings["images_ms"]  # text only: made on the image pool too
 
 
 @pytest.mark.timeout(600)
