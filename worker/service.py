@@ -189,6 +189,7 @@ class WorkerService:
         inputs are ready, so a request is read, and added, while the core works."""
         engine = self.engine
         idle = getattr(engine, "idle", None)  # vLLM's: its engine core's figures, read while idle too
+        after_step = getattr(engine, "after_step", None)  # and after a step's replies are sent
         ring_on_output = getattr(engine, "ring_on_output", None)
         if ring_on_output is not None:
             ring_on_output(self.bell)
@@ -204,6 +205,8 @@ class WorkerService:
             self._admit()
             if engine.ready_to_step():
                 self._step()
+                if after_step is not None:
+                    after_step()
 
     def _sleep_ms(self, idle: Callable[[], float] | None) -> float | None:
         """How long the step loop may sleep with nothing to step: until a ring or a message, the

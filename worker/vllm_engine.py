@@ -166,6 +166,12 @@ class VllmEngine:
         if time.monotonic() - self._core_figures_at >= FIGURES_INTERVAL_S:
             self._read_core_figures()
 
+    def after_step(self) -> None:
+        """Called by the worker once a step's replies and chunks are sent: refresh the figures when
+        due. Reading them waits for the engine core's step in progress, which neither the step's
+        output, already queued, nor its replies need wait for."""
+        self._refresh_core_figures()
+
     def idle(self) -> float:
         """Called by the worker while nothing runs: refresh the figures when due; the seconds until
         they are due again."""
@@ -266,7 +272,6 @@ class VllmEngine:
     def step(self) -> list[StepOutput]:
         """One scheduling step: the new text of every request that made some, and the completions
         of those that ended."""
-        self._refresh_core_figures()
         outputs = []
         with self._core_alive():
             step = self.llm.step()
