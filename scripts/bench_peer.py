@@ -12,8 +12,8 @@ Each system runs in a process of its own, one after another, so each has the GPU
 Every request streams, so time to first token and time per output token are measured the same way
 for all: at the client, from when the request's slot frees (`run_level`) to the first streamed
 tokens, and from there to the last (random weights often make tokens with no text, so tokens, not
-text, are what is waited for). Workloads
-(`workloads.py`) are made before any timing; each level is warmed with one round first.
+text, are what is waited for). Workloads (`workloads.py`) are made before any timing; each level is
+warmed with one round first.
 
 `sweep`: the uniform and mixed workloads at each concurrency: req/s, output tok/s, p50/p99 latency,
 TTFT, TPOT, the 16-token requests' p50 in the mix, peak device memory (NVML, whole device); and
@@ -258,8 +258,8 @@ def summarize(workload: str, concurrency: int, wall: float, records: list[dict])
 
 
 def timeline(records: list[dict]) -> list[dict]:
-    """Each request's start, first token and end in ms from the level's first start, its output
-    length and the system's own account of it: to read one level request by request."""
+    """Each request's start, send, first token and end in ms from the level's first start, its
+    output length and the system's own account of it: to read one level request by request."""
     zero = min(r["start"] for r in records)
 
     def ms(t: float | None) -> float | None:
@@ -389,7 +389,8 @@ def report(results: list[dict]) -> str:
                    f"{row['p99_s']:.2f} | {row['ttft_p50_s']:.3f} | {row['tpot_p50_ms']:.2f} | {short} | {row['failed']} |")
     split = [(key, row) for key, row in table.items() if "core_prefill_p50_ms" in row or "worker_wait_p50_ms" in row]
     if split:
-        parts = ("worker_wait", "worker_images", "worker_render", "worker_prefill", "outside_worker", "core_arrival", "core_queue", "core_prefill")
+        parts = ("worker_wait", "worker_images", "worker_render", "worker_prefill", "outside_worker",
+                 "core_arrival", "core_queue", "core_prefill")
         out += ["", "Where the time to first token went, p50 ms (core arrival: bare vLLM from its `generate` call, "
                 "rendering included; qvl from when its worker added the request):", "",
                 "| system | workload | concurrency | TTFT | " + " | ".join(p.replace("_", " ") for p in parts) + " |",

@@ -77,8 +77,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=16, help="timed requests a row")
     args = ap.parse_args()
     processor = AutoProcessor.from_pretrained(args.model)
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
-                                         tokenize=False, add_generation_prompt=True)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     fresh = iter(item.image for item in uniform(1000))
 
     def images() -> list[bytes]:  # new ones for every row
@@ -89,7 +89,8 @@ def main() -> None:
 
         def make(jpeg: bytes):
             image = Image.open(io.BytesIO(jpeg)).convert("RGB")
-            return renderer.render_cmpl([parse_model_prompt(model_config, {"prompt": text, "multi_modal_data": {"image": image}})])
+            prompt = {"prompt": text, "multi_modal_data": {"image": image}}
+            return renderer.render_cmpl([parse_model_prompt(model_config, prompt)])
         return make
 
     engine = qvl_renderer(args.model, processor)

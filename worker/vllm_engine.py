@@ -16,8 +16,9 @@ Prompts are built by qvl, not by vLLM's chat rendering: `PromptTokenizer` tokeni
 wrote as plain text (special tokens cannot open a turn) with one image placeholder per image,
 which vLLM's multimodal processor expands. Images and prompts are made ready on the worker's
 image pool, one request at a time (`_render_lock`: the tokenizer and vLLM's input processing are
-not made for concurrent use), text-only requests too; the main thread only adds requests and steps. Image tokens are
-counted from sizes before any pixel is processed, as in the transformers engine.
+not made for concurrent use), text-only requests too; the main thread only adds requests and
+steps. Image tokens are counted from sizes before any pixel is processed, as in the transformers
+engine.
 
 Imported only when `engine = "vllm"`: neither the supervisor nor the default engine imports vLLM.
 The worker itself makes no CUDA context: the device is the child's.
