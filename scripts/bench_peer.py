@@ -447,7 +447,7 @@ def main() -> None:
     for name in args.systems.split(","):
         child = subprocess.Popen([sys.executable, __file__, "--one", name, "--model", args.model, "--parts",
                                   args.parts, "--concurrency", args.concurrency, "--rounds", str(args.rounds), "--device", args.device,
-                                  "--qvl-flags", args.qvl_flags],
+                                  f"--qvl-flags={args.qvl_flags}"],  # one argument: its value starts with --
                                  stdout=subprocess.PIPE, text=True)
         lines = []
         for line in child.stdout:  # progress as it comes

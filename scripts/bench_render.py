@@ -8,9 +8,10 @@ Every request carries a new 448x448 JPEG (`workloads.uniform`), so no cache is e
 - the JPEG's decode as qvl's worker does it (`open_image`);
 - bare vLLM's way, as `bench_peer.py` sends it: the chat template's text and a PIL image, rendered
   by vLLM with its processor cache at its default (4 GiB) and off;
-- qvl's way (`VllmEngine._render`, the worker's own code): qvl's prompt tokens, then vLLM's
-  renderer with the cache off, as the worker runs it; alone, and from 2 and 4 threads as on the
-  worker's image pool (`_render_lock` held, each thread decoding its JPEG first).
+- qvl's way (`VllmInputs`, the worker's own code): qvl's prompt tokens, then vLLM's renderer with
+  the cache off; in the worker's process as with `vllm_render_processes = 0`, alone and from 2 and
+  4 threads as on the worker's image pool (a lock held, each thread decoding its JPEG first); and
+  handed to 2 and 4 render processes (`RenderProcesses`) from as many threads.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import io
 import os
 import sys
 import threading
+from contextlib import contextmanager
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,32 +36,29 @@ from vllm.renderers import renderer_from_config  # noqa: E402
 from vllm.renderers.inputs.preprocess import parse_model_prompt  # noqa: E402
 from workloads import QUESTION, uniform  # noqa: E402
 
-from qvl.protocol.contract import ModelOptions  # noqa: E402
 from qvl.protocol.messages import GenerationParams  # noqa: E402
 from qvl.worker.images import open_image  # noqa: E402
-from qvl.worker.prompts import PromptTokenizer  # noqa: E402
-from qvl.worker.vllm_engine import VllmEngine  # noqa: E402
+from qvl.worker.render_processes import RenderProcesses  # noqa: E402
+from qvl.worker.vllm_inputs import VllmInputs  # noqa: E402
 
 MAX_PIXELS = 1 << 26
 PARAMS = GenerationParams(max_new_tokens=64)
 MESSAGES = [{"role": "user", "content": [{"type": "image", "frame": 0}, {"type": "text", "text": QUESTION}]}]
 
 
-def vllm_renderer(model: str, cache_gb: float):
-    config = EngineArgs(model=model, max_model_len=8192, limit_mm_per_prompt={"image": 4, "video": 0},
-                        mm_processor_cache_gb=cache_gb).create_engine_config()
-    return config.model_config, renderer_from_config(config)
+def engine_config(model: str, cache_gb: float):
+    return EngineArgs(model=model, max_model_len=8192, limit_mm_per_prompt={"image": 4, "video": 0},
+                      mm_processor_cache_gb=cache_gb).create_engine_config()
 
 
-def qvl_renderer(model: str, processor) -> VllmEngine:
-    """A `VllmEngine` with only what `_render` reads: its renderer, no engine core."""
-    engine = VllmEngine.__new__(VllmEngine)
-    engine.options = ModelOptions(model=model, vllm_max_model_len=8192)
-    engine.max_prompt_tokens = 8192
-    engine.prompt_tokenizer = PromptTokenizer(processor)
-    engine.model_config, engine.renderer = vllm_renderer(model, 0)
-    engine._render_lock = threading.Lock()
-    return engine
+@contextmanager
+def render_processes(model: str, count: int):
+    pool = RenderProcesses(count, VllmInputs.of_config, model, engine_config(model, 0), 8192, 8192)
+    try:
+        pool.wait_ready()
+        yield pool
+    finally:
+        pool.close()
 
 
 def per_request_ms(make, images: list[bytes], threads: int = 1, warm: int = 3) -> float:
@@ -85,7 +84,8 @@ def main() -> None:
         return [next(fresh) for _ in range(args.requests + 3)]
 
     def bare_way(cache_gb: float):
-        model_config, renderer = vllm_renderer(args.model, cache_gb)
+        config = engine_config(args.model, cache_gb)
+        model_config, renderer = config.model_config, renderer_from_config(config)
 
         def make(jpeg: bytes):
             image = Image.open(io.BytesIO(jpeg)).convert("RGB")
@@ -93,16 +93,24 @@ def main() -> None:
             return renderer.render_cmpl([parse_model_prompt(model_config, prompt)])
         return make
 
-    engine = qvl_renderer(args.model, processor)
+    config = engine_config(args.model, 0)
+    inputs, lock = VllmInputs(processor, config.model_config, renderer_from_config(config), 8192, 8192), threading.Lock()
 
     def qvl_way(jpeg: bytes):
-        return engine._render(MESSAGES, [open_image(jpeg, MAX_PIXELS)], 0, PARAMS)
+        image = open_image(jpeg, MAX_PIXELS)
+        with lock:
+            return inputs.render(MESSAGES, [image], 0, PARAMS)
 
     rows = [("JPEG decode (`open_image`)", per_request_ms(lambda jpeg: open_image(jpeg, MAX_PIXELS), images())),
             ("bare vLLM's way, processor cache 4 GiB", per_request_ms(bare_way(4), images())),
             ("bare vLLM's way, processor cache off", per_request_ms(bare_way(0), images())),
             ("qvl's way, 1 thread", per_request_ms(qvl_way, images()))]
     rows += [(f"qvl's way, {n} threads", per_request_ms(qvl_way, images(), threads=n)) for n in (2, 4)]
+    for n in (2, 4):
+        with render_processes(args.model, n) as pool:
+            def in_pool(jpeg: bytes):
+                return pool.render(MESSAGES, [open_image(jpeg, MAX_PIXELS)], 0, PARAMS)
+            rows.append((f"qvl's way, {n} render processes from {n} threads", per_request_ms(in_pool, images(), threads=n)))
     print("| 448x448 JPEG, decode included unless named alone | ms a request (wall) |\n| --- | --- |")
     for name, ms in rows:
         print(f"| {name} | {ms:.2f} |")

@@ -229,7 +229,8 @@ def worker_spec(config: Config, backend: str, slot: int, generation: int) -> Wor
     model = ModelOptions(config.model, device, config.dtype, config.attn_implementation,
                          config.memory_fraction or None, config.engine, config.kv_cache,
                          config.kv_cache_tokens, config.vllm_memory_share, config.vllm_max_model_len,
-                         config.vllm_compile, config.prefill_tokens, config.compile_decode)
+                         config.vllm_compile, config.prefill_tokens, config.compile_decode,
+                         config.vllm_render_processes)
     return WorkerSpec(backend, slot, generation, model, config.limits, config.max_batch_size,
                       config.max_image_pixels, config.max_prompt_tokens, config.heartbeat_interval_s)
 

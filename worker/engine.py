@@ -395,6 +395,12 @@ class NoopEngine:
         return [Completion("", 0, 0, 0.0, 0.0) for _ in prompts]
 
 
+def image_threads(options: ModelOptions) -> int:
+    """Threads of the worker's image pool: two (one decodes while the other processes), or one for
+    each of the vLLM engine's render processes, so that all of them render at once."""
+    return max(2, options.vllm_render_processes) if options.engine == "vllm" else 2
+
+
 def load_engine(spec: WorkerSpec):
     """The engine `spec` names: `Engine` (run-to-completion batches), `ContinuousEngine` around it
     (`kv_cache = "continuous"`, or auto on CUDA), `NoopEngine`, or `VllmEngine` (vLLM imported only then)."""

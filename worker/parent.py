@@ -1,4 +1,5 @@
-"""A worker's tie to the supervisor that started it: die with it, and tell when it is gone.
+"""A worker's ties: to the supervisor that started it (die with it, and tell when it is gone), and
+to the children it cannot serve without (end when one of them dies, `exit_when_any_ends`).
 
 Imports nothing heavy, so the tie is made before the seconds of importing torch in which a
 supervisor could die unseen. The supervisor names itself in `QVL_SUPERVISOR_PID`; a process whose
@@ -8,10 +9,14 @@ supervisor died before it could ask the kernel to be told.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
+import select
 import signal
 import sys
+import threading
+from typing import Callable, NoReturn, Sequence
 
 from qvl.protocol.contract import SUPERVISOR_PID_ENV
 
@@ -36,3 +41,25 @@ def _supervisor_pid() -> int:
 
 def orphaned() -> bool:
     return os.getppid() != _supervisor_pid()
+
+
+def exit_when_any_ends(pids: Sequence[int], died: Callable[[int], NoReturn]) -> threading.Event:
+    """Call `died(pid)`, which ends this process, as soon as any process of `pids` ends, unless the
+    event returned is set first: the worker sets it before it stops them itself (and at interpreter
+    exit)."""
+    stopping = threading.Event()
+    if not pids:
+        return stopping
+    atexit.register(stopping.set)
+    watched = {os.pidfd_open(pid): pid for pid in pids}
+    poller = select.poll()
+    for fd in watched:
+        poller.register(fd, select.POLLIN)
+
+    def watch() -> None:
+        ((fd, _), *_) = poller.poll()
+        if not stopping.is_set():
+            died(watched[fd])
+
+    threading.Thread(target=watch, name="exit-when-any-ends", daemon=True).start()
+    return stopping

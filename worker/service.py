@@ -47,7 +47,7 @@ from qvl.protocol.messages import (CANCELLED, STOPPED, Bye, Cancel, Chunk, Error
                                    Heartbeat, Hello, Ready, Reply, Stop)
 
 from .bell import Bell
-from .engine import NO_IMAGES, Completion, Engine, ImageInputs, Prompt, load_engine
+from .engine import NO_IMAGES, Completion, Engine, ImageInputs, Prompt, image_threads, load_engine
 from .faults import Faults
 from .images import image_size, open_image
 from .inbox import read_message
@@ -123,7 +123,7 @@ class WorkerService:
         self.arrived = 0  # requests received
         self.done = 0     # requests answered
         self.telemetry: Telemetry | None = None
-        self.image_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="images")
+        self.image_pool = ThreadPoolExecutor(max_workers=image_threads(spec.model), thread_name_prefix="images")
         self.bell = Bell()  # rung by the image pool and vLLM's engine core (`_serve_steps`)
 
     def read_telemetry(self) -> dict:

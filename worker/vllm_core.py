@@ -9,8 +9,8 @@ keep the worker the unit the supervisor sees:
   the kernel to SIGKILL the child when the worker dies, however it dies, before vLLM loads
   anything: a killed or recycled worker leaves no process holding device memory. (vLLM's engine
   core watches nothing of its parent; killed alone, the parent leaves it running.)
-- `exit_with_engine_core`: the worker exits with `ENGINE_FAILED` the moment its engine core dies
-  other than when the worker stops it, and `engine_core_died` as soon as vLLM's client says the
+- the worker exits with `ENGINE_FAILED` the moment its engine core dies other than when the worker
+  stops it (`exit_when_any_ends` with `engine_core_died`), and as soon as vLLM's client says the
   core is dead. (vLLM marks its client dead then, but a `step` already waiting for the child's
   output would wait for ever, and an idle worker would refuse request after request instead of
   being replaced.)
@@ -22,12 +22,9 @@ Imported by the worker before vLLM starts its engine core, and by the engine cor
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import select
 import sys
-import threading
 from typing import NoReturn
 
 import psutil
@@ -68,23 +65,6 @@ def engine_core_died(pid: int | None = None) -> NoReturn:
     supervisor dispatches its requests again."""
     log.error("event=engine_core_died pid=%s", pid)
     os._exit(WorkerExit.ENGINE_FAILED)
-
-
-def exit_with_engine_core(pid: int) -> threading.Event:
-    """Exit this worker with `ENGINE_FAILED` when process `pid` ends, unless the event returned is
-    set first: the worker sets it before it stops its engine core itself (and at interpreter exit)."""
-    stopping = threading.Event()
-    atexit.register(stopping.set)
-    poller = select.poll()
-    poller.register(os.pidfd_open(pid), select.POLLIN)
-
-    def watch() -> None:
-        poller.poll()
-        if not stopping.is_set():
-            engine_core_died(pid)
-
-    threading.Thread(target=watch, name="engine-core-watch", daemon=True).start()
-    return stopping
 
 
 class EngineCoreCalls:

@@ -12,13 +12,13 @@ speed at 32 to 64 requests in flight. The child's allocator and device figures a
 vLLM's RPC at most every `FIGURES_INTERVAL_S`, between steps, and sent with every reply; its KV
 cache usage comes from vLLM's scheduler statistics.
 
-Prompts are built by qvl, not by vLLM's chat rendering: `PromptTokenizer` tokenizes what users
-wrote as plain text (special tokens cannot open a turn) with one image placeholder per image,
-which vLLM's multimodal processor expands. Images and prompts are made ready on the worker's
-image pool, one request at a time (`_render_lock`: the tokenizer and vLLM's input processing are
-not made for concurrent use), text-only requests too; the main thread only adds requests and
-steps. Image tokens are counted from sizes before any pixel is processed, as in the transformers
-engine.
+Prompts are built by qvl, not by vLLM's chat rendering (`vllm_inputs.py`). Images and prompts are
+made ready on the worker's image pool, text-only requests too; the main thread only adds requests
+and steps. The pool's threads hand the rendering to `vllm_render_processes` render processes
+(`render_processes.py`: vLLM's rendering is GIL-bound, and a round of requests released together
+reaches the core sooner made in parallel), or, with none, render one request at a time themselves
+(`_render_lock`). Image tokens are counted from sizes before any pixel is processed, as in the
+transformers engine.
 
 Imported only when `engine = "vllm"`: neither the supervisor nor the default engine imports vLLM.
 The worker itself makes no CUDA context: the device is the child's.
@@ -27,51 +27,44 @@ The worker itself makes no CUDA context: the device is the child's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 import psutil
 import torch
 from PIL import Image
 from qvl.protocol.contract import ModelOptions
 from qvl.protocol.errors import BadRequest, WorkerFailed
+from qvl.protocol.exits import WorkerExit
 from qvl.protocol.messages import LENGTH, STOPPED, GenerationParams
 from transformers import AutoProcessor
 
 from .engine import Completion, StepOutput
 from .image_tokens import ImageTokens
-from .prompts import PromptTokenizer
 
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
 from vllm import EngineArgs, SamplingParams  # noqa: E402  (after the environment above)
-from vllm.renderers.inputs.preprocess import parse_model_prompt  # noqa: E402
 from vllm.sampling_params import RequestOutputKind  # noqa: E402
 from vllm.usage.usage_lib import UsageContext  # noqa: E402
 from vllm.v1.engine.exceptions import EngineDeadError  # noqa: E402
 from vllm.v1.engine.llm_engine import LLMEngine  # noqa: E402
+from vllm.v1.executor import Executor  # noqa: E402
 from vllm.v1.metrics.loggers import StatLoggerBase  # noqa: E402
 
+from .parent import exit_when_any_ends  # noqa: E402
+from .render_processes import RenderProcesses, RenderProcessDied  # noqa: E402
 from .vllm_core import (  # noqa: E402
-    EXTENSION, FIGURES_METHOD, PID_METHOD, engine_core_died, exit_with_engine_core, tie_engine_core_to_worker)
+    EXTENSION, FIGURES_METHOD, PID_METHOD, engine_core_died, tie_engine_core_to_worker)
+from .vllm_inputs import Rendered, VllmInputs  # noqa: E402
 
 FIGURES_INTERVAL_S = 1.0
 log = logging.getLogger("qvl.worker")
-
-
-@dataclass(frozen=True)
-class Rendered:
-    """A request made ready for vLLM on the image pool: its engine input, its prompt length, and
-    the time making them took (qvl's prompt tokens, then vLLM's input processing: its images'
-    pixels, mostly)."""
-
-    engine_input: dict
-    prompt_tokens: int
-    render_ms: float
 
 
 @dataclass
@@ -92,10 +85,8 @@ class VllmEngine:
 
     def __init__(self, options: ModelOptions, max_prompt_tokens: int, max_images: int):
         self.options = options
-        self.max_prompt_tokens = max_prompt_tokens
-        self.processor = AutoProcessor.from_pretrained(options.model)
-        self.prompt_tokenizer = PromptTokenizer(self.processor)
-        self.image_tokens = ImageTokens.of(self.processor.image_processor)
+        processor = AutoProcessor.from_pretrained(options.model)
+        self.image_tokens = ImageTokens.of(processor.image_processor)
         compilation = {} if options.vllm_compile else {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
         args = EngineArgs(
             model=options.model, dtype=options.dtype, seed=0,
@@ -104,17 +95,27 @@ class VllmEngine:
             mm_processor_cache_gb=0,  # no cache shared between the image pool and the engine
             compilation_config=compilation, worker_extension_cls=EXTENSION)
         self._scheduler_stats = _SchedulerStats()
+        config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+        # started first, they import and build their renderers while the engine core loads
+        self._renders = RenderProcesses(options.vllm_render_processes, VllmInputs.of_config, options.model, config,
+                                        max_prompt_tokens, options.vllm_max_model_len) \
+            if options.vllm_render_processes else None
+        self.render_pids = self._renders.pids if self._renders else []
+        self._stopping_renders = exit_when_any_ends(self.render_pids, render_process_died)
         tie_engine_core_to_worker()
-        self.llm = LLMEngine.from_engine_args(args, UsageContext.ENGINE_CONTEXT, enable_multiprocessing=True,
-                                              stat_loggers=[self._scheduler_stats.factory])
+        self.llm = LLMEngine(config, Executor.get_class(config), log_stats=True, usage_context=UsageContext.ENGINE_CONTEXT,
+                             stat_loggers=[self._scheduler_stats.factory], multiprocess_mode=True)
         (self.engine_core_pid,) = self.llm.collective_rpc(PID_METHOD)
         self._outputs = self.llm.engine_core.outputs_queue  # what `step` waits on: the core's steps, queued
-        self._stopping_core = exit_with_engine_core(self.engine_core_pid)
+        self._stopping_core = exit_when_any_ends([self.engine_core_pid], engine_core_died)
         self.device = torch.device("cuda", 0)  # the child's, under the worker's CUDA_VISIBLE_DEVICES
-        self.model_config = self.llm.vllm_config.model_config
-        self.renderer = self.llm.renderer
+        self.inputs = VllmInputs(processor, config.model_config, self.llm.renderer, max_prompt_tokens,
+                                 options.vllm_max_model_len)
         self._render_lock = threading.Lock()
+        if self._renders is not None:
+            self._renders.wait_ready()
         self._process = psutil.Process(os.getpid())
+        self._render_rss = 0  # the render processes' resident memory, read with the core's figures
         self._core_figures: dict = {}
         self._core_figures_at = float("-inf")
         self.rows: dict[str, _Row] = {}
@@ -144,13 +145,13 @@ class VllmEngine:
     def stats(self) -> dict:
         """vLLM's own figures, sent beside the allocator's in every heartbeat and reply."""
         return {"kv_cache_usage": self._scheduler_stats.kv_cache_usage, "running_requests": len(self.rows),
-                "engine_core_pid": self.engine_core_pid}
+                "engine_core_pid": self.engine_core_pid, "render_pids": self.render_pids}
 
     def process_figures(self) -> dict:
         """The engine core's allocator and device figures as last read; `rss_bytes` is this worker's
-        RSS plus the engine core's unique set. Any thread may call this."""
+        RSS, the engine core's unique set and the render processes' RSS. Any thread may call this."""
         figures = dict(self._core_figures)
-        figures["rss_bytes"] = figures.get("rss_bytes", 0) + self._process.memory_info().rss
+        figures["rss_bytes"] = figures.get("rss_bytes", 0) + self._process.memory_info().rss + self._render_rss
         return figures
 
     def _read_core_figures(self) -> None:
@@ -161,6 +162,8 @@ class VllmEngine:
                 (self._core_figures,) = self.llm.collective_rpc(FIGURES_METHOD)
         except Exception as exc:
             log.warning("event=engine_core_figures_failed error=%s: %s", type(exc).__name__, exc)
+        if self._renders is not None:
+            self._render_rss = self._renders.rss_bytes()
         self._core_figures_at = time.monotonic()
 
     def _refresh_core_figures(self) -> None:
@@ -188,7 +191,10 @@ class VllmEngine:
             engine_core_died(self.engine_core_pid)
 
     def close(self) -> None:
-        """Stop the engine core, as the worker stops: its end is then no failure."""
+        """Stop the render processes and the engine core, as the worker stops: its end is then no failure."""
+        self._stopping_renders.set()
+        if self._renders is not None:
+            self._renders.close()
         self._stopping_core.set()
         self.llm.engine_core.shutdown()
 
@@ -212,33 +218,22 @@ class VllmEngine:
         """The tokens of each image reference, from the frames' sizes alone; `BadRequest` where
         they cannot fit. The worker calls it before it decodes a pixel."""
         tokens = self.image_tokens.per_reference(messages, sizes)
-        self._check_length(sum(tokens), "image tokens", params)
+        self.inputs.check_length(sum(tokens), "image tokens", params)
         return tokens
 
     def _render(self, messages: list, images: list[Image.Image], image_tokens: int,
                 params: GenerationParams) -> Rendered:
-        with self._render_lock:
-            started = time.monotonic()
-            ids = self.prompt_tokenizer.ids(messages, [1] * len(images))  # vLLM expands each placeholder
-            prompt_tokens = len(ids) - len(images) + image_tokens
-            self._check_length(prompt_tokens, "prompt tokens", params)
-            prompt = {"prompt_token_ids": ids}
-            if images:
-                prompt["multi_modal_data"] = {"image": images}
-            parsed = parse_model_prompt(self.model_config, prompt)
-            try:
-                (engine_input,) = self.renderer.render_cmpl([parsed])
-            except ValueError as exc:  # vLLM's own refusal of an input
-                raise BadRequest(str(exc)) from None
-        return Rendered(engine_input, len(engine_input.get("prompt_token_ids") or ()) or prompt_tokens,
-                        (time.monotonic() - started) * 1000.0)
-
-    def _check_length(self, tokens: int, what: str, params: GenerationParams) -> None:
-        if tokens > self.max_prompt_tokens:
-            raise BadRequest(f"{tokens} {what} exceed the limit of {self.max_prompt_tokens} prompt tokens")
-        if tokens + params.max_new_tokens > self.options.vllm_max_model_len:
-            raise BadRequest(f"{tokens} {what} plus max_new_tokens {params.max_new_tokens} exceed "
-                             f"vllm_max_model_len {self.options.vllm_max_model_len}")
+        """In a render process when the worker has them (`render_ms` then the whole wait, the hop
+        there and back included), else here, one request at a time."""
+        if self._renders is None:
+            with self._render_lock:
+                return self.inputs.render(messages, images, image_tokens, params)
+        started = time.monotonic()
+        try:
+            rendered = self._renders.render(messages, images, image_tokens, params)
+        except RenderProcessDied as exc:  # before the watch on its pid ended the worker
+            render_process_died(exc)
+        return dataclasses.replace(rendered, render_ms=(time.monotonic() - started) * 1000.0)
 
     def prompt(self, messages: list, rendered: Rendered, params: GenerationParams) -> Rendered:
         """A request's engine input: what `process_images` made of it on the image pool, text-only
@@ -303,6 +298,13 @@ class VllmEngine:
                                         {"render_ms": row.render_ms, **core_timings(out.metrics, row.added_at)})
             outputs.append(StepOutput(int(out.request_id), piece.text, len(piece.token_ids), completion))
         return outputs
+
+
+def render_process_died(which: int | RenderProcessDied) -> NoReturn:
+    """The worker's end once a render process is gone (its pid, or the failed render that says so),
+    as when its engine core is: the worker's requests are dispatched again by the supervisor."""
+    log.error("event=render_process_died which=%s", which)
+    os._exit(WorkerExit.ENGINE_FAILED)
 
 
 class _SchedulerStats(StatLoggerBase):

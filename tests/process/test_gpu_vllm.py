@@ -1,6 +1,6 @@
 """On a CUDA device with vLLM installed: `--engine vllm` serves, streams, cancels, recycles and
-survives the death of its worker, or of its engine core alone, through the supervisor, as the
-default engine does; the engine core holds the device and dies with its worker.
+survives the death of its worker, or of its engine core or a render process alone, through the
+supervisor, as the default engine does; the engine core holds the device and dies with its worker.
 
 Skipped without CUDA or vLLM. `QVL_GPU_MODEL` names the model folder (the `qwen3-vl-4b` preset on a
 lent GPU). vLLM's torch.compile is off here to keep the test short (full CUDA graphs for decode
@@ -168,3 +168,40 @@ def test_the_engine_core_holds_the_device_and_its_death_ends_the_worker(vllm_sup
     assert after["generation"] > worker["generation"] and after["state"] == "ready"
     assert not alive(worker["pid"])
     assert exit_reason(vllm_supervisor.log(), worker) == "crashed (exit code 8 (engine_failed))"
+
+
+@pytest.mark.timeout(900)
+def test_render_processes_hold_no_device_and_one_dying_ends_the_worker(vllm_supervisor):
+    """The worker's render processes (4 by default) make requests' inputs with no CUDA context.
+    SIGKILLing one, 16 image requests in flight, ends the worker (engine_failed) at once, not at
+    its next render, and every request is answered by its successor, which has render processes
+    of its own; the killed worker's others die with it."""
+    import pynvml
+
+    async def scenario(victim: int):
+        async with AsyncClient(vllm_supervisor.endpoint, timeout=600) as client:
+            flight = asyncio.ensure_future(asyncio.gather(*(
+                client.ask(png((224 + 32 * i, 224)), "Describe it.", max_new_tokens=512, min_new_tokens=512)
+                for i in range(16))))
+            await asyncio.sleep(1.0)  # rendered and decoding: no render is waiting on the victim
+            os.kill(victim, signal.SIGKILL)
+            answers = await flight
+            return answers, (await client.status())["workers"][0]
+
+    with vllm_supervisor.client(timeout=60) as client:
+        before = client.status()["workers"][0]
+    renders = before["telemetry"]["render_pids"]
+    assert len(renders) == 4 and all(alive(p) for p in renders)
+    pynvml.nvmlInit()
+    try:
+        holders = {p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(0))}
+    finally:
+        pynvml.nvmlShutdown()
+    assert not holders & set(renders)
+
+    answers, after = asyncio.run(scenario(renders[0]))
+    assert all(r.usage["completion_tokens"] == 512 for r in answers)
+    assert after["generation"] > before["generation"] and after["state"] == "ready"
+    assert exit_reason(vllm_supervisor.log(), before) == "crashed (exit code 8 (engine_failed))"
+    assert wait_gone({before["pid"], *renders}) == set()
+    assert len(after["telemetry"]["render_pids"]) == 4 and not set(after["telemetry"]["render_pids"]) & set(renders)

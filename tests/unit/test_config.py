@@ -87,7 +87,25 @@ def test_the_vllm_engine_needs_cuda_and_a_share_of_the_device():
 def test_the_worker_spec_carries_the_vllm_settings():
     from qvl.supervisor.slots import worker_spec
 
-    config = parse("--engine", "vllm", "--vllm-memory-share", "0.3", "--vllm-max-model-len", "4096")
+    config = parse("--engine", "vllm", "--vllm-memory-share", "0.3", "--vllm-max-model-len", "4096",
+                   "--vllm-render-processes", "6")
     model = worker_spec(config, "ipc://x", 0, 1).model
-    assert (model.engine, model.vllm_memory_share, model.vllm_max_model_len, model.vllm_compile) == \
-        ("vllm", 0.3, 4096, True)
+    assert (model.engine, model.vllm_memory_share, model.vllm_max_model_len, model.vllm_compile,
+            model.vllm_render_processes) == ("vllm", 0.3, 4096, True, 6)
+    assert worker_spec(parse("--engine", "vllm"), "ipc://x", 0, 1).model.vllm_render_processes == 4
+
+
+@pytest.mark.parametrize("count, fault", [("-1", "vllm_render_processes must not be negative"),
+                                          ("65", "vllm_render_processes must be at most 64")])
+def test_render_processes_are_counted_sensibly(count, fault):
+    with pytest.raises(ConfigError, match=fault):
+        parse("--engine", "vllm", "--vllm-render-processes", count)
+
+
+def test_the_image_pool_has_a_thread_for_every_render_process():
+    from qvl.protocol.contract import ModelOptions
+    from qvl.worker.engine import image_threads
+
+    assert image_threads(ModelOptions("m", engine="vllm", vllm_render_processes=6)) == 6
+    assert image_threads(ModelOptions("m", engine="vllm", vllm_render_processes=0)) == 2
+    assert image_threads(ModelOptions("m", engine="hf", vllm_render_processes=6)) == 2
