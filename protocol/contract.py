@@ -36,7 +36,7 @@ class ModelOptions:
     vllm_compile: bool = True  # vLLM's torch.compile (slower start); off keeps full CUDA graphs for decode
     prefill_tokens: int = 8192  # continuous batching: prompt tokens a step prefills; longer prompts go in chunks
     compile_decode: bool = True  # continuous batching on CUDA: torch.compile each decoder layer's step
-    vllm_render_processes: int = 4  # processes making vLLM's inputs beside the worker; 0: the worker itself
+    vllm_render_processes: int = 0  # processes making vLLM's inputs beside the worker; 0: the worker itself
 
     @property
     def kv_cache_mode(self) -> str:

@@ -49,7 +49,7 @@ class Config:
     compile_decode: bool = setting(True, "kv_cache continuous on CUDA: torch.compile each decoder layer's decode step and prefill at warm-up (their norms, rotary embedding and activation fused into a few kernels; faster steps and prefills, and a slower first start while they compile: later starts reuse torch's compile cache); a shape warm-up missed, or a step that fails to compile, runs uncompiled")
     vllm_memory_share: float = setting(0.4, "engine vllm: the share of the device a worker takes at load (vLLM's gpu_memory_utilization); an overlapped recycle needs room for two, so keep it below (1 - recycle_overlap_margin) / 2 of what is free")
     vllm_max_model_len: int = setting(32768, "engine vllm: most prompt plus new tokens in one request (vLLM's max_model_len)")
-    vllm_render_processes: int = setting(4, "engine vllm: processes beside each worker that make requests' inputs (vLLM's rendering: image processing, mostly), that many at once; 0: the worker makes them itself, one at a time")
+    vllm_render_processes: int = setting(0, "engine vllm: processes beside each worker that make requests' inputs (vLLM's rendering: image processing, mostly), that many at once (not yet measured on a GPU); 0: the worker makes them itself, one at a time")
     vllm_compile: bool = setting(True, "engine vllm: torch.compile the model (faster steps, about 30 s more at the first start; later starts reuse vLLM's compile cache); off keeps CUDA graphs for decode")
     memory_fraction: float = setting(0.0, "cap on the CUDA memory a worker may use, as a fraction of the device (0: no cap)")
     alloc_conf: str = setting("expandable_segments:True", "PYTORCH_CUDA_ALLOC_CONF given to workers")

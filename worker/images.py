@@ -4,7 +4,8 @@
 before reading a pixel (`image_size` stops there, so a request's image tokens can be counted
 before any of its images is decoded); then it reads the first frame (of an animated GIF, say) and turns
 every mode Pillow reads into 8-bit RGB: CMYK, 16-bit grey, palettes, and
-transparency composited onto white as transformers' own `convert_to_rgb` does.
+transparency composited onto white as transformers' own `convert_to_rgb` does; the image keeps no
+metadata (`info`).
 A bad image raises `BadRequest`, which fails only the request that carried it. Never imports torch.
 """
 
@@ -46,7 +47,11 @@ def _read(data: bytes, max_pixels: int, decode: bool) -> Image.Image:
             if not decode:
                 return image
             image.load()
-            return to_rgb(image)
+            rgb = to_rgb(image)
+            # metadata nothing downstream reads: a small PNG's compressed text chunks alone can
+            # decode to 64 MB (Pillow's cap), held while the request waits and copied where it goes
+            rgb.info = {}
+            return rgb
     except BadRequest:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

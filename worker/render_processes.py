@@ -7,25 +7,33 @@ and in several groups, each waiting for the core's step in progress. `RenderProc
 `count` spawned processes (fresh interpreters: the worker's threads and vLLM's state are not
 forked), each holding one input maker built once by `make(*args)`; `render(*args)` runs the
 maker's `render` in one of them and waits, the GIL released, so the image pool's threads render in
-parallel.
+parallel. What a render makes comes back by value (pickled whole, tensors included: no shared
+memory, which containers often keep small, and nothing left behind when a process is killed); what
+it raises comes back as qvl's own error, or as a `RuntimeError` naming it (an exception that cannot
+be rebuilt on this side would break the pool).
 
 A render process dies with the worker (the kernel's parent-death signal, tied to the thread that
 started it: the pool starts every process at once, on the thread that builds it). One that dies
-while the worker runs breaks the pool: every render waiting on it raises `RenderProcessDied`, and
-the worker ends as it does when its engine core dies (its requests are dispatched again).
+breaks the pool: every render waiting on it raises `RenderProcessDied`; the vLLM worker ends then
+as it does when its engine core dies (its requests are dispatched again).
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
+import pickle
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
 import psutil
+from qvl.protocol.errors import QvlError
 
 from .parent import exit_with_parent
+
+log = logging.getLogger("qvl.worker")
 
 _maker: Any = None  # the input maker of this render process
 
@@ -44,8 +52,14 @@ def _start(parent: int, make: Callable[..., Any], args: tuple, threads: int) -> 
     _maker = make(*args)
 
 
-def _render(*args):
-    return _maker.render(*args)
+def _render(*args) -> bytes:
+    try:
+        return pickle.dumps(_maker.render(*args), protocol=pickle.HIGHEST_PROTOCOL)
+    except QvlError:
+        raise
+    except Exception as exc:
+        log.exception("event=render_failed")
+        raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
 
 
 def _ready() -> int:
@@ -54,15 +68,16 @@ def _ready() -> int:
 
 class RenderProcesses:
     def __init__(self, count: int, make: Callable[..., Any], *args):
-        # each process's tensor ops get a share of the cores: several processes render at once
-        threads = max(1, (os.cpu_count() or 1) // (2 * count))
+        # each process's tensor ops get a share of this worker's cores: several processes render at once
+        threads = max(1, len(os.sched_getaffinity(0)) // (2 * count))
         self._pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_start, initargs=(os.getpid(), make, args, threads))
         # the pool starts a process for each task submitted while none is idle: all start now, on
         # this thread, so none is started later by another thread (whose end would kill it)
         self._starting = [self._pool.submit(_ready) for _ in range(count)]
         self.pids = sorted(self._pool._processes)  # the pool's own table of its processes, by pid
-        assert len(self.pids) == count, "the pool did not start all its processes at once"
+        if len(self.pids) != count:
+            raise RuntimeError(f"{len(self.pids)} of {count} render processes started")
 
     def wait_ready(self) -> None:
         """Wait until every process has built its input maker; `RenderProcessDied` where one could not
@@ -76,7 +91,7 @@ class RenderProcesses:
             future = self._pool.submit(_render, *args)
         except BrokenProcessPool as exc:  # broken before
             raise RenderProcessDied(f"a render process ended: {exc}") from None
-        return self._result(future)
+        return pickle.loads(self._result(future))
 
     def _result(self, future: Future):
         try:
@@ -84,12 +99,13 @@ class RenderProcesses:
         except BrokenProcessPool as exc:
             raise RenderProcessDied(f"a render process ended: {exc}") from None
 
-    def rss_bytes(self) -> int:
-        """The resident memory of the render processes (spawned: they share no pages with the worker)."""
+    def memory_bytes(self) -> int:
+        """The render processes' unique set: the pages each holds alone (the libraries' pages they
+        share with each other and the worker are the worker's RSS already)."""
         total = 0
         for pid in self.pids:
             try:
-                total += psutil.Process(pid).memory_info().rss
+                total += psutil.Process(pid).memory_full_info().uss
             except psutil.Error:  # gone: the pool is broken, and the next render says so
                 pass
         return total

@@ -7,9 +7,11 @@ at most every `snapshot_interval_s` and reported until the next one.
 `ModelProcessFigures` reads the process that holds the model: the worker itself for the default
 engine; vLLM's engine core, the worker's child, for `engine = vllm` (there it runs inside vLLM's
 GPU worker, `vllm_core.py`, and the worker reads its figures over vLLM's RPC). `Telemetry` adds the
-worker's own counters and the engine's figures.
+worker's own counters and the engine's figures, numbers only: the supervisor refuses a message
+whose telemetry holds anything else, so one such figure would make every reply unreadable.
 """
 
+import logging
 import os
 import threading
 import time
@@ -17,6 +19,8 @@ from typing import Callable
 
 import psutil
 import torch
+
+log = logging.getLogger("qvl.worker")
 
 
 class ModelProcessFigures:
@@ -77,6 +81,12 @@ class Telemetry:
         self.engine_stats = engine_stats  # the engine's own figures (vLLM's KV cache usage), if any
         # out-of-memory errors blamed on a single request: what the recycle policy reads as `num_ooms`
         self.ooms = 0
+        self._left_out: set[str] = set()  # figures that were not numbers, logged once each
 
     def read(self) -> dict:
-        return {"num_ooms": self.ooms, **self.engine_stats(), **self.model_process()}
+        figures = {"num_ooms": self.ooms, **self.engine_stats(), **self.model_process()}
+        numbers = {k: v for k, v in figures.items() if type(v) in (int, float)}
+        for key in figures.keys() - numbers.keys() - self._left_out:
+            log.warning("event=telemetry_left_out key=%s type=%s", key, type(figures[key]).__name__)
+            self._left_out.add(key)
+        return numbers

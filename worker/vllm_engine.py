@@ -79,8 +79,9 @@ class _Row:
 
 class VllmEngine:
     steps = True  # the worker runs this engine step by step, not batch by batch
-    # a text-only request's prompt is made on the image pool too: making it takes `_render_lock`,
-    # which an image's rendering holds for 10-25 ms, and the main thread steps every few ms
+    # a text-only request's prompt is made on the image pool too: there it waits for a render
+    # process, or for `_render_lock`, which an image's rendering holds for 10-25 ms, while the
+    # main thread steps every few ms
     text_prompts_on_pool = True
 
     def __init__(self, options: ModelOptions, max_prompt_tokens: int, max_images: int):
@@ -100,8 +101,6 @@ class VllmEngine:
         self._renders = RenderProcesses(options.vllm_render_processes, VllmInputs.of_config, options.model, config,
                                         max_prompt_tokens, options.vllm_max_model_len) \
             if options.vllm_render_processes else None
-        self.render_pids = self._renders.pids if self._renders else []
-        self._stopping_renders = exit_when_any_ends(self.render_pids, render_process_died)
         tie_engine_core_to_worker()
         self.llm = LLMEngine(config, Executor.get_class(config), log_stats=True, usage_context=UsageContext.ENGINE_CONTEXT,
                              stat_loggers=[self._scheduler_stats.factory], multiprocess_mode=True)
@@ -113,9 +112,10 @@ class VllmEngine:
                                  options.vllm_max_model_len)
         self._render_lock = threading.Lock()
         if self._renders is not None:
-            self._renders.wait_ready()
+            self._renders.wait_ready()  # one that could not start: the load fails, naming why
+        self._stopping_renders = exit_when_any_ends(self._renders.pids if self._renders else [], render_process_died)
         self._process = psutil.Process(os.getpid())
-        self._render_rss = 0  # the render processes' resident memory, read with the core's figures
+        self._render_memory = 0  # the render processes' unique sets, read with the core's figures
         self._core_figures: dict = {}
         self._core_figures_at = float("-inf")
         self.rows: dict[str, _Row] = {}
@@ -145,13 +145,13 @@ class VllmEngine:
     def stats(self) -> dict:
         """vLLM's own figures, sent beside the allocator's in every heartbeat and reply."""
         return {"kv_cache_usage": self._scheduler_stats.kv_cache_usage, "running_requests": len(self.rows),
-                "engine_core_pid": self.engine_core_pid, "render_pids": self.render_pids}
+                "engine_core_pid": self.engine_core_pid, "render_processes": len(self._renders.pids) if self._renders else 0}
 
     def process_figures(self) -> dict:
         """The engine core's allocator and device figures as last read; `rss_bytes` is this worker's
-        RSS, the engine core's unique set and the render processes' RSS. Any thread may call this."""
+        RSS plus the unique sets of the engine core and the render processes. Any thread may call this."""
         figures = dict(self._core_figures)
-        figures["rss_bytes"] = figures.get("rss_bytes", 0) + self._process.memory_info().rss + self._render_rss
+        figures["rss_bytes"] = figures.get("rss_bytes", 0) + self._process.memory_info().rss + self._render_memory
         return figures
 
     def _read_core_figures(self) -> None:
@@ -163,7 +163,7 @@ class VllmEngine:
         except Exception as exc:
             log.warning("event=engine_core_figures_failed error=%s: %s", type(exc).__name__, exc)
         if self._renders is not None:
-            self._render_rss = self._renders.rss_bytes()
+            self._render_memory = self._renders.memory_bytes()
         self._core_figures_at = time.monotonic()
 
     def _refresh_core_figures(self) -> None:

@@ -36,13 +36,29 @@ class ProcessorInputs:
         from transformers import AutoProcessor
         self.image_processor = AutoProcessor.from_pretrained(model).image_processor
 
-    def render(self, image: Image.Image, hold_s: float = 0.0, refuse: bool = False):
-        if refuse:
+    def render(self, image: Image.Image, hold_s: float = 0.0, fail: str = ""):
+        if fail == "bad_request":
             raise BadRequest("the stand-in refuses this input")
+        if fail == "odd":
+            raise OddError("made", "here")
         started = time.monotonic()
         pixels = self.image_processor(images=[image], return_tensors="pt")["pixel_values"]
         time.sleep(hold_s)
         return os.getpid(), started, time.monotonic(), pixels
+
+
+class OddError(Exception):
+    """An exception that pickles but cannot be rebuilt from its message alone."""
+
+    def __init__(self, where: str, what: str):
+        super().__init__(f"{where} {what}")
+
+
+class BrokenInputs:
+    """An input maker that cannot be built."""
+
+    def __init__(self):
+        raise OSError("no model here")
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +94,27 @@ def test_renders_from_two_threads_run_at_once_in_two_processes(pool):
 def test_a_makers_error_comes_back_typed_and_the_pool_serves_on(pool):
     image = Image.new("RGB", (64, 64))
     with pytest.raises(BadRequest, match="refuses"):
-        pool.render(image, 0.0, True)
+        pool.render(image, 0.0, "bad_request")
+    with pytest.raises(RuntimeError, match="OddError: made here") as info:
+        pool.render(image, 0.0, "odd")
+    assert not isinstance(info.value, RenderProcessDied)
     assert pool.render(image)[0] in pool.pids
+
+
+def test_tensors_come_back_by_value_not_through_shared_memory(pool):
+    pixels = pool.render(Image.new("RGB", (96, 96)))[3]
+    maps = Path("/proc/self/maps").read_text()
+    assert pixels.numel() > 0 and "/dev/shm/torch_" not in maps  # where torch's shared tensors live
+
+
+def test_a_maker_that_cannot_be_built_fails_the_start_by_name():
+    renders = RenderProcesses(1, BrokenInputs)
+    try:
+        with pytest.raises(RenderProcessDied):
+            renders.wait_ready()
+    finally:
+        renders.close()
+    assert not wait_gone(set(renders.pids))
 
 
 def test_a_killed_render_process_breaks_the_pool_for_every_render(tiny_model):
@@ -111,23 +146,29 @@ def _raised(call, *args):
 
 PARENT = """
 import os, sys, time
-sys.path[:0] = sys.argv[2:]
+sys.path[:0] = sys.argv[3:]
 from qvl.worker.parent import exit_when_any_ends
 from qvl.worker.render_processes import RenderProcesses
 from test_render_processes import ProcessorInputs
 renders = RenderProcesses(1, ProcessorInputs, sys.argv[1])
 renders.wait_ready()
-exit_when_any_ends(renders.pids, lambda pid: os._exit(8))
+stopping = exit_when_any_ends(renders.pids, lambda pid: os._exit(8))
 print(*renders.pids, flush=True)
+if sys.argv[2] == "close":  # as the worker stops: the watch told first
+    stopping.set()
+    renders.close()
+    time.sleep(1.0)  # time for a watch that was not told to end this process
+    os._exit(0)
 time.sleep(600)
 """
 
 
 @contextmanager
-def render_parent(tiny_model):
-    """A process holding one render process, ended (exit code 8) by the watch on its pid."""
+def render_parent(tiny_model, mode: str = "wait"):
+    """A process holding one render process, ended (exit code 8) by the watch on its pid; with
+    mode "close", one that closes its render processes at once, the watch told first."""
     here = Path(__file__).parent
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tiny_model), str(here), str(here.parent)],
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tiny_model), mode, str(here), str(here.parent)],
                               stdout=subprocess.PIPE, text=True)
     try:
         (pid,) = (int(p) for p in parent.stdout.readline().split())
@@ -149,3 +190,9 @@ def test_a_render_process_that_dies_ends_the_process_watching_it(tiny_model):
     with render_parent(tiny_model) as (parent, pid):
         os.kill(pid, signal.SIGKILL)
         assert parent.wait(timeout=20) == 8
+
+
+def test_closing_the_render_processes_is_no_death(tiny_model):
+    with render_parent(tiny_model, "close") as (parent, pid):
+        assert parent.wait(timeout=20) == 0
+        assert not wait_gone({pid})

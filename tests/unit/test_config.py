@@ -92,7 +92,7 @@ def test_the_worker_spec_carries_the_vllm_settings():
     model = worker_spec(config, "ipc://x", 0, 1).model
     assert (model.engine, model.vllm_memory_share, model.vllm_max_model_len, model.vllm_compile,
             model.vllm_render_processes) == ("vllm", 0.3, 4096, True, 6)
-    assert worker_spec(parse("--engine", "vllm"), "ipc://x", 0, 1).model.vllm_render_processes == 4
+    assert worker_spec(parse("--engine", "vllm"), "ipc://x", 0, 1).model.vllm_render_processes == 0
 
 
 @pytest.mark.parametrize("count, fault", [("-1", "vllm_render_processes must not be negative"),

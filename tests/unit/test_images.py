@@ -60,3 +60,22 @@ def test_the_header_size_refuses_what_opening_would_before_any_pixel():
         image_size(whole[:200], 50_000)
     with pytest.raises(BadRequest, match="format"):
         image_size(encoded(Image.new("RGB", (8, 8)), "ICO"), 10**6)
+
+
+def test_an_opened_image_keeps_none_of_its_metadata():
+    """Compressed text chunks: 48 KB of PNG that Pillow decodes into 48 MB of `info`, which a
+    request would hold while it waits and carry wherever its image goes."""
+    import io
+    import zlib
+
+    from PIL import PngImagePlugin
+
+    meta = PngImagePlugin.PngInfo()
+    for i in range(48):
+        meta.add_text(f"k{i}", "x" * (1 << 20), zip=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format="PNG", pnginfo=meta)
+    data = buf.getvalue()
+    assert len(data) < 256 << 10 and len(zlib.compress(b"x" * (1 << 20))) < 2 << 10
+    image = open_image(data, 1 << 20)
+    assert image.info == {} and image.getpixel((0, 0)) == (1, 2, 3)
