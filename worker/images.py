@@ -61,7 +61,7 @@ def _read(data: bytes, max_pixels: int, decode: bool) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "RGB":
+    if image.mode == "RGB" and "transparency" not in image.info:  # an RGB PNG may name a transparent colour
         return image
     if image.mode.startswith("I;16"):  # 16-bit grey: Pillow's own conversion clips at 255
         image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), "L")

@@ -100,12 +100,14 @@ class RenderProcesses:
             raise RenderProcessDied(f"a render process ended: {exc}") from None
 
     def memory_bytes(self) -> int:
-        """The render processes' unique set: the pages each holds alone (the libraries' pages they
-        share with each other and the worker are the worker's RSS already)."""
+        """The render processes' resident memory less its file-backed shared pages (the libraries
+        they share with each other and the worker, counted in the worker's RSS already). From
+        `statm`, cheap: the unique set would walk every page table, on the thread that steps vLLM."""
         total = 0
         for pid in self.pids:
             try:
-                total += psutil.Process(pid).memory_full_info().uss
+                memory = psutil.Process(pid).memory_info()
+                total += memory.rss - memory.shared
             except psutil.Error:  # gone: the pool is broken, and the next render says so
                 pass
         return total

@@ -112,10 +112,10 @@ class VllmEngine:
                                  options.vllm_max_model_len)
         self._render_lock = threading.Lock()
         if self._renders is not None:
-            self._renders.wait_ready()  # one that could not start: the load fails, naming why
+            self._renders.wait_ready()  # one that could not start fails the load (its traceback in the log)
         self._stopping_renders = exit_when_any_ends(self._renders.pids if self._renders else [], render_process_died)
         self._process = psutil.Process(os.getpid())
-        self._render_memory = 0  # the render processes' unique sets, read with the core's figures
+        self._render_memory = 0  # the render processes' own memory, read with the core's figures
         self._core_figures: dict = {}
         self._core_figures_at = float("-inf")
         self.rows: dict[str, _Row] = {}
@@ -149,7 +149,7 @@ class VllmEngine:
 
     def process_figures(self) -> dict:
         """The engine core's allocator and device figures as last read; `rss_bytes` is this worker's
-        RSS plus the unique sets of the engine core and the render processes. Any thread may call this."""
+        RSS plus the engine core's unique set and the render processes' unshared memory. Any thread may call this."""
         figures = dict(self._core_figures)
         figures["rss_bytes"] = figures.get("rss_bytes", 0) + self._process.memory_info().rss + self._render_memory
         return figures

@@ -21,9 +21,11 @@ def live_workers(sup) -> list[int]:
 
 @pytest.mark.timeout(240)
 def test_sigkill_chaos_loses_no_request(start_supervisor):
-    """300+ requests from 4 sockets while workers are SIGKILLed at random moments, 6 times."""
+    """300+ requests from 4 sockets while workers are SIGKILLed at random moments, 6 times. The
+    load sends 8 a second until the kills are done, however slow the restarts: the queue is made
+    large enough that none is refused `overloaded` (which a full queue answers, as it should)."""
     sup = start_supervisor("--max-attempts", "3", "--restart-intensity", "100",
-                           "--restart-backoff-s", "0.1", "--max-inflight", "4", workers=2,
+                           "--restart-backoff-s", "0.1", "--max-inflight", "4", "--queue-size", "4096", workers=2,
                            env={"QVL_FAULTS": "slow_ms=60"})
     sup.wait_ready(workers=2)
     kills: list[int] = []

@@ -25,11 +25,10 @@ pytestmark = [pytest.mark.gpu,
 pytest.importorskip("vllm")
 
 
-@pytest.fixture(scope="module")
-def vllm_supervisor(tmp_path_factory):
-    sup = SupervisorProcess(tmp_path_factory.mktemp("vllm"), Path(os.environ["QVL_GPU_MODEL"]),
-                            "--device", "cuda:0", "--engine", "vllm", "--vllm-compile", "off", "--vllm-render-processes", "4",
-                            "--start-timeout-s", "400", "--max-inflight", "64", "--recycle-overlap", "always")
+def supervised(folder: Path, *flags: str):
+    """A supervisor with one vLLM worker (compile off), stopped afterwards with all its processes gone."""
+    sup = SupervisorProcess(folder, Path(os.environ["QVL_GPU_MODEL"]), "--device", "cuda:0", "--engine", "vllm",
+                            "--vllm-compile", "off", "--start-timeout-s", "400", "--max-inflight", "64", *flags)
     try:
         sup.wait_ready(timeout=400)
         yield sup
@@ -37,6 +36,11 @@ def vllm_supervisor(tmp_path_factory):
         pids = {sup.pid, *sup.worker_pids}
         assert sup.stop(timeout=120) == 0
         assert wait_gone(pids) == set()
+
+
+@pytest.fixture(scope="module")
+def vllm_supervisor(tmp_path_factory):
+    yield from supervised(tmp_path_factory.mktemp("vllm"), "--recycle-overlap", "always")
 
 
 @pytest.mark.timeout(600)
@@ -170,16 +174,31 @@ def test_the_engine_core_holds_the_device_and_its_death_ends_the_worker(vllm_sup
     assert exit_reason(vllm_supervisor.log(), worker) == "crashed (exit code 8 (engine_failed))"
 
 
+@pytest.fixture(scope="module")
+def rendering_supervisor(tmp_path_factory):
+    """A supervisor of its own whose worker has 4 render processes (the default has none)."""
+    yield from supervised(tmp_path_factory.mktemp("vllm-render"), "--vllm-render-processes", "4")
+
+
 @pytest.mark.timeout(900)
-def test_render_processes_hold_no_device_and_one_dying_ends_the_worker(vllm_supervisor):
-    """The worker's render processes (4 here) make requests' inputs with no CUDA context.
-    SIGKILLing one, 16 image requests in flight, ends the worker (engine_failed) at once, not at
-    its next render, and every request is answered by its successor, which has render processes
-    of its own; the killed worker's others die with it."""
+def test_render_processes_hold_no_device_and_one_dying_ends_the_worker(vllm_supervisor, rendering_supervisor):
+    """The worker's render processes make requests' inputs with no CUDA context, and a greedy
+    image request's answer through them is the one a worker rendering itself gives. SIGKILLing
+    one, 16 image requests in flight, ends the worker (engine_failed) at once, not at its next
+    render, and every request is answered by its successor, which has render processes of its
+    own; the killed worker's others die with it."""
     import pynvml
 
+    image, question = png((448, 448), (30, 140, 200)), "What is in this picture?"
+    answers = []
+    for sup in (vllm_supervisor, rendering_supervisor):
+        with sup.client(timeout=120) as client:
+            answers.append(client.ask(image, question, max_new_tokens=16, min_new_tokens=16))
+    assert answers[0].text == answers[1].text
+    assert answers[0].usage["prompt_tokens"] == answers[1].usage["prompt_tokens"] > 100
+
     async def scenario(victim: int):
-        async with AsyncClient(vllm_supervisor.endpoint, timeout=600) as client:
+        async with AsyncClient(rendering_supervisor.endpoint, timeout=600) as client:
             flight = asyncio.ensure_future(asyncio.gather(*(
                 client.ask(png((224 + 32 * i, 224)), "Describe it.", max_new_tokens=512, min_new_tokens=512)
                 for i in range(16))))
@@ -188,7 +207,7 @@ def test_render_processes_hold_no_device_and_one_dying_ends_the_worker(vllm_supe
             answers = await flight
             return answers, (await client.status())["workers"][0]
 
-    with vllm_supervisor.client(timeout=60) as client:
+    with rendering_supervisor.client(timeout=60) as client:
         before = client.status()["workers"][0]
     renders = render_pids(before)
     assert before["telemetry"]["render_processes"] == len(renders) == 4
@@ -202,7 +221,7 @@ def test_render_processes_hold_no_device_and_one_dying_ends_the_worker(vllm_supe
     answers, after = asyncio.run(scenario(renders[0]))
     assert all(r.usage["completion_tokens"] == 512 for r in answers)
     assert after["generation"] > before["generation"] and after["state"] == "ready"
-    assert exit_reason(vllm_supervisor.log(), before) == "crashed (exit code 8 (engine_failed))"
+    assert exit_reason(rendering_supervisor.log(), before) == "crashed (exit code 8 (engine_failed))"
     assert wait_gone({before["pid"], *renders}) == set()
     assert len(render_pids(after)) == 4
 

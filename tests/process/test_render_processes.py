@@ -107,7 +107,7 @@ def test_tensors_come_back_by_value_not_through_shared_memory(pool):
     assert pixels.numel() > 0 and "/dev/shm/torch_" not in maps  # where torch's shared tensors live
 
 
-def test_a_maker_that_cannot_be_built_fails_the_start_by_name():
+def test_a_maker_that_cannot_be_built_fails_the_wait_for_the_pool():
     renders = RenderProcesses(1, BrokenInputs)
     try:
         with pytest.raises(RenderProcessDied):

@@ -41,6 +41,8 @@ IMAGE_KINDS = {
     "palette_transparent": (_palette_with_transparency(), (255, 255, 255), None),  # on white, as transformers does
     "rgba_half": (encoded(Image.new("RGBA", (50, 40), (255, 0, 0, 128)), "PNG"), (255, 127, 127), None),
     "grey_alpha": (encoded(Image.new("LA", (50, 40), (100, 255)), "PNG"), (100, 100, 100), None),
+    "rgb_colour_key": (encoded(Image.new("RGB", (50, 40), (255, 0, 0)), "PNG", transparency=(255, 0, 0)),
+                       (255, 255, 255), None),  # an RGB PNG whose red is its transparent colour (tRNS)
 }
 REFUSED = {  # name: (bytes, `bad_request` match when opened)
     "truncated": (_truncated(), "could not be read"),
