@@ -20,11 +20,12 @@ as it does when its engine core dies (its requests are dispatched again).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import pickle
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
@@ -66,6 +67,15 @@ def _ready() -> int:
     return os.getpid()
 
 
+@contextlib.contextmanager
+def _pool_alive():
+    """The pool's own word for a process that ended, as `RenderProcessDied`."""
+    try:
+        yield
+    except BrokenProcessPool as exc:
+        raise RenderProcessDied(f"a render process ended: {exc}") from None
+
+
 class RenderProcesses:
     def __init__(self, count: int, make: Callable[..., Any], *args):
         # each process's tensor ops get a share of this worker's cores: several processes render at once
@@ -82,22 +92,14 @@ class RenderProcesses:
     def wait_ready(self) -> None:
         """Wait until every process has built its input maker; `RenderProcessDied` where one could not
         (its traceback is in the worker's log)."""
-        for started in self._starting:
-            self._result(started)
+        with _pool_alive():
+            for started in self._starting:
+                started.result()
 
     def render(self, *args):
         """The input `render(*args)` makes in a render process; its exceptions are raised here."""
-        try:
-            future = self._pool.submit(_render, *args)
-        except BrokenProcessPool as exc:  # broken before
-            raise RenderProcessDied(f"a render process ended: {exc}") from None
-        return pickle.loads(self._result(future))
-
-    def _result(self, future: Future):
-        try:
-            return future.result()
-        except BrokenProcessPool as exc:
-            raise RenderProcessDied(f"a render process ended: {exc}") from None
+        with _pool_alive():  # broken before the submit, or while it waited
+            return pickle.loads(self._pool.submit(_render, *args).result())
 
     def memory_bytes(self) -> int:
         """The render processes' resident memory less its file-backed shared pages (the libraries
