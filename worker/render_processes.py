@@ -37,20 +37,22 @@ from .parent import exit_with_parent
 log = logging.getLogger("qvl.worker")
 
 _maker: Any = None  # the input maker of this render process
+_all_built: Any = None  # a barrier the pool's processes pass once each has built its maker
 
 
 class RenderProcessDied(RuntimeError):
     """A render process ended while the worker ran."""
 
 
-def _start(parent: int, make: Callable[..., Any], args: tuple, threads: int) -> None:
+def _start(parent: int, make: Callable[..., Any], args: tuple, threads: int, all_built) -> None:
     exit_with_parent()
     if os.getppid() != parent:  # the worker died before the tie was made
         os._exit(1)
     import torch
     torch.set_num_threads(threads)
-    global _maker
+    global _maker, _all_built
     _maker = make(*args)
+    _all_built = all_built
 
 
 def _render(*args) -> bytes:
@@ -64,6 +66,9 @@ def _render(*args) -> bytes:
 
 
 def _ready() -> int:
+    # A process that has built its maker takes the next `_ready` at once: without the barrier one
+    # fast process could answer them all while another still builds. Held here, each answers one.
+    _all_built.wait()
     return os.getpid()
 
 
@@ -80,8 +85,10 @@ class RenderProcesses:
     def __init__(self, count: int, make: Callable[..., Any], *args):
         # each process's tensor ops get a share of this worker's cores: several processes render at once
         threads = max(1, len(os.sched_getaffinity(0)) // (2 * count))
-        self._pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_start, initargs=(os.getpid(), make, args, threads))
+        spawn = multiprocessing.get_context("spawn")
+        self._all_built = spawn.Barrier(count)
+        self._pool = ProcessPoolExecutor(count, mp_context=spawn, initializer=_start,
+                                         initargs=(os.getpid(), make, args, threads, self._all_built))
         # the pool starts a process for each task submitted while none is idle: all start now, on
         # this thread, so none is started later by another thread (whose end would kill it)
         self._starting = [self._pool.submit(_ready) for _ in range(count)]
@@ -116,4 +123,5 @@ class RenderProcesses:
 
     def close(self) -> None:
         """Stop the render processes: the render in progress in each ends first."""
+        self._all_built.abort()  # none waits for a process that will not build
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -54,6 +54,17 @@ class OddError(Exception):
         super().__init__(f"{where} {what}")
 
 
+class SlowToBuildInputs:
+    """An input maker that takes seconds to build in every process but the first to start."""
+
+    def __init__(self, folder: str):
+        try:
+            os.close(os.open(Path(folder) / "first", os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            time.sleep(3.0)
+        (Path(folder) / f"built-{os.getpid()}").touch()
+
+
 class BrokenInputs:
     """An input maker that cannot be built."""
 
@@ -105,6 +116,17 @@ def test_tensors_come_back_by_value_not_through_shared_memory(pool):
     pixels = pool.render(Image.new("RGB", (96, 96)))[3]
     maps = Path("/proc/self/maps").read_text()
     assert pixels.numel() > 0 and "/dev/shm/torch_" not in maps  # where torch's shared tensors live
+
+
+def test_the_pool_is_ready_only_once_every_process_has_built_its_maker(tmp_path):
+    renders = RenderProcesses(2, SlowToBuildInputs, str(tmp_path))
+    try:
+        renders.wait_ready()
+        built = sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("built-*"))
+        assert built == renders.pids, "ready while a render process was still building"
+    finally:
+        renders.close()
+    assert not wait_gone(set(renders.pids))
 
 
 def test_a_maker_that_cannot_be_built_fails_the_wait_for_the_pool():
