@@ -69,6 +69,7 @@ class Config:
     heartbeat_liveness: int = setting(10, "missed heartbeats after which a worker is presumed hung and killed")
     start_timeout_s: float = setting(600.0, "seconds a worker may take from spawn to ready")
     spare_workers: bool = setting(True, "keep one spare process per slot with torch, transformers and the engine imported but nothing loaded and no CUDA context (host memory only, see README); a crash or recycle loads the spare instead of starting a cold process. Spares start once the slot's worker is ready")
+    worker_launch: str = setting("auto", "how worker and spare processes start. fork: from a launcher process, one per supervisor, that imported torch, transformers and the engine once (a start skips those seconds of CPU; a spare shares their memory with it); exec: each a fresh interpreter; auto: fork for engines hf and noop on the CPU, exec otherwise (forking is not yet run on a GPU). A launcher that ends leaves exec")
     stop_grace_s: float = setting(30.0, "seconds to finish accepted requests on shutdown")
     kill_grace_s: float = setting(10.0, "seconds between asking a worker to exit, SIGTERM and SIGKILL")
     restart_backoff_s: float = setting(0.5, "first delay before restarting a crashed worker; doubles per crash (0: at once)")
@@ -108,6 +109,13 @@ class Config:
         return Limits(max_frame_bytes=self.max_image_bytes, max_images=self.max_images,
                       max_new_tokens=self.max_new_tokens, max_request_bytes=self.max_request_bytes)
 
+    @property
+    def forks_workers(self) -> bool:
+        """Whether workers are forked from a launcher (`worker_launch`, `auto` resolved)."""
+        if self.worker_launch == "auto":
+            return self.engine != "vllm" and self.device == "cpu"
+        return self.worker_launch == "fork"
+
     def validate(self) -> None:
         faults = []
         for f in dataclasses.fields(self):
@@ -136,6 +144,10 @@ class Config:
             faults.append(f"engine must be hf, vllm or noop (got {self.engine!r})")
         if self.engine == "vllm" and not self.device.startswith("cuda"):
             faults.append("engine vllm needs a cuda device")
+        if self.worker_launch not in ("auto", "fork", "exec"):
+            faults.append(f"worker_launch must be auto, fork or exec (got {self.worker_launch!r})")
+        if self.worker_launch == "fork" and self.engine == "vllm":
+            faults.append("worker_launch fork is for engines hf and noop: vLLM's workers start as fresh processes")
         if self.vllm_render_processes > 64:
             faults.append(f"vllm_render_processes must be at most 64 (got {self.vllm_render_processes})")
         if not 0 < self.vllm_memory_share < 1:

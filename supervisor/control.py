@@ -34,6 +34,7 @@ def status(sup, header: dict) -> dict:
         "shutting_down": sup.shutting_down, "counters": dict(sup.counters), "gpus": gpus,
         "metrics": sup.metrics.snapshot(),
         "gateway": sup.gateway.status() if sup.gateway else None,
+        "launcher": sup.launcher.status() if sup.launcher else None,
         "workers": workers,
     }
 

@@ -1,6 +1,6 @@
 """Worker slots: the positions that serve, and the two halves of one worker incarnation.
 
-`WorkerProcess` is the OS process: Popen, signals, and a stop's escalation to SIGTERM and SIGKILL.
+`WorkerProcess` is the OS process (exec'd, or forked by the launcher): its pid, signals, and a stop's escalation to SIGTERM and SIGKILL.
 `Worker` is the protocol peer: routing identity, requests in flight, telemetry and counters, and
 `life`, its `Incarnation` in the slot's lifecycle (read here, changed only by the lifecycle).
 A `Slot` is a position that always wants one serving worker: its GPU, its `SlotLifecycle`
@@ -16,38 +16,45 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from qvl.protocol.codec import spare_identity, worker_identity
 from qvl.protocol.contract import SUPERVISOR_PID_ENV, ModelOptions, SpareSpec, WorkerSpec
 
 from .config import Config
+from .launcher import Launched
 from .lifecycle import Incarnation, Phase, SlotLifecycle, WorkerState
 from .requests import Request
 
+StartProcess = Callable[[list[str], dict], "subprocess.Popen | Launched"]  # a worker's args and env
 SAVED_FIELDS = ("generation", "restarts", "recycles", "last_reason")  # lifecycle counters kept across runs
 
 
 class WorkerProcess:
-    """One worker's OS process: it can be polled, signalled, and stopped with escalation."""
+    """One worker's OS process (a `subprocess.Popen`, or a `Launched` the launcher forks, whose pid
+    may come later): it can be polled, signalled, and stopped with escalation."""
 
-    def __init__(self, popen: subprocess.Popen):
-        self.popen = popen
+    def __init__(self, child: subprocess.Popen | Launched):
+        self.child = child
         self.stop_deadline = 0.0
         self.signals_sent = 0
 
     @property
-    def pid(self) -> int:
-        return self.popen.pid
+    def pid(self) -> int | None:
+        return self.child.pid
+
+    def when_started(self, tell: Callable[[int], None]) -> None:
+        """Call `tell(pid)` once the pid is known: now, or when the launcher answers."""
+        if self.child.pid is not None:
+            tell(self.child.pid)
+        else:
+            self.child.on_pid = tell
 
     def poll(self) -> int | None:
-        return self.popen.poll()
+        return self.child.poll()
 
     def signal(self, signum: int) -> None:
-        if self.popen.poll() is None:
-            try:
-                os.kill(self.popen.pid, signum)
-            except ProcessLookupError:
-                pass
+        self.child.send_signal(signum)
 
     def kill(self) -> None:
         self.signal(signal.SIGKILL)
@@ -73,7 +80,7 @@ class WorkerProcess:
         return signal.Signals(signum).name
 
     def wait(self) -> int:
-        return self.popen.wait()
+        return self.child.wait()
 
 
 @dataclass(eq=False)
@@ -156,20 +163,18 @@ class Slot:
     def workers(self) -> list[Worker]:
         return list(self.peers.values())
 
-    def spawn(self, life: Incarnation, config: Config, backend: str) -> Worker:
+    def spawn(self, life: Incarnation, config: Config, backend: str, start: StartProcess) -> Worker:
         spec = worker_spec(config, backend, self.index, life.generation)
-        popen = subprocess.Popen(worker_command(spec), env=worker_env(config, self.gpu),
-                                 stdin=subprocess.DEVNULL)
-        worker = Worker(self.index, life, WorkerProcess(popen),
+        child = start([spec.to_json()], worker_env(config, self.gpu))
+        worker = Worker(self.index, life, WorkerProcess(child),
                         requests_jitter=random.randint(0, config.recycle_requests_jitter))
         self.peers[life.generation] = worker
         return worker
 
-    def spawn_spare(self, number: int, config: Config, backend: str) -> SparePeer:
+    def spawn_spare(self, number: int, config: Config, backend: str, start: StartProcess) -> SparePeer:
         spec = SpareSpec(backend, self.index, number, config.engine, config.limits)
-        popen = subprocess.Popen(spare_command(spec), env=worker_env(config, self.gpu),
-                                 stdin=subprocess.DEVNULL)
-        peer = self.spares[number] = SparePeer(self.index, number, WorkerProcess(popen))
+        child = start(["--spare", spec.to_json()], worker_env(config, self.gpu))
+        peer = self.spares[number] = SparePeer(self.index, number, WorkerProcess(child))
         return peer
 
     def adopt_spare(self, number: int, life: Incarnation, config: Config, backend: str) -> tuple[Worker, WorkerSpec]:
@@ -235,12 +240,9 @@ def worker_spec(config: Config, backend: str, slot: int, generation: int) -> Wor
                       config.max_image_pixels, config.max_prompt_tokens, config.heartbeat_interval_s)
 
 
-def worker_command(spec: WorkerSpec) -> list[str]:
-    return [sys.executable, "-m", "qvl.worker", spec.to_json()]
-
-
-def spare_command(spec: SpareSpec) -> list[str]:
-    return [sys.executable, "-m", "qvl.worker", "--spare", spec.to_json()]
+def exec_worker(args: list[str], env: dict) -> subprocess.Popen:
+    """Start `python -m qvl.worker ARGS` as a fresh interpreter."""
+    return subprocess.Popen([sys.executable, "-m", "qvl.worker", *args], env=env, stdin=subprocess.DEVNULL)
 
 
 def worker_env(config: Config, gpu: int | None) -> dict:

@@ -6,6 +6,7 @@ numbers arrive through the wakeup pipe and the loop acts on them in its own time
 """
 
 import collections
+import errno
 import functools
 import itertools
 import logging
@@ -32,17 +33,19 @@ from .control import ADMIN_COMMANDS, COMMANDS
 from .devices import DeviceMonitor
 from .events import event
 from .gateway_process import GatewayProcess
+from .launcher import Launcher, become_subreaper, kill_strays, reap_strays
 from .metrics import Metrics
 from .lifecycle import (Accept, Action, Count, Incarnation, KillSpare, KillWorker, LoadSpare, Log,
                         RecycleStarted, Save, SlotLifecycle, Spawn, SpawnSpare, StopSpare, StopWorker,
                         WorkerState)
 from .policy import recycle_verdict, tripped_at_start
 from .requests import OpenRequests, Request, RequestQueue
-from .slots import Slot, SparePeer, Worker, slot_gpus, telemetry_fields
+from .slots import Slot, SparePeer, Worker, exec_worker, slot_gpus, telemetry_fields, worker_env
 from .state import load_state, restore, save_state
 from .systemd import Notifier
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+_SPARE_DESCRIPTORS = 64  # a worker start needs a few, its connections more
 _MAX_BATCH_READ = 512  # messages read from one socket before the loop moves on
 _FRONTEND_HEARTBEAT_MS = 10_000
 
@@ -69,6 +72,7 @@ class Supervisor:
         self.shutdown_deadline = 0.0
         self.done = False
         self.gateway = GatewayProcess(config) if config.http else None
+        self.launcher: Launcher | None = None  # forks the workers while `config.forks_workers`
         self.notifier = Notifier()
 
     # --- setup and teardown ---------------------------------------------------------------
@@ -99,6 +103,10 @@ class Supervisor:
         for sock in (self.frontend, self.backend):
             self.poller.register(sock, zmq.POLLIN)
         self.poller.register(self.wakeup_r, zmq.POLLIN)
+        if self.config.forks_workers:
+            become_subreaper()  # the launcher's workers are re-parented to this process
+            self.launcher = Launcher(worker_env(self.config, None))
+            self.poller.register(self.launcher.fileno(), zmq.POLLIN)
 
     def _router(self, max_msg_size: int, hwm: int) -> zmq.Socket:
         """A ROUTER socket; past `hwm` messages for one peer (0: no bound) replies to it are dropped."""
@@ -112,6 +120,8 @@ class Supervisor:
     def _close(self) -> None:
         if self.gateway is not None:
             self.gateway.stop()
+        if self.launcher is not None:
+            self.launcher.close()
         if self.auth is not None:
             self.auth.stop()
         self.frontend.close()
@@ -168,6 +178,8 @@ class Supervisor:
         events = dict(self.poller.poll(self._poll_timeout_ms()))
         if self.wakeup_r in events:
             self.handle_signals()
+        if self.launcher is not None and self.launcher.usable and self.launcher.fileno() in events:
+            self.launcher.read()
         if self.backend in events:
             for parts in self._receive(self.backend):
                 self.on_worker_message(parts[0], parts[1:])
@@ -513,26 +525,37 @@ class Supervisor:
 
     # --- workers --------------------------------------------------------------------------
 
+    def start_process(self, args: list[str], env: dict):
+        """A worker or spare process: forked by the launcher while it serves, else exec'd. `OSError`
+        when this process is short of descriptors: libzmq aborts the process when accepting the
+        worker's connection finds none (an exec'd start would fail first; a forked one would not)."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and len(os.listdir("/proc/self/fd")) > soft - _SPARE_DESCRIPTORS:
+            raise OSError(errno.EMFILE, f"fewer than {_SPARE_DESCRIPTORS} descriptors left of {soft}")
+        if self.launcher is not None and self.launcher.usable:
+            return self.launcher.launch(args, env)
+        return exec_worker(args, env)
+
     def spawn(self, slot: Slot, life: Incarnation) -> None:
         try:
-            worker = slot.spawn(life, self.config, self.backend_endpoint)
+            worker = slot.spawn(life, self.config, self.backend_endpoint, self.start_process)
         except OSError as exc:  # out of descriptors, memory or processes: a start that failed, backed off
             event("spawn_failed", logging.ERROR, worker=slot.index, gen=life.generation, error=str(exc))
             self.apply(slot, slot.lifecycle.exited(life.generation, WorkerExit.SPAWN_FAILED, time.monotonic()))
             return
         for identity in worker.identities:
             self.by_identity[identity] = worker
-        self.apply(slot, slot.lifecycle.spawned(life.generation, worker.pid))
+        worker.process.when_started(lambda pid: self.apply(slot, slot.lifecycle.spawned(life.generation, pid)))
 
     def spawn_spare(self, slot: Slot, number: int) -> None:
         try:
-            peer = slot.spawn_spare(number, self.config, self.backend_endpoint)
+            peer = slot.spawn_spare(number, self.config, self.backend_endpoint, self.start_process)
         except OSError as exc:  # a spare that could not start: backed off as one that died
             event("spawn_failed", logging.ERROR, worker=slot.index, spare=number, error=str(exc))
             self.apply(slot, slot.lifecycle.spare_exited(number, WorkerExit.SPAWN_FAILED, time.monotonic()))
             return
         self.spare_by_identity[peer.identity] = peer
-        self.apply(slot, slot.lifecycle.spare_spawned(number, peer.pid))
+        peer.process.when_started(lambda pid: self.apply(slot, slot.lifecycle.spare_spawned(number, pid)))
 
     def load_spare(self, slot: Slot, number: int, life: Incarnation) -> None:
         """The spare becomes the incarnation `life`: it is sent its spec and connects anew as that worker."""
@@ -565,6 +588,8 @@ class Supervisor:
         worker.process.begin_stop(time.monotonic(), self.config.kill_grace_s)
 
     def reap_workers(self) -> None:
+        if self.launcher is not None:
+            self.reap_launched()
         for slot in self.slots:
             for worker in slot.workers():
                 code = worker.process.poll()
@@ -576,6 +601,28 @@ class Supervisor:
                     self.spare_by_identity.pop(peer.identity, None)
                     del slot.spares[peer.number]
                     self.apply(slot, slot.lifecycle.spare_exited(peer.number, code, time.monotonic()))
+
+    def reap_launched(self) -> None:
+        """The launcher's end, and the orphans this process inherits as a subreaper (reaped; killed
+        where the launcher ended with launches unanswered: their workers are nobody's)."""
+        launcher = self.launcher
+        launcher.check()
+        if not launcher.usable and launcher.fileno() in self.polled_fds():
+            self.poller.unregister(launcher.fileno())  # its closed socket would wake every poll
+        owned = {p.pid for p in self.all_processes()} | {launcher.pid}
+        if self.gateway is not None and self.gateway.process is not None:
+            owned.add(self.gateway.process.pid)
+        if launcher.lost_launches:
+            launcher.lost_launches = False
+            kill_strays(owned)
+        reap_strays(owned)
+
+    def polled_fds(self) -> set:
+        return {fd for fd, _ in self.poller.sockets}
+
+    def all_processes(self):
+        """The OS processes of every worker and spare."""
+        return [w.process for w in self.workers()] + [p.process for p in self.spare_peers()]
 
     def on_exit(self, slot: Slot, worker: Worker, code: int) -> None:
         for identity in worker.identities:
@@ -651,7 +698,9 @@ class Supervisor:
 
     def _kill_all(self) -> None:
         """Last resort on the way out: no worker outlives the supervisor."""
-        for process in [w.process for w in self.workers()] + [p.process for p in self.spare_peers()]:
+        if self.launcher is not None:
+            self.launcher.settle(timeout=2.0)  # a worker being forked gets its pid, and is killed with the rest
+        for process in self.all_processes():
             process.kill()
             process.wait()
 

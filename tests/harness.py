@@ -49,15 +49,16 @@ class SupervisorProcess:
         return status
 
     def remember_workers(self) -> set[int]:
-        """Record the pids of the current worker processes and theirs (vLLM's engine cores), to check
-        later that they are gone; returns the workers'."""
+        """Record the pids of the supervisor's descendants (its workers and their children, vLLM's
+        engine cores; its worker launcher), to check later that they are gone; returns the workers'."""
         try:
             children = psutil.Process(self.pid).children()
             descendants = psutil.Process(self.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             children = descendants = []
         self.worker_pids |= {c.pid for c in descendants}
-        return {c.pid for c in children}
+        launchers = {int(e["pid"]) for e in events(self.log(), "launcher_start")}
+        return {c.pid for c in children} - launchers
 
     def log(self) -> str:
         return self.log_path.read_text()

@@ -14,7 +14,9 @@ Inert when the variable is unset. Its value is comma-separated `name=value` item
   (after streamed text has gone out; the rows run again alone);
 - `step_fail_at=K`: the K-th step of a step-scheduled engine (`kv_cache = continuous`, vLLM) raises;
 - `telemetry.KEY=VALUE`: report VALUE for telemetry KEY, once `telemetry_after=N` requests are done;
-- `generation=G`, `slot=S`: only incarnations with that generation number / slot misbehave.
+- `generation=G`, `slot=S`: only incarnations with that generation number / slot misbehave;
+- `launcher_dies_at=N`: the worker launcher exits with `WorkerExit.INJECTED` once it has forked its
+  N-th process, before it answers with its pid (read by the launcher alone, `launcher_fault`).
 
 CPU workers have no CUDA allocator; injected telemetry lets tests trip every recycle threshold.
 """
@@ -39,6 +41,12 @@ class Faults:
         self.telemetry = {k[len("telemetry."):]: float(v) for k, v in items.items()
                           if targeted and k.startswith("telemetry.")}
         self.steps = 0  # steps of a step-scheduled engine so far
+
+    @staticmethod
+    def launcher_fault() -> int:
+        """The launch after which the worker launcher dies (`launcher_dies_at`; 0: none)."""
+        items = dict(item.split("=", 1) for item in os.environ.get(ENV, "").split(",") if "=" in item)
+        return int(items.get("launcher_dies_at", 0))
 
     @classmethod
     def from_env(cls, slot: int, generation: int) -> "Faults":

@@ -8,10 +8,12 @@ import sys
 from qvl.protocol.contract import SpareSpec
 from qvl.supervisor.config import Config
 from qvl.supervisor.lifecycle import Incarnation, SlotLifecycle, WorkerState
-from qvl.supervisor.slots import Slot
+from qvl.supervisor.slots import Slot, exec_worker
 
 
 class FakePopen:
+    """Stands in for `subprocess.Popen`: the command and environment, no process."""
+
     def __init__(self, cmd, env, stdin):
         self.cmd, self.env, self.pid = cmd, env, 4242
 
@@ -23,8 +25,8 @@ def test_a_spare_sees_only_its_slots_gpu_and_becomes_the_next_generation(monkeyp
     monkeypatch.setattr(subprocess, "Popen", FakePopen)
     config = Config(device="cuda:0", model="/models/m", engine="noop")
     slot = Slot(1, SlotLifecycle(1, config, 0.0), gpu=3)
-    peer = slot.spawn_spare(7, config, "ipc:///run/backend")
-    popen = peer.process.popen
+    peer = slot.spawn_spare(7, config, "ipc:///run/backend", exec_worker)
+    popen = peer.process.child
     assert popen.cmd[:4] == [sys.executable, "-m", "qvl.worker", "--spare"]
     assert SpareSpec.from_json(popen.cmd[4]) == SpareSpec("ipc:///run/backend", 1, 7, "noop", config.limits)
     assert popen.env["CUDA_VISIBLE_DEVICES"] == "3" and popen.env["PYTORCH_CUDA_ALLOC_CONF"] == config.alloc_conf
