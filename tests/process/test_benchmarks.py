@@ -42,3 +42,11 @@ def test_mixed_profile_times_steps_and_prefills(tiny_model):
     rows = {line.split(" | ")[0].strip("| ") for line in result.stdout.splitlines() if line.startswith("| ")}
     assert {"step", "add", "of add: vision tower"} <= rows
     assert "2 adds of " in result.stdout and " requests under the profiler" in result.stdout
+
+
+def test_restart_benchmark_kills_and_times_both_ways(tiny_model):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_restart.py"), "--model", str(tiny_model),
+                             "--kills", "1"], capture_output=True, text=True, timeout=150)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split()[0] for line in result.stdout.splitlines()[2:4]}
+    assert rows == {"exec", "fork"} and "fork / exec" in result.stdout
