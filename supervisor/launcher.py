@@ -1,14 +1,18 @@
-"""The supervisor's end of the worker launcher (`qvl.worker.launcher`), and the child-subreaper
-duties that come with it.
+"""The supervisor's end of the worker launcher (`qvl.worker.launcher`), the fresh-interpreter start
+it stands in for (`exec_worker`), and the child-subreaper duties that come with it.
 
-`Launcher` starts the launcher process and hands it launches in order; each `launch` gives at once a
-`Launched`, the process to be, whose pid comes with the launcher's answer (`read`, when its socket
-is readable). A `Launched` is polled, signalled and waited on as a `subprocess.Popen` is: it is this
+`Launcher` starts the launcher process. Once it is ready, `launch` sends it a launch and waits for
+the pid (a fork takes milliseconds; one not answered within `_ANSWER_TIMEOUT_S` ends the launcher),
+so a worker's pid is known before anything it sends is read; a launch asked for while the launcher
+still imports waits, pid unknown, and is forked when it is ready (`read`, when its socket is
+readable). A `Launched` is polled, signalled and waited on as a `subprocess.Popen` is: it is this
 process's own child (the launcher forks it twice and `become_subreaper` makes this process the one
-it is re-parented to). A signal sent before its pid is known is delivered when it is; a launch the
-launcher could not make, or one pending when the launcher ends, exits `SPAWN_FAILED`, as a worker
-the supervisor could not start does. A launcher that ends, or fails to start, is not started again:
-`usable` turns False and the supervisor starts its workers itself from then on.
+it is re-parented to). A signal sent before its pid is known is delivered when it is.
+
+A launcher that ends, fails to start or to answer is killed and not started again: `usable` turns
+False and workers start as fresh interpreters from then on, the launches waiting for it included.
+A launch it was sent and never answered may have been forked: `lost_launches` tells the supervisor
+to kill the children it does not own (`kill_strays`) once the launcher is reaped.
 
 A subreaper inherits every orphan among its descendants (a vLLM engine core whose worker died, a
 compile helper), so `reap_strays` reaps the exited children that nothing here owns.
@@ -30,7 +34,12 @@ from qvl.protocol.exits import WorkerExit
 
 from .events import event
 
-_SEND_TIMEOUT_S = 5.0
+_ANSWER_TIMEOUT_S = 5.0
+
+
+def exec_worker(args: list[str], env: dict) -> subprocess.Popen:
+    """Start `python -m qvl.worker ARGS` as a fresh interpreter."""
+    return subprocess.Popen([sys.executable, "-m", "qvl.worker", *args], env=env, stdin=subprocess.DEVNULL)
 
 
 def become_subreaper() -> None:
@@ -54,9 +63,10 @@ def reap_strays(owned: set[int]) -> list[int]:
         reaped.append(info.si_pid)
 
 
-def kill_strays(owned: set[int]) -> None:
+def kill_strays(owned: set[int]) -> int:
     """SIGKILL the live children whose pids are not in `owned`, and theirs (a launch's middle
-    process may not have exited yet); `reap_strays` reaps them."""
+    process may not have exited yet); how many were found. `reap_strays` reaps them."""
+    found = 0
     for child in psutil.Process().children():
         if child.pid in owned:
             continue
@@ -66,20 +76,25 @@ def kill_strays(owned: set[int]) -> None:
             family = [child]
         for process in family:
             try:
-                process.kill()
+                if process.status() != psutil.STATUS_ZOMBIE:
+                    process.kill()
+                    found += 1
             except psutil.Error:
                 pass
+    return found
 
 
 class Launched:
-    """A worker process the launcher forks: Popen's `pid`, `returncode`, `poll`, `send_signal`,
-    `kill` and `wait`, with `pid` None until the launcher answers."""
+    """A worker process the launcher forks (or, where it cannot, a fresh interpreter): Popen's
+    `pid`, `returncode`, `poll`, `send_signal`, `kill` and `wait`, with `pid` None until it starts."""
 
-    def __init__(self):
+    def __init__(self, args: list[str], env: dict):
+        self.args, self.env = args, env
         self.pid: int | None = None
         self.returncode: int | None = None
         self.on_pid: Callable[[int], None] | None = None  # told the pid once it is known
         self._signal: int | None = None  # the strongest signal sent before the pid was known
+        self._fresh: subprocess.Popen | None = None  # the fresh interpreter started instead
 
     def started(self, pid: int) -> None:
         self.pid = pid
@@ -88,11 +103,24 @@ class Launched:
         if self.on_pid is not None:
             self.on_pid(pid)
 
+    def start_fresh(self) -> None:
+        """Start it as a fresh interpreter instead (the launcher is gone)."""
+        try:
+            self._fresh = exec_worker(self.args, self.env)
+        except OSError as exc:
+            event("spawn_failed", error=str(exc))
+            self.failed()
+            return
+        self.started(self._fresh.pid)
+
     def failed(self) -> None:
         self.returncode = WorkerExit.SPAWN_FAILED
 
     def poll(self) -> int | None:
         if self.returncode is not None or self.pid is None:
+            return self.returncode
+        if self._fresh is not None:
+            self.returncode = self._fresh.poll()
             return self.returncode
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
@@ -119,13 +147,18 @@ class Launched:
 
     def wait(self) -> int:
         if self.returncode is None and self.pid is not None:
-            _, status = os.waitpid(self.pid, 0)
-            self.returncode = os.waitstatus_to_exitcode(status)
+            if self._fresh is not None:
+                self.returncode = self._fresh.wait()
+            else:
+                try:
+                    self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+                except ChildProcessError:
+                    self.returncode = WorkerExit.SPAWN_FAILED
         return self.returncode if self.returncode is not None else WorkerExit.SPAWN_FAILED
 
 
 class Launcher:
-    """The launcher process and the launches it has not answered yet, in order."""
+    """The launcher process, and the launches waiting for it to be ready."""
 
     def __init__(self, env: dict):
         self._ours, theirs = socket.socketpair()
@@ -138,10 +171,9 @@ class Launcher:
         event("launcher_start", pid=self.pid)
         self.ready = False
         self.usable = True
-        self.lost_launches = False  # it ended with launches unanswered: their workers may run, unknown
-        self._unsent: list[tuple[bytes, Launched]] = []
-        self._unanswered: list[Launched] = []
-        self._partial = b""
+        self.lost_launches = False  # it ended with a launch unanswered: its worker may run, unknown
+        self._waiting: list[Launched] = []  # asked for while it imports
+        self._heard = b""
 
     def fileno(self) -> int:
         return self._ours.fileno()
@@ -155,20 +187,19 @@ class Launcher:
         return {"pid": self.pid, "state": state}
 
     def launch(self, args: list[str], env: dict) -> Launched:
-        """A worker forked with `args` (those of `python -m qvl.worker`) and `env`; sent now if the
-        launcher is ready, else once it is."""
-        launched = Launched()
-        request = json.dumps({"args": args, "env": env}).encode() + b"\n"
+        """A worker of `args` (those of `python -m qvl.worker`) and `env`: forked now if the launcher
+        is ready, once it is if it imports, fresh where it is gone."""
+        launched = Launched(args, env)
         if not self.usable:
-            launched.failed()
+            launched.start_fresh()
         elif self.ready:
-            self._send(request, launched)
+            self._fork(launched)
         else:
-            self._unsent.append((request, launched))
+            self._waiting.append(launched)
         return launched
 
     def read(self) -> None:
-        """Take what the launcher has said: it is ready, or a launch's pid or failure."""
+        """Take what the launcher said unasked: that it is ready, or (its socket closed) that it is gone."""
         while self.usable:
             try:
                 data = self._ours.recv(65536)
@@ -179,9 +210,18 @@ class Launcher:
             if not data:
                 self._end("its socket closed")
                 return
-            *lines, self._partial = (self._partial + data).split(b"\n")
-            for line in lines:
-                self._answer(line)
+            self._heard += data
+            while b"\n" in self._heard:
+                line, self._heard = self._heard.split(b"\n", 1)
+                if _said(line).get("ready") is True and not self.ready:
+                    self.ready = True
+                    event("launcher_ready", pid=self.pid)
+                    waiting, self._waiting = self._waiting, []
+                    for launched in waiting:
+                        if self.usable:
+                            self._fork(launched)
+                        else:
+                            launched.start_fresh()
 
     def check(self) -> None:
         """Reap the launcher once it has exited (an exited child left unreaped would hide the strays
@@ -190,76 +230,61 @@ class Launcher:
             self.read()
             self._end(f"it exited with {self.process.returncode}")
 
-    def settle(self, timeout: float) -> None:
-        """Wait up to `timeout` seconds for the launches sent to be answered (on the way out)."""
-        self._ours.settimeout(timeout)
+    def close(self) -> None:
+        """Kill the launcher (it holds nothing: it may still be importing) and reap it; launches
+        still waiting for it fail, on the way out."""
+        self.usable = False
+        for launched in self._waiting:
+            launched.failed()
+        self._waiting = []
+        self._kill()
+        self._ours.close()
+
+    def _fork(self, launched: Launched) -> None:
+        request = json.dumps({"args": launched.args, "env": launched.env}).encode() + b"\n"
         try:
-            while self.usable and self._unanswered:
+            self._ours.settimeout(_ANSWER_TIMEOUT_S)
+            self._ours.sendall(request)
+            while b"\n" not in self._heard:
                 data = self._ours.recv(65536)
                 if not data:
-                    break
-                *lines, self._partial = (self._partial + data).split(b"\n")
-                for line in lines:
-                    self._answer(line)
-        except OSError:
-            pass
+                    raise ConnectionError("its socket closed")
+                self._heard += data
+        except OSError as exc:  # socket.timeout included
+            self._end(f"a launch went unanswered: {exc}", lost=True)
+            launched.start_fresh()
+            return
         finally:
             self._ours.setblocking(False)
-
-    def close(self) -> None:
-        """Close the launcher's socket, so it ends, and wait for it."""
-        self._end("the supervisor closed it", quiet=True)
-        self._ours.close()
-        try:
-            self.process.wait(timeout=_SEND_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-    def _answer(self, line: bytes) -> None:
-        try:
-            said = json.loads(line)
-        except ValueError:
-            said = {}
-        if not isinstance(said, dict):
-            said = {}
-        if said.get("ready") is True and not self.ready:
-            self.ready = True
-            event("launcher_ready", pid=self.pid)
-            unsent, self._unsent = self._unsent, []
-            for request, launched in unsent:
-                self._send(request, launched)
-            return
-        if not self._unanswered:
-            return
-        launched = self._unanswered.pop(0)
+        line, self._heard = self._heard.split(b"\n", 1)
+        said = _said(line)
         pid = said.get("pid")
         if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
             launched.started(pid)
         else:
             event("launch_failed", error=str(said.get("error", line[:200])))
-            launched.failed()
+            launched.start_fresh()
 
-    def _send(self, request: bytes, launched: Launched) -> None:
-        try:
-            self._ours.settimeout(_SEND_TIMEOUT_S)
-            self._ours.sendall(request)
-        except OSError as exc:
-            launched.failed()
-            self._end(f"a launch could not be sent: {exc}")
-            return
-        finally:
-            if self._ours.fileno() >= 0:
-                self._ours.setblocking(False)
-        self._unanswered.append(launched)
-
-    def _end(self, why: str, quiet: bool = False) -> None:
+    def _end(self, why: str, lost: bool = False) -> None:
         if not self.usable:
             return
         self.usable = False
-        self.lost_launches = bool(self._unanswered)
-        for launched in self._unanswered + [launched for _, launched in self._unsent]:
-            launched.failed()
-        self._unanswered, self._unsent = [], []
-        if not quiet:
-            event("launcher_gone", pid=self.pid, why=why, then="workers start as fresh processes")
+        self.lost_launches = lost
+        self._kill()  # one that stopped answering could still fork what it was sent
+        event("launcher_gone", pid=self.pid, why=why, then="workers start as fresh processes")
+        waiting, self._waiting = self._waiting, []
+        for launched in waiting:
+            launched.start_fresh()
+
+    def _kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def _said(line: bytes) -> dict:
+    try:
+        said = json.loads(line)
+    except ValueError:
+        return {}
+    return said if isinstance(said, dict) else {}

@@ -264,6 +264,9 @@ class SlotLifecycle:
         if worker is None or worker.pid is not None:
             return []
         worker.pid = pid
+        if worker.state is not WorkerState.SPAWNING:  # its pid came after it was told to stop
+            return [Log("worker_pid", {"worker": self.index, "gen": generation, "pid": pid,
+                                           "state": worker.state.value})]
         return [Log("worker_state", {"worker": self.index, "gen": generation, "pid": pid, "old": "exited",
                                          "new": WorkerState.SPAWNING.value, "reason": worker.started_for})]
 

@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -238,11 +237,6 @@ def worker_spec(config: Config, backend: str, slot: int, generation: int) -> Wor
                          config.vllm_render_processes)
     return WorkerSpec(backend, slot, generation, model, config.limits, config.max_batch_size,
                       config.max_image_pixels, config.max_prompt_tokens, config.heartbeat_interval_s)
-
-
-def exec_worker(args: list[str], env: dict) -> subprocess.Popen:
-    """Start `python -m qvl.worker ARGS` as a fresh interpreter."""
-    return subprocess.Popen([sys.executable, "-m", "qvl.worker", *args], env=env, stdin=subprocess.DEVNULL)
 
 
 def worker_env(config: Config, gpu: int | None) -> dict:

@@ -10,6 +10,7 @@ import errno
 import functools
 import itertools
 import logging
+import math
 import os
 import resource
 import shutil
@@ -33,14 +34,14 @@ from .control import ADMIN_COMMANDS, COMMANDS
 from .devices import DeviceMonitor
 from .events import event
 from .gateway_process import GatewayProcess
-from .launcher import Launcher, become_subreaper, kill_strays, reap_strays
+from .launcher import Launcher, become_subreaper, exec_worker, kill_strays, reap_strays
 from .metrics import Metrics
 from .lifecycle import (Accept, Action, Count, Incarnation, KillSpare, KillWorker, LoadSpare, Log,
                         RecycleStarted, Save, SlotLifecycle, Spawn, SpawnSpare, StopSpare, StopWorker,
                         WorkerState)
 from .policy import recycle_verdict, tripped_at_start
 from .requests import OpenRequests, Request, RequestQueue
-from .slots import Slot, SparePeer, Worker, exec_worker, slot_gpus, telemetry_fields, worker_env
+from .slots import Slot, SparePeer, Worker, slot_gpus, telemetry_fields, worker_env
 from .state import load_state, restore, save_state
 from .systemd import Notifier
 
@@ -530,7 +531,7 @@ class Supervisor:
         when this process is short of descriptors: libzmq aborts the process when accepting the
         worker's connection finds none (an exec'd start would fail first; a forked one would not)."""
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != resource.RLIM_INFINITY and len(os.listdir("/proc/self/fd")) > soft - _SPARE_DESCRIPTORS:
+        if soft != resource.RLIM_INFINITY and _open_descriptors() > soft - _SPARE_DESCRIPTORS:
             raise OSError(errno.EMFILE, f"fewer than {_SPARE_DESCRIPTORS} descriptors left of {soft}")
         if self.launcher is not None and self.launcher.usable:
             return self.launcher.launch(args, env)
@@ -609,12 +610,14 @@ class Supervisor:
         launcher.check()
         if not launcher.usable and launcher.fileno() in self.polled_fds():
             self.poller.unregister(launcher.fileno())  # its closed socket would wake every poll
-        owned = {p.pid for p in self.all_processes()} | {launcher.pid}
+        owned = {p.pid for p in self.all_processes()}
+        if launcher.process.returncode is None:
+            owned.add(launcher.pid)
         if self.gateway is not None and self.gateway.process is not None:
             owned.add(self.gateway.process.pid)
-        if launcher.lost_launches:
-            launcher.lost_launches = False
-            kill_strays(owned)
+        if launcher.lost_launches and launcher.process.returncode is not None:
+            # until a look finds none: a middle process may fork between a look and its kill
+            launcher.lost_launches = kill_strays(owned) > 0
         reap_strays(owned)
 
     def polled_fds(self) -> set:
@@ -698,11 +701,18 @@ class Supervisor:
 
     def _kill_all(self) -> None:
         """Last resort on the way out: no worker outlives the supervisor."""
-        if self.launcher is not None:
-            self.launcher.settle(timeout=2.0)  # a worker being forked gets its pid, and is killed with the rest
         for process in self.all_processes():
             process.kill()
             process.wait()
+
+
+def _open_descriptors() -> float:
+    """How many descriptors this process holds: infinite when not one is left to read /proc with,
+    0 where /proc cannot tell."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError as exc:
+        return math.inf if exc.errno in (errno.EMFILE, errno.ENFILE) else 0
 
 
 def _raise_descriptor_limit(want: int = 65536) -> None:

@@ -17,8 +17,10 @@ arguments as a worker started by `python -m qvl.worker` would: tied to the super
 (exit `ORPHANED`) where its parent is not it.
 
 What a fork copies is imported modules only: the launcher makes no CUDA call (an import that made a
-context ends it with `CUDA_FATAL` before it takes a launch), starts no thread and no ZeroMQ context,
-and configures no logging. It dies with the supervisor, and ends when the supervisor closes its end.
+context ends it with `CUDA_FATAL` before it takes a launch), starts no thread of its own (torch's
+import leaves OpenBLAS's idle thread server, which has fork handlers) and no ZeroMQ context, and
+configures no logging. It dies with the supervisor, and ends when the supervisor closes its end.
+A forked worker keeps the launcher's command line (`ps` shows `qvl.worker.launcher` for it).
 """
 
 from __future__ import annotations

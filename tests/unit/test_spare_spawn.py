@@ -8,7 +8,8 @@ import sys
 from qvl.protocol.contract import SpareSpec
 from qvl.supervisor.config import Config
 from qvl.supervisor.lifecycle import Incarnation, SlotLifecycle, WorkerState
-from qvl.supervisor.slots import Slot, exec_worker
+from qvl.supervisor.launcher import exec_worker
+from qvl.supervisor.slots import Slot
 
 
 class FakePopen:
