@@ -213,7 +213,7 @@ class Launcher:
             self._heard += data
             while b"\n" in self._heard:
                 line, self._heard = self._heard.split(b"\n", 1)
-                if _said(line).get("ready") is True and not self.ready:
+                if said(line).get("ready") is True and not self.ready:
                     self.ready = True
                     event("launcher_ready", pid=self.pid)
                     waiting, self._waiting = self._waiting, []
@@ -257,12 +257,12 @@ class Launcher:
         finally:
             self._ours.setblocking(False)
         line, self._heard = self._heard.split(b"\n", 1)
-        said = _said(line)
-        pid = said.get("pid")
+        answer = said(line)
+        pid = answer.get("pid")
         if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
             launched.started(pid)
         else:
-            event("launch_failed", error=str(said.get("error", line[:200])))
+            event("launch_failed", error=str(answer.get("error", line[:200])))
             launched.start_fresh()
 
     def _end(self, why: str, lost: bool = False) -> None:
@@ -282,9 +282,10 @@ class Launcher:
             self.process.wait()
 
 
-def _said(line: bytes) -> dict:
+def said(line: bytes) -> dict:
+    """A line from the launcher as a map; empty for anything else."""
     try:
-        said = json.loads(line)
-    except ValueError:
+        heard = json.loads(line)
+    except (ValueError, RecursionError):
         return {}
-    return said if isinstance(said, dict) else {}
+    return heard if isinstance(heard, dict) else {}

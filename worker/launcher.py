@@ -72,16 +72,25 @@ def main(argv: list[str]) -> int:
     return WorkerExit.OK
 
 
-def _launch(line: bytes, channel: socket.socket) -> dict:
-    """Fork the worker `line` asks for; its pid, or why there is none."""
+def read_launch(line: bytes) -> tuple[list[str], dict[str, str]]:
+    """The arguments and environment a launch line asks for; `ValueError` for anything else."""
     try:
         request = json.loads(line)
         args, env = request["args"], request["env"]
-        if not (isinstance(args, list) and all(isinstance(a, str) for a in args)
-                and isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
-            raise ValueError("args must be a list of strings and env a map of strings")
-    except (ValueError, KeyError, TypeError) as exc:
-        return {"error": f"unreadable launch: {exc}"}
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError) as exc:
+        raise ValueError(f"unreadable launch: {type(exc).__name__}: {exc}") from None
+    if not (isinstance(args, list) and all(isinstance(a, str) for a in args)
+            and isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+        raise ValueError("args must be a list of strings and env a map of strings")
+    return args, env
+
+
+def _launch(line: bytes, channel: socket.socket) -> dict:
+    """Fork the worker `line` asks for; its pid, or why there is none."""
+    try:
+        args, env = read_launch(line)
+    except ValueError as exc:
+        return {"error": str(exc)}
     told, tell = os.pipe()
     try:
         middle = os.fork()
