@@ -46,7 +46,7 @@ from .state import load_state, restore, save_state
 from .systemd import Notifier
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
-_SPARE_DESCRIPTORS = 64  # a worker start needs a few, its connections more
+_RESERVED_DESCRIPTORS = 64  # a worker start needs a few, its connections more
 _MAX_BATCH_READ = 512  # messages read from one socket before the loop moves on
 _FRONTEND_HEARTBEAT_MS = 10_000
 
@@ -531,8 +531,8 @@ class Supervisor:
         when this process is short of descriptors: libzmq aborts the process when accepting the
         worker's connection finds none (an exec'd start would fail first; a forked one would not)."""
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != resource.RLIM_INFINITY and _open_descriptors() > soft - _SPARE_DESCRIPTORS:
-            raise OSError(errno.EMFILE, f"fewer than {_SPARE_DESCRIPTORS} descriptors left of {soft}")
+        if soft != resource.RLIM_INFINITY and _open_descriptors() > soft - _RESERVED_DESCRIPTORS:
+            raise OSError(errno.EMFILE, f"fewer than {_RESERVED_DESCRIPTORS} descriptors left of {soft}")
         if self.launcher is not None and self.launcher.usable:
             return self.launcher.launch(args, env)
         return exec_worker(args, env)
