@@ -74,6 +74,7 @@ class Supervisor:
         self.done = False
         self.gateway = GatewayProcess(config) if config.http else None
         self.launcher: Launcher | None = None  # forks the workers while `config.forks_workers`
+        self.child_exited = False  # a SIGCHLD came since the strays were last reaped
         self.notifier = Notifier()
 
     # --- setup and teardown ---------------------------------------------------------------
@@ -229,6 +230,8 @@ class Supervisor:
             elif signum == signal.SIGHUP:
                 for slot in self.slots:
                     self.request_recycle(slot, "sighup")
+            elif signum == signal.SIGCHLD:
+                self.child_exited = True
 
     def on_client_message(self, client: bytes, parts: list[bytes], admin: bool = True) -> None:
         """Answer or queue what a client sent. Every failure becomes a typed reply: `bad_request`
@@ -589,8 +592,6 @@ class Supervisor:
         worker.process.begin_stop(time.monotonic(), self.config.kill_grace_s)
 
     def reap_workers(self) -> None:
-        if self.launcher is not None:
-            self.reap_launched()
         for slot in self.slots:
             for worker in slot.workers():
                 code = worker.process.poll()
@@ -602,10 +603,14 @@ class Supervisor:
                     self.spare_by_identity.pop(peer.identity, None)
                     del slot.spares[peer.number]
                     self.apply(slot, slot.lifecycle.spare_exited(peer.number, code, time.monotonic()))
+        if self.launcher is not None and (self.child_exited or self.launcher.lost_launches):
+            self.child_exited = False  # after the owners above reaped theirs, which would hide the rest
+            self.reap_launched()
 
     def reap_launched(self) -> None:
         """The launcher's end, and the orphans this process inherits as a subreaper (reaped; killed
-        where the launcher ended with launches unanswered: their workers are nobody's)."""
+        where the launcher ended with launches unanswered: their workers are nobody's). Called once a
+        child has exited (SIGCHLD): not on every turn of the loop."""
         launcher = self.launcher
         launcher.check()
         if not launcher.usable and launcher.fileno() in self.polled_fds():
